@@ -1,0 +1,7 @@
+"""Triton kernels of sipl_fast, installed as ``sipl_fast.kernels``.
+
+One file per attention kind; each holds its kernels, launch functions and autotune configs:
+- ``proxy_attention``: the Proxy Fusion spatial cosine cross-attention (forward, backward).
+- ``transposed_attention``: Restormer's MDTA channel attention (forward, backward).
+Autograd Functions and custom ops wrapping them live in ``sipl_fast.ops``.
+"""

@@ -1,0 +1,107 @@
+"""Public ops of sipl_fast and their single dispatch point.
+
+``proxy_attention`` and ``transposed_attention`` validate their inputs once, then run the
+backend chosen by :func:`sipl_fast.backends.resolve_backend` (see that module for how to
+choose). Every backend computes the same math; only speed and memory differ.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from ..backends import resolve_backend, triton_interpreter
+from . import reference, torch_impl
+
+__all__ = ["proxy_attention", "transposed_attention", "backend_module"]
+
+# Triton modules are imported on first use: importing triton costs a second and is not
+# needed by the reference and torch backends.
+_TRITON_MODULES = {
+    "proxy_attention": "sipl_fast.ops.proxy_attention_triton",
+    "transposed_attention": "sipl_fast.ops.transposed_attention_triton",
+}
+
+
+def backend_module(op: str, device: torch.device):
+    """The module whose function ``op`` computes ``op`` on ``device`` for the active backend."""
+    backend = resolve_backend(device)
+    if backend == "reference":
+        return reference
+    if backend == "torch":
+        return torch_impl
+    if device.type != "cuda" and not triton_interpreter():
+        raise RuntimeError(
+            f"{op}: the triton backend needs CUDA tensors (got {device.type}); on the CPU it runs "
+            "only under TRITON_INTERPRET=1. Use sipl_fast.use_backend('torch') for CPU work."
+        )
+    return importlib.import_module(_TRITON_MODULES[op])
+
+
+def _check_common(op: str, tensors: dict, temperature: torch.Tensor, num_heads: int) -> None:
+    if not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"{op}: num_heads must be a positive int, got {num_heads!r}")
+    first = next(iter(tensors.values()))
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{op}: {name} must be 4-D (B, C, H, W), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a floating tensor, got {t.dtype}")
+        if t.dtype != first.dtype or t.device != first.device:
+            raise TypeError(
+                f"{op}: q, k and v must share dtype and device; got "
+                + ", ".join(f"{n}={x.dtype}@{x.device}" for n, x in tensors.items())
+            )
+    channels = first.shape[1]
+    for name, t in tensors.items():
+        if t.shape[1] != channels:
+            raise ValueError(
+                f"{op}: channel counts differ: "
+                + ", ".join(f"{n}={tuple(x.shape)}" for n, x in tensors.items())
+            )
+    if channels % num_heads:
+        raise ValueError(f"{op}: {channels} channels do not split into {num_heads} heads")
+    if not isinstance(temperature, torch.Tensor) or temperature.numel() != num_heads:
+        shape = tuple(temperature.shape) if isinstance(temperature, torch.Tensor) else type(temperature).__name__
+        raise ValueError(f"{op}: temperature must hold one value per head ({num_heads}), got {shape}")
+    if temperature.device != first.device or temperature.dtype != first.dtype:
+        raise TypeError(
+            f"{op}: temperature is {temperature.dtype}@{temperature.device}, "
+            f"inputs are {first.dtype}@{first.device}"
+        )
+
+
+def proxy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    temperature: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Spatial cosine cross-attention of the Proxy Fusion blocks (SPEC 1.2, "XAttn").
+
+    q: (Bq, C, Hq, Wq); k, v: (Bk, C, Hk, Wk) with Bq and Bk each B or 1 (a batch-1 side is
+    broadcast); temperature: (heads, 1, 1). Per head the tokens are pixels, q and k are
+    L2-normalised over the head's C/heads channels, logits = temperature * q·k, softmax over
+    the key tokens, out = P v. Returns (B, C, Hq, Wq).
+    """
+    _check_common("proxy_attention", {"q": q, "k": k, "v": v}, temperature, num_heads)
+    if k.shape != v.shape:
+        raise ValueError(f"proxy_attention: k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    bq, bk = q.shape[0], k.shape[0]
+    if bq != bk and 1 not in (bq, bk):
+        raise ValueError(f"proxy_attention: batch sizes {bq} (q) and {bk} (k, v) must match or one must be 1")
+    return backend_module("proxy_attention", q.device).proxy_attention(q, k, v, temperature, num_heads)
+
+
+def transposed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         temperature: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Restormer's multi-head transposed (channel) attention core (SPEC 1.2, "MDTA").
+
+    q, k, v: (B, C, H, W); per head c_h = C/heads channels, each L2-normalised over the H*W
+    tokens; A = softmax(temperature * q kᵀ) is c_h x c_h; out = A v. Returns (B, C, H, W).
+    """
+    _check_common("transposed_attention", {"q": q, "k": k, "v": v}, temperature, num_heads)
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(
+            f"transposed_attention: q, k, v must have one shape, got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    return backend_module("transposed_attention", q.device).transposed_attention(q, k, v, temperature, num_heads)
