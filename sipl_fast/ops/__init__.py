@@ -13,13 +13,15 @@ import torch
 from ..backends import resolve_backend, triton_interpreter
 from . import reference, torch_impl
 
-__all__ = ["proxy_attention", "transposed_attention", "backend_module"]
+__all__ = ["proxy_attention", "transposed_attention", "layer_norm2d", "gated_gelu", "backend_module"]
 
 # Triton modules are imported on first use: importing triton costs a second and is not
 # needed by the reference and torch backends.
 _TRITON_MODULES = {
     "proxy_attention": "sipl_fast.ops.proxy_attention_triton",
     "transposed_attention": "sipl_fast.ops.transposed_attention_triton",
+    "layer_norm2d": "sipl_fast.ops.layer_norm2d_triton",
+    "gated_gelu": "sipl_fast.ops.gated_gelu_triton",
 }
 
 
@@ -66,7 +68,8 @@ def _check_common(op: str, tensors: dict, temperature: torch.Tensor, num_heads: 
     if not isinstance(temperature, torch.Tensor) or temperature.numel() != num_heads:
         shape = tuple(temperature.shape) if isinstance(temperature, torch.Tensor) else type(temperature).__name__
         raise ValueError(f"{op}: temperature must hold one value per head ({num_heads}), got {shape}")
-    if temperature.device != first.device or temperature.dtype != first.dtype:
+    # The temperature may keep its own float dtype (a float32 parameter under bf16 autocast).
+    if temperature.device != first.device or not temperature.is_floating_point():
         raise TypeError(
             f"{op}: temperature is {temperature.dtype}@{temperature.device}, "
             f"inputs are {first.dtype}@{first.device}"
@@ -105,3 +108,33 @@ def transposed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
     return backend_module("transposed_attention", q.device).transposed_attention(q, k, v, temperature, num_heads)
+
+
+def layer_norm2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
+    """Per-pixel LayerNorm over the channels of x (B, C, H, W), the backbone's norm.
+
+    With bias ("WithBias"): (x - mean_c) / sqrt(var_c + eps) * weight + bias. Without bias
+    ("BiasFree", as the authors define it): x / sqrt(var_c + eps) * weight; the mean is
+    subtracted inside the variance only.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"layer_norm2d: x must be a floating (B, C, H, W) tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    channels = x.shape[1]
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and (p.shape != (channels,) or p.device != x.device):
+            raise ValueError(f"layer_norm2d: {name} must be ({channels},) on {x.device}, "
+                             f"got {tuple(p.shape)} on {p.device}")
+    return backend_module("layer_norm2d", x.device).layer_norm2d(x, weight, bias, eps)
+
+
+def gated_gelu(x: torch.Tensor, dual: bool = False) -> torch.Tensor:
+    """The feed-forward gate on x = (B, 2h, H, W) split into halves (x1, x2).
+
+    dual=False (GDFN): gelu(x1) * x2. dual=True (DualGate FFN): gelu(x2) * x1 + gelu(x1) * x2.
+    gelu is the exact (erf) form. Returns (B, h, H, W).
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point() or x.shape[1] % 2:
+        raise ValueError(f"gated_gelu: x must be a floating (B, 2h, H, W) tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    return backend_module("gated_gelu", x.device).gated_gelu(x, dual)

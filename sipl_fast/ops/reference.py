@@ -40,3 +40,23 @@ def transposed_attention(q, k, v, temperature, num_heads: int) -> torch.Tensor:
     attn = (q @ k.transpose(-2, -1)) * temperature.reshape(num_heads, 1, 1)
     attn = attn.softmax(dim=-1)
     return (attn @ v).reshape(b, c, h, w)
+
+
+def layer_norm2d(x, weight, bias, eps: float) -> torch.Tensor:
+    if bias is None:  # BiasFree: the authors normalise token-major (b, hw, c) without centring
+        b, c, h, w = x.shape
+        tokens = x.flatten(2).transpose(1, 2)
+        sigma = tokens.var(-1, keepdim=True, unbiased=False)
+        tokens = tokens / torch.sqrt(sigma + eps) * weight
+        return tokens.transpose(1, 2).reshape(b, c, h, w)
+    mu = x.mean(1, keepdim=True)
+    var = (x - mu).pow(2).mean(1, keepdim=True)
+    y = (x - mu) / (var + eps).sqrt()
+    return weight.view(1, -1, 1, 1) * y + bias.view(1, -1, 1, 1)
+
+
+def gated_gelu(x, dual: bool) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=1)
+    if dual:
+        return F.gelu(x2) * x1 + F.gelu(x1) * x2
+    return F.gelu(x1) * x2

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .reference import gated_gelu  # noqa: F401  (already the plain elementwise form)
+
 # torch.nn.functional.normalize divides by max(||x||, eps) with this eps.
 NORMALIZE_EPS = 1e-12
 
@@ -46,3 +48,12 @@ def transposed_attention(q, k, v, temperature, num_heads: int) -> torch.Tensor:
     scale = inverse_norm(q) * inverse_norm(k).transpose(-2, -1) * temperature.reshape(1, num_heads, 1, 1)
     attn = (gram * scale).softmax(dim=-1)
     return (attn @ v).reshape(b, c, h, w)
+
+
+def layer_norm2d(x, weight, bias, eps: float) -> torch.Tensor:
+    # One fused statistics pass (var_mean) and one normalising pass, NCHW kept.
+    var, mean = torch.var_mean(x, dim=1, keepdim=True, correction=0)
+    scale = torch.rsqrt(var + eps)
+    if bias is None:
+        return x * scale * weight.view(1, -1, 1, 1)
+    return torch.addcmul(bias.view(1, -1, 1, 1), (x - mean) * scale, weight.view(1, -1, 1, 1))
