@@ -1,0 +1,270 @@
+"""SIPL-PromptIR: PromptIR with three Proxy Fusion sites (SPEC.md section 1).
+
+The default constructor is the authors' PromptIR_ProxyFusion(decoder=True): 40,028,562
+parameters with their state_dict keys. Widths the authors hard-coded are derived from the
+configuration, so other configurations stay consistent.
+
+Deliberate departures from the released code (SPEC.md section 6):
+- ``forward`` always returns the image (their ``return_feature=True`` default is a bug);
+  ``encode`` returns the privileged features instead.
+- ``use_random_proxy`` mixes proxies only in training mode.
+- The batch-1 dictionaries are broadcast, never repeated B times.
+- At inference (no autograd), everything that depends only on the dictionaries is computed
+  once and reused until a weight changes (see ``DictionaryCache``).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn as nn
+
+from .backends import resolve_backend
+from .modules import (LAYERNORM_TYPES, OverlapPatchEmbed, Downsample, PromptGenBlock, ProxyFusionBlock,
+                      QuerySide, TransformerBlock, Upsample, conv1x1, conv3x3, transformer_stack)
+
+LEVELS = (1, 2, 3)  # Proxy Fusion sites; level k works at 1/2^k resolution with 2^k * dim channels
+
+PRESETS = {
+    "base": {},
+    # Small enough to train on two CPU cores in a few minutes (tests, the demo).
+    "tiny": dict(dim=16, num_blocks=(1, 1, 1, 1), num_refinement_blocks=1, heads=(1, 2, 4, 8),
+                 prompt_dims=(8, 16, 40), train_patch=64),
+}
+
+
+class Encoded(NamedTuple):
+    """Encoder outputs: the three skips and the latent."""
+    level1: torch.Tensor
+    level2: torch.Tensor
+    level3: torch.Tensor
+    latent: torch.Tensor
+
+    @property
+    def privileged(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The privileged-feature triple (enc_level2, enc_level3, latent) of SPEC 1.3."""
+        return self.level2, self.level3, self.latent
+
+
+class DictionaryCache:
+    """Dictionary-only computations, kept while no weight they depend on changes.
+
+    A Proxy Fusion block's dictionary side (LayerNorm, projections) is the same for every
+    input: the key/value side of cross_p{k} in the plain pass and the query side of
+    p{k}_cross in the privileged pass. Entries are keyed by the storage and version counter
+    of every parameter involved (in-place updates by an optimizer or load_state_dict bump the
+    version), the backend, and the autocast state; they are used only when autograd is off.
+    """
+
+    def __init__(self):
+        self._entries: dict[tuple, tuple[tuple, object]] = {}
+        self.enabled = True  # off: recompute every time, as the authors' code does
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    @staticmethod
+    def _signature(params: Sequence[torch.Tensor], device: torch.device) -> tuple:
+        autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
+        return (tuple((p.data_ptr(), p._version, p.dtype) for p in params), resolve_backend(device), autocast)
+
+    def get(self, name: tuple, params: Sequence[torch.Tensor], compute):
+        if torch.is_grad_enabled() or not self.enabled:
+            return compute()
+        signature = self._signature(params, params[0].device)
+        hit = self._entries.get(name)
+        if hit is not None and hit[0] == signature:
+            return hit[1]
+        value = compute()
+        self._entries[name] = (signature, value)
+        return value
+
+
+class SIPLPromptIR(nn.Module):
+    """PromptIR with Proxy Fusion (SIPL). See the module docstring and SPEC.md section 1."""
+
+    def __init__(self, inp_channels: int = 3, out_channels: int = 3, dim: int = 48,
+                 num_blocks: Sequence[int] = (4, 6, 6, 8), num_refinement_blocks: int = 4,
+                 heads: Sequence[int] = (1, 2, 4, 8), ffn_expansion_factor: float = 2.66,
+                 bias: bool = False, layernorm_type: str = "WithBias", prompt_len: int = 5,
+                 prompt_dims: Sequence[int] = (64, 128, 320), train_patch: int = 128,
+                 proxy_ffn_expansion_factor: float = 2.0, use_random_proxy: bool = False):
+        super().__init__()
+        if len(num_blocks) != 4 or len(heads) != 4 or len(prompt_dims) != 3:
+            raise ValueError("num_blocks and heads take 4 values (one per level), prompt_dims 3")
+        if train_patch % 8:
+            raise ValueError(f"train_patch must be a multiple of 8, got {train_patch}")
+        if layernorm_type not in LAYERNORM_TYPES:
+            raise ValueError(f"layernorm_type must be one of {LAYERNORM_TYPES}, got {layernorm_type!r}")
+        self.config = dict(inp_channels=inp_channels, out_channels=out_channels, dim=dim,
+                           num_blocks=list(num_blocks), num_refinement_blocks=num_refinement_blocks,
+                           heads=list(heads), ffn_expansion_factor=ffn_expansion_factor, bias=bias,
+                           layernorm_type=layernorm_type, prompt_len=prompt_len,
+                           prompt_dims=list(prompt_dims), train_patch=train_patch,
+                           proxy_ffn_expansion_factor=proxy_ffn_expansion_factor,
+                           use_random_proxy=use_random_proxy)
+        self.use_random_proxy = use_random_proxy
+        self.dictionary_cache = DictionaryCache()
+        width = {k: dim * 2 ** k for k in (0, 1, 2, 3)}  # channels at each encoder level
+        stack = dict(ffn_expansion_factor=ffn_expansion_factor, bias=bias, layernorm_type=layernorm_type)
+        fusion = dict(ffn_expansion_factor=proxy_ffn_expansion_factor, bias=bias, layernorm_type=layernorm_type)
+
+        # Encoder (untouched PromptIR / Restormer).
+        self.patch_embed = OverlapPatchEmbed(inp_channels, dim)
+        self.encoder_level1 = transformer_stack(num_blocks[0], width[0], heads[0], **stack)
+        self.down1_2 = Downsample(width[0])
+        self.encoder_level2 = transformer_stack(num_blocks[1], width[1], heads[1], **stack)
+        self.down2_3 = Downsample(width[1])
+        self.encoder_level3 = transformer_stack(num_blocks[2], width[2], heads[2], **stack)
+        self.down3_4 = Downsample(width[2])
+        self.latent = transformer_stack(num_blocks[3], width[3], heads[3], **stack)
+
+        # Proxy Fusion: dictionary k has the level-k width and the level-k map size of a
+        # train_patch crop. Absorption block p{k}_cross (heads as the authors: p3 uses
+        # heads[0]) and injection block cross_p{k}.
+        absorb_heads = {1: heads[0], 2: heads[1], 3: heads[0]}
+        inject_heads = {1: heads[0], 2: heads[1], 3: heads[2]}
+        for k in LEVELS:
+            side = train_patch // 2 ** k
+            self.register_parameter(f"privileged_dictionary{k}",
+                                    nn.Parameter(torch.zeros(1, width[k], side, side)))
+            setattr(self, f"p{k}_cross", ProxyFusionBlock(width[k], width[k], absorb_heads[k], **fusion))
+            setattr(self, f"cross_p{k}", ProxyFusionBlock(width[k], width[k], inject_heads[k], **fusion))
+
+        # Decoder. Level k: fuse the proxy, add the prompt, upsample, join the skip, decode.
+        # decoder_width[k]: channels where the proxy and prompt join at level k (latent, dec3,
+        # dec2); out_width[k]: channels after reduce_noise_level{k}, as the authors wire them.
+        decoder_width = {3: width[3], 2: width[2], 1: width[1]}
+        out_width = {3: width[2], 2: width[2], 1: width[1]}
+        for k in LEVELS:
+            setattr(self, f"prompt{k}", PromptGenBlock(prompt_dims[k - 1], prompt_len, train_patch // 2 ** k,
+                                                      decoder_width[k]))
+            joined = decoder_width[k] + prompt_dims[k - 1]
+            setattr(self, f"noise_level{k}", TransformerBlock(joined, heads[2], **stack))
+            setattr(self, f"reduce_noise_level{k}", conv1x1(joined, out_width[k], bias))
+        self.up4_3 = Upsample(width[2])
+        self.reduce_chan_level3 = conv1x1(width[1] + width[2], width[2], bias)
+        self.decoder_level3 = transformer_stack(num_blocks[2], width[2], heads[2], **stack)
+        self.up3_2 = Upsample(width[2])
+        self.reduce_chan_level2 = conv1x1(width[2], width[1], bias)
+        self.decoder_level2 = transformer_stack(num_blocks[1], width[1], heads[1], **stack)
+        self.up2_1 = Upsample(width[1])
+        self.decoder_level1 = transformer_stack(num_blocks[0], width[1], heads[0], **stack)
+        self.refinement = transformer_stack(num_refinement_blocks, width[1], heads[0], **stack)
+        self.output = conv3x3(width[1], out_channels, bias)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, config: dict) -> "SIPLPromptIR":
+        return cls(**config)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "SIPLPromptIR":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def train(self, mode: bool = True):
+        self.dictionary_cache.clear()
+        return super().train(mode)
+
+    # ------------------------------------------------------------------ checks
+    def _check_image(self, x: torch.Tensor) -> None:
+        channels = self.config["inp_channels"]
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != channels:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"SIPLPromptIR expects images of shape (B, {channels}, H, W), got {shape}")
+        if not x.is_floating_point():
+            raise TypeError(f"SIPLPromptIR expects a floating image tensor, got {x.dtype}")
+        weight = self.patch_embed.proj.weight
+        if x.device != weight.device:
+            raise ValueError(f"image is on {x.device} but the model is on {weight.device}")
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"image dtype {x.dtype} differs from the model's {weight.dtype} "
+                            "(convert one of them, or run under torch.autocast)")
+        h, w = x.shape[-2:]
+        if h % 8 or w % 8 or h == 0 or w == 0:
+            raise ValueError(f"H and W must be positive multiples of 8 (three 2x downsamplings), got "
+                             f"{h}x{w}; pad the image or use refine(), which pads and crops")
+
+    def _check_privileged(self, pf, batch: int) -> None:
+        if not isinstance(pf, (tuple, list)) or len(pf) != 3:
+            raise ValueError("privileged_features must be the triple (enc_level2, enc_level3, latent) "
+                             "returned by encode()")
+        weight = self.patch_embed.proj.weight
+        for k, feature in zip(LEVELS, pf):
+            channels = self.config["dim"] * 2 ** k
+            if not isinstance(feature, torch.Tensor) or feature.dim() != 4 or feature.shape[1] != channels \
+                    or feature.shape[0] not in (batch, 1):
+                shape = tuple(feature.shape) if isinstance(feature, torch.Tensor) else type(feature).__name__
+                raise ValueError(f"privileged_features[{k - 1}] must have shape ({batch}, {channels}, h, w), "
+                                 f"got {shape}")
+            if feature.device != weight.device:
+                raise ValueError(f"privileged_features[{k - 1}] is on {feature.device}, "
+                                 f"the model on {weight.device}")
+
+    # ------------------------------------------------------------------ passes
+    def encode_all(self, x: torch.Tensor) -> Encoded:
+        """Run the encoder; all four outputs (the decoder needs the skips too)."""
+        self._check_image(x)
+        level1 = self.encoder_level1(self.patch_embed(x))
+        level2 = self.encoder_level2(self.down1_2(level1))
+        level3 = self.encoder_level3(self.down2_3(level2))
+        return Encoded(level1, level2, level3, self.latent(self.down3_4(level3)))
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Privileged features of x: (enc_level2, enc_level3, latent)."""
+        return self.encode_all(x).privileged
+
+    def forward(self, x: torch.Tensor, privileged_features=None) -> torch.Tensor:
+        """Plain pass (dictionary-only proxies), or the privileged pass when features are given."""
+        return self.decode(x, self.encode_all(x), privileged_features)
+
+    def decode(self, x: torch.Tensor, encoded: Encoded, privileged_features=None) -> torch.Tensor:
+        """Decoder and output head on encoder outputs of x (shared by both passes in refine)."""
+        if privileged_features is not None:
+            self._check_privileged(privileged_features, x.shape[0])
+        skips = {3: encoded.level3, 2: encoded.level2, 1: encoded.level1}
+        feature = encoded.latent
+        for k in (3, 2, 1):
+            if k < 3:
+                feature = getattr(self, f"decoder_level{k + 1}")(feature)
+            pi = None if privileged_features is None else privileged_features[k - 1]
+            injection = getattr(self, f"cross_p{k}")
+            feature = injection.fuse(injection.prepare_query(feature), self._proxy_keys(k, pi))
+            feature = torch.cat([feature, getattr(self, f"prompt{k}")(feature)], dim=1)
+            feature = getattr(self, f"reduce_noise_level{k}")(getattr(self, f"noise_level{k}")(feature))
+            feature = torch.cat([getattr(self, f"up{k + 1}_{k}")(feature), skips[k]], dim=1)
+            if k > 1:
+                feature = getattr(self, f"reduce_chan_level{k}")(feature)
+        feature = self.refinement(self.decoder_level1(feature))
+        return self.output(feature) + x
+
+    # ------------------------------------------------------------------ proxies
+    def _proxy_keys(self, k: int, privileged: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values that cross_p{k} reads: from D_k, or from the proxy p{k}_cross(D_k, PI_k)."""
+        dictionary = getattr(self, f"privileged_dictionary{k}")
+        injection = getattr(self, f"cross_p{k}")
+        if privileged is None:
+            return self.dictionary_cache.get(("keys", k), [dictionary, *injection.parameters()],
+                                             lambda: injection.prepare_keys(dictionary))
+        absorption = getattr(self, f"p{k}_cross")
+        query: QuerySide = self.dictionary_cache.get(("query", k), [dictionary, *absorption.parameters()],
+                                                     lambda: absorption.prepare_query(dictionary))
+        proxy = absorption.fuse(query, absorption.prepare_keys(privileged))
+        if self.use_random_proxy and self.training:
+            w = torch.rand(proxy.shape[0], 1, 1, 1, device=proxy.device, dtype=proxy.dtype)
+            proxy = (1 - w) * proxy + w * dictionary
+        return injection.prepare_keys(proxy)
+
+    # ------------------------------------------------------------------ refinement
+    def refine(self, x: torch.Tensor, steps: int = 2, **options):
+        """The authors' self-refinement loop (SPEC section 3) for images of any size.
+
+        Each step: plain pass y0 = f(x); PI = encode(y0); y = f(x, PI); x <- y. steps=0
+        returns the plain pass. Options are those of :class:`sipl_fast.refine.Refiner`
+        (return_deltas, tol, tile, overlap, pad_to, ...).
+        """
+        from .refine import Refiner
+
+        return Refiner(self, steps=steps, **options)(x)

@@ -1,0 +1,228 @@
+"""Test-time self-refinement (SPEC.md section 3) at close to the unavoidable cost.
+
+The authors' loop, per step t: y0 = f(x); PI = encode(y0); y = f(x, PI); x <- y. It runs the
+encoder of x twice (once in each pass) and rebuilds the dictionary projections every pass.
+:class:`Refiner` computes the same outputs while
+
+- running the encoder of x once per step and sharing it between both passes;
+- reusing the dictionary-only projections (SIPLPromptIR's DictionaryCache);
+- running without autograd, with the image state in an ``IterationState`` of the C++
+  extension (allocated once per shape, reused across steps and calls), so memory does not
+  grow with the number of steps;
+- optionally stopping images whose per-step change falls below ``tol`` (the batch is
+  compacted so finished images cost nothing), tiling large images, and capturing a step in a
+  CUDA graph.
+"""
+from __future__ import annotations
+
+
+import torch
+import torch.nn.functional as F
+
+from .ops import extension
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad bottom/right to a multiple (reflect as the authors; replicate where reflect cannot)."""
+    h, w = x.shape[-2:]
+    pad_h, pad_w = (-h) % multiple, (-w) % multiple
+    if not pad_h and not pad_w:
+        return x
+    mode = "reflect" if pad_h < h and pad_w < w else "replicate"
+    return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+
+
+def authors_loop(model, x: torch.Tensor, steps: int = 2, pad_to: int = 8) -> torch.Tensor:
+    """The released test loop, literally: two full passes per step, no sharing, no caching.
+
+    The baseline of benchmarks and tests (pair it with ``use_backend("reference")`` for the
+    authors' arithmetic too).
+    """
+    h, w = x.shape[-2:]
+    cache_was = model.dictionary_cache.enabled
+    model.dictionary_cache.enabled = False
+    try:
+        with torch.no_grad():
+            current = pad_to_multiple(x, pad_to)
+            output = model(current)
+            for _ in range(steps):
+                initial = model(current)
+                output = model(current, privileged_features=model.encode(initial))
+                current = output
+    finally:
+        model.dictionary_cache.enabled = cache_was
+    return output[..., :h, :w]
+
+
+def _tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, length - tile, stride))
+    return starts + [length - tile]
+
+
+def _ramp(length: int, overlap: int, at_start: bool, at_end: bool, device, dtype) -> torch.Tensor:
+    """1-D blending weight of a tile: linear ramps over the overlap where a neighbour exists."""
+    weight = torch.ones(length, device=device, dtype=dtype)
+    if overlap > 0:
+        ramp = torch.arange(1, overlap + 1, device=device, dtype=dtype) / (overlap + 1)
+        if not at_start:
+            weight[:overlap] = ramp
+        if not at_end:
+            weight[-overlap:] = ramp.flip(0)
+    return weight
+
+
+class Refiner:
+    """Multi-step self-refinement of a SIPLPromptIR. ``Refiner(model, steps=2)(x)``.
+
+    Inference only: it runs under torch.inference_mode (train with the model's forward).
+
+    Args:
+        steps: refinement steps T (0 returns the plain pass).
+        tol: stop an image once its mean |x_t - x_{t-1}| is <= tol (None: never).
+        blend: x_t = y_t + blend * (x_{t-1} - y_t); 0 is the authors' loop.
+        return_deltas: also return the per-step per-image deltas (list of float32 (B,) tensors;
+            0 for images already stopped).
+        tile, overlap: refine tile x tile crops (multiples of pad_to) with blended overlaps
+            instead of the whole image; a tile covering the image gives the untiled result.
+        pad_to: pad H and W (reflect) to this multiple and crop back (8: the network's need).
+        cuda_graph: capture a step in a CUDA graph (CUDA, fixed shapes, tol=None).
+    """
+
+    def __init__(self, model, steps: int = 2, *, tol: float | None = None, blend: float = 0.0,
+                 return_deltas: bool = False, tile: int | None = None, overlap: int = 32,
+                 pad_to: int = 8, cuda_graph: bool = False, state=None):
+        if not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+        if pad_to < 8 or pad_to % 8:
+            raise ValueError(f"pad_to must be a positive multiple of 8, got {pad_to}")
+        if tile is not None and (tile < pad_to or tile % pad_to or not 0 <= overlap < tile):
+            raise ValueError(f"tile must be a multiple of {pad_to} and 0 <= overlap < tile; got "
+                             f"tile={tile}, overlap={overlap}")
+        if cuda_graph and tol is not None:
+            raise ValueError("cuda_graph needs fixed shapes: it cannot be combined with tol")
+        self.model = model
+        self.steps, self.tol, self.blend = steps, tol, float(blend)
+        self.return_deltas, self.tile, self.overlap, self.pad_to = return_deltas, tile, overlap, pad_to
+        self.cuda_graph = cuda_graph
+        # The state outlives calls: buffers are reused while the shape stays the same.
+        self.state = state if state is not None else _shared_state(model)
+        self._graph = None
+
+    # ------------------------------------------------------------------ entry
+    def __call__(self, x: torch.Tensor):
+        channels = self.model.config["inp_channels"]
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != channels:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"refine expects images of shape (B, {channels}, H, W), got {shape}")
+        if x.shape[-2] < 2 or x.shape[-1] < 2:
+            raise ValueError(f"refine needs images of at least 2x2 pixels, got {tuple(x.shape[-2:])}")
+        h, w = x.shape[-2:]
+        with torch.inference_mode():
+            padded = pad_to_multiple(x, self.pad_to)
+            if self.tile is None:
+                output, deltas = self._refine_batch(padded)
+            else:
+                output, deltas = self._refine_tiled(padded)
+            output = output[..., :h, :w].clone()
+        return (output, deltas) if self.return_deltas else output
+
+    # ------------------------------------------------------------------ one batch
+    def _step(self, current: torch.Tensor) -> torch.Tensor:
+        """y_t from x_{t-1}: one shared encoder pass, the plain decode, PI, the privileged decode."""
+        encoded = self.model.encode_all(current)
+        initial = self.model.decode(current, encoded)
+        return self.model.decode(current, encoded, self.model.encode(initial))
+
+    def _refine_batch(self, x: torch.Tensor):
+        if self.steps == 0:
+            return self.model(x), []
+        state = self.state
+        state.prepare(x)
+        state.current().copy_(x)
+        if self.cuda_graph and x.is_cuda:
+            return self._refine_graphed(x)
+        batch = x.shape[0]
+        active = torch.arange(batch, device=x.device)
+        history = []
+        for _ in range(self.steps):
+            if active.numel() == batch:
+                deltas = state.step(self._step(state.current()), self.blend).clone()
+            else:
+                deltas = self._step_subset(active)
+            history.append(deltas)
+            if self.tol is not None:
+                active = extension.active_indices(deltas, self.tol)
+                if active.numel() == 0:
+                    break
+        history += [torch.zeros_like(history[-1])] * (self.steps - len(history))
+        return state.current(), history
+
+    def _step_subset(self, active: torch.Tensor) -> torch.Tensor:
+        """A step on the still-changing images only; finished ones keep their image (delta 0)."""
+        state = self.state
+        current = state.current().index_select(0, active)
+        previous = current.clone()
+        updated = current.clone()
+        sub_deltas = extension.step_update(updated, previous, self._step(current), self.blend)
+        extension.scatter_rows(state.previous(), active, previous)
+        extension.scatter_rows(state.current(), active, updated)
+        deltas = torch.zeros(state.current().shape[0], device=active.device, dtype=torch.float32)
+        return deltas.index_copy_(0, active, sub_deltas)
+
+    def _refine_graphed(self, x: torch.Tensor):
+        """Replay one captured step (static buffers of the state) ``steps`` times."""
+        state = self.state
+        key = (tuple(x.shape), x.dtype, x.device, self.blend)
+        if self._graph is None or self._graph[0] != key:
+            current = state.current()
+            warm = torch.cuda.Stream()
+            warm.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(warm):  # autotuning and allocations happen before capture
+                self._step(current.clone())
+            torch.cuda.current_stream().wait_stream(warm)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                state.step(self._step(current), self.blend)
+            self._graph = (key, graph)
+            state.current().copy_(x)
+        history = []
+        for _ in range(self.steps):
+            self._graph[1].replay()
+            history.append(state.deltas().clone())
+        return state.current(), history
+
+    # ------------------------------------------------------------------ tiles
+    def _refine_tiled(self, x: torch.Tensor):
+        b, c, h, w = x.shape
+        tops = _tile_starts(h, self.tile, self.overlap)
+        lefts = _tile_starts(w, self.tile, self.overlap)
+        if len(tops) == 1 and len(lefts) == 1:
+            return self._refine_batch(x)
+        output = torch.zeros_like(x)
+        weight_sum = torch.zeros(1, 1, h, w, device=x.device, dtype=x.dtype)
+        delta_sums = [torch.zeros(b, device=x.device) for _ in range(self.steps)]
+        for top in tops:
+            for left in lefts:
+                th, tw = min(self.tile, h), min(self.tile, w)
+                crop = x[..., top:top + th, left:left + tw]
+                refined, deltas = self._refine_batch(crop)
+                weight = (_ramp(th, self.overlap, top == 0, top + th == h, x.device, x.dtype)[:, None]
+                          * _ramp(tw, self.overlap, left == 0, left + tw == w, x.device, x.dtype)[None, :])
+                output[..., top:top + th, left:left + tw] += refined * weight
+                weight_sum[..., top:top + th, left:left + tw] += weight
+                for total, d in zip(delta_sums, deltas):
+                    total += d * (th * tw)
+        area = sum(min(self.tile, h) * min(self.tile, w) for _ in tops for _ in lefts)
+        return output / weight_sum, [total / area for total in delta_sums]
+
+
+def _shared_state(model):
+    """One IterationState per model, created on first use and kept for later calls."""
+    state = getattr(model, "_iteration_state", None)
+    if state is None:
+        state = extension.IterationState()
+        object.__setattr__(model, "_iteration_state", state)  # not a submodule, not in state_dict
+    return state
