@@ -1,0 +1,182 @@
+"""The public ops on the reference and torch backends against float64, and their input checks.
+
+(The triton backend has its own files: tests/test_*_triton.py.)
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sipl_fast
+from sipl_fast import ops
+from sipl_fast.ops import reference
+
+BACKENDS = ["reference", "torch"]
+
+
+def _grads(fn, inputs, weight):
+    out = fn(*inputs)
+    grads = torch.autograd.grad((out * weight).sum(), [t for t in inputs if isinstance(t, torch.Tensor)])
+    return out, grads
+
+
+def _compare(op_name, make_inputs, backend, num_heads, tol=2e-5):
+    """op on `backend` in float32 vs the reference math in float64: output and every gradient."""
+    inputs64 = [t.double().requires_grad_() for t in make_inputs()]
+    inputs32 = [t.detach().float().requires_grad_() for t in inputs64]
+    ref_fn = getattr(reference, op_name)
+    with torch.no_grad():
+        weight = torch.randn(ref_fn(*inputs64, num_heads).shape, dtype=torch.float64)
+    expected, expected_grads = _grads(lambda *a: ref_fn(*a, num_heads), inputs64, weight)
+    with sipl_fast.use_backend(backend):
+        got, got_grads = _grads(lambda *a: getattr(ops, op_name)(*a, num_heads), inputs32, weight.float())
+    for name, a, b in zip(["out", "dq", "dk", "dv", "dtemperature"], [got, *got_grads], [expected, *expected_grads]):
+        assert torch.isfinite(a).all(), name
+        scale = b.abs().max().clamp_min(1.0)
+        assert (a.double() - b).abs().max() <= tol * scale, f"{name}: {(a.double() - b).abs().max():.3g}"
+
+
+PROXY_CASES = [
+    # (Bq, Bk, heads, d, (Hq, Wq), (Hk, Wk))
+    (2, 2, 1, 40, (3, 5), (4, 4)),
+    (1, 3, 2, 48, (4, 4), (5, 3)),   # batch-1 query (the dictionary in p*_cross)
+    (3, 1, 4, 96, (2, 3), (3, 3)),   # batch-1 keys (the dictionary in cross_p*)
+    (2, 2, 1, 384, (2, 2), (3, 2)),  # p3_cross head dim
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bq,bk,heads,d,qhw,khw", PROXY_CASES)
+def test_proxy_attention_matches_float64(backend, bq, bk, heads, d, qhw, khw):
+    c = heads * d
+
+    def make():
+        return [torch.randn(bq, c, *qhw), torch.randn(bk, c, *khw), torch.randn(bk, c, *khw),
+                0.5 + 3 * torch.rand(heads, 1, 1)]
+    _compare("proxy_attention", make, backend, heads)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("c,heads,hw", [(40, 1, (3, 5)), (96, 2, (4, 3)), (176, 4, (2, 3)), (48, 8, (5, 5))])
+def test_transposed_attention_matches_float64(backend, c, heads, hw):
+    def make():
+        return [torch.randn(2, c, *hw), torch.randn(2, c, *hw), torch.randn(2, c, *hw),
+                0.5 + 3 * torch.rand(heads, 1, 1)]
+    _compare("transposed_attention", make, backend, heads)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_temperature(backend):
+    def make():
+        return [torch.randn(1, 48, 4, 4), torch.randn(2, 48, 3, 3), torch.randn(2, 48, 3, 3),
+                torch.full((1, 1, 1), 50.0)]
+    _compare("proxy_attention", make, backend, 1, tol=1e-4)
+
+    def make_t():
+        return [torch.randn(1, 48, 4, 4), torch.randn(1, 48, 4, 4), torch.randn(1, 48, 4, 4),
+                torch.full((2, 1, 1), 50.0)]
+    _compare("transposed_attention", make_t, backend, 2, tol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_norm_tokens_are_finite_and_match(backend):
+    """Zero dictionaries (the authors' initialisation) give zero q: finite output and gradients."""
+    def make():
+        q = torch.randn(1, 96, 4, 4)
+        q[..., 0, :] = 0          # some zero query tokens
+        k = torch.randn(2, 96, 3, 3)
+        k[..., 1, 1] = 0          # a zero key token
+        return [q, k, torch.randn(2, 96, 3, 3), torch.rand(1, 1, 1) + 0.5]
+    _compare("proxy_attention", make, backend, 1)
+
+    def make_t():
+        q = torch.randn(1, 48, 4, 4)
+        q[:, 3] = 0               # a zero channel (a zero-norm row of the c x c problem)
+        return [q, torch.randn(1, 48, 4, 4), torch.randn(1, 48, 4, 4), torch.rand(1, 1, 1) + 0.5]
+    _compare("transposed_attention", make_t, backend, 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_norm_and_gate_match_float64(backend):
+    x64 = (torch.randn(2, 7, 3, 5, dtype=torch.float64) * 3 + 1).requires_grad_()
+    w64 = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    b64 = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    x32, w32, b32 = (t.detach().float().requires_grad_() for t in (x64, w64, b64))
+    for bias64, bias32 in ((b64, b32), (None, None)):
+        expected = reference.layer_norm2d(x64, w64, bias64, 1e-5)
+        with sipl_fast.use_backend(backend):
+            got = ops.layer_norm2d(x32, w32, bias32, 1e-5)
+        wanted = [x64, w64] + ([bias64] if bias64 is not None else [])
+        given = [x32, w32] + ([bias32] if bias32 is not None else [])
+        g = torch.randn_like(expected)
+        for a, b in zip(torch.autograd.grad((got * g.float()).sum(), given),
+                        torch.autograd.grad((expected * g).sum(), wanted)):
+            assert (a.double() - b).abs().max() <= 1e-4 * b.abs().max().clamp_min(1)
+        assert (got.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+    for dual in (False, True):
+        h64 = torch.randn(2, 10, 3, 4, dtype=torch.float64, requires_grad=True)
+        h32 = h64.detach().float().requires_grad_()
+        expected = reference.gated_gelu(h64, dual)
+        with sipl_fast.use_backend(backend):
+            got = ops.gated_gelu(h32, dual)
+        assert (got.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_bad_inputs_raise_one_clear_error():
+    q = torch.randn(2, 8, 4, 4)
+    t = torch.ones(2, 1, 1)
+    with pytest.raises(ValueError, match="4-D"):
+        ops.proxy_attention(q[0], q, q, t, 2)
+    with pytest.raises(ValueError, match="channel counts differ"):
+        ops.proxy_attention(q, torch.randn(2, 6, 4, 4), torch.randn(2, 6, 4, 4), t, 2)
+    with pytest.raises(TypeError, match="share dtype and device"):
+        ops.proxy_attention(q, q.double(), q, t, 2)
+    with pytest.raises(ValueError, match="do not split into 3 heads"):
+        ops.transposed_attention(q, q, q, torch.ones(3, 1, 1), 3)
+    with pytest.raises(ValueError, match="one value per head"):
+        ops.transposed_attention(q, q, q, torch.ones(3, 1, 1), 2)
+    with pytest.raises(ValueError, match="batch sizes 2 .* and 3"):
+        ops.proxy_attention(q, torch.randn(3, 8, 4, 4), torch.randn(3, 8, 4, 4), t, 2)
+    with pytest.raises(ValueError, match="k and v shapes differ"):
+        ops.proxy_attention(q, q, torch.randn(2, 8, 3, 4), t, 2)
+    with pytest.raises(ValueError, match="one shape"):
+        ops.transposed_attention(q, q, torch.randn(2, 8, 3, 4), t, 2)
+    with pytest.raises(TypeError, match="floating"):
+        ops.transposed_attention(q.long(), q.long(), q.long(), t, 2)
+    with pytest.raises(ValueError, match="unknown backend"):
+        with sipl_fast.use_backend("cudnn"):
+            pass
+    with pytest.raises(ValueError, match="weight must be"):
+        ops.layer_norm2d(q, torch.ones(3), None)
+    with pytest.raises(ValueError, match="gated_gelu"):
+        ops.gated_gelu(torch.randn(1, 3, 2, 2))
+
+
+def test_backend_selection(monkeypatch):
+    from sipl_fast.backends import resolve_backend
+    cpu = torch.device("cpu")
+    assert resolve_backend(cpu) == "torch"
+    with sipl_fast.use_backend("reference"):
+        assert resolve_backend(cpu) == "reference"
+        with sipl_fast.use_backend("torch"):
+            assert resolve_backend(cpu) == "torch"
+        assert resolve_backend(cpu) == "reference"
+    monkeypatch.setenv("SIPL_FAST_BACKEND", "reference")
+    assert resolve_backend(cpu) == "reference"
+    monkeypatch.setenv("SIPL_FAST_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="unknown backend"):
+        resolve_backend(cpu)
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q = torch.randn(1, 8, 2, 2)
+    with sipl_fast.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        ops.transposed_attention(q, q, q, torch.ones(1, 1, 1), 1)
+
+
+def test_info_reports_the_build():
+    report = sipl_fast.info()
+    for key in ("extension_loaded", "cuda_kernels_compiled", "arch_list", "triton_available", "backends"):
+        assert key in report
+    assert report["backends"] == ["reference", "torch", "triton"]
