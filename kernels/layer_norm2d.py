@@ -163,6 +163,8 @@ def _check_planes(*tensors: torch.Tensor) -> None:
     """Contiguous H*W planes, and one image's span within int32 (the kernels' in-image offsets)."""
     for t in tensors:
         _, channels, height, width = t.shape
+        if t.numel() == 0:
+            continue
         if not ((t.stride(3) == 1 or width == 1) and (t.stride(2) == width or height == 1)):
             raise ValueError("layer_norm2d kernels need contiguous H*W planes; call .contiguous() first")
         if (channels - 1) * t.stride(1) + height * width >= 2**31:

@@ -1,0 +1,86 @@
+"""``layer_norm2d`` on the ``triton`` backend: custom ops around the fused kernels.
+
+``sipl_fast::layer_norm2d_fwd`` and ``sipl_fast::layer_norm2d_bwd`` are torch.library custom
+ops (fake implementations included, so torch.compile traces through them); autograd is
+registered on the forward op. The kernels (sipl_fast.kernels.layer_norm2d) read x once per
+pass and recompute the per-pixel statistics in the backward, so only x and the weight are
+saved.
+
+Dtypes follow the other backends: the output has the promoted dtype of x, weight and bias
+(x in bf16 with a float32 weight gives float32, as ``weight * y + bias`` does in torch).
+Each gradient has its input's dtype. A tensor whose H*W planes are not contiguous (e.g.
+channels_last) is copied once to contiguous; channel slices of a larger tensor are used in place.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..kernels.layer_norm2d import layer_norm2d_backward, layer_norm2d_forward
+
+__all__ = ["layer_norm2d", "layer_norm2d_fwd", "layer_norm2d_bwd"]
+
+
+def _with_contiguous_planes(t: torch.Tensor) -> torch.Tensor:
+    _, _, height, width = t.shape
+    if (t.stride(3) == 1 or width == 1) and (t.stride(2) == width or height == 1):
+        return t
+    return t.contiguous()
+
+
+def _output_dtype(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.dtype:
+    dtype = torch.promote_types(x.dtype, weight.dtype)
+    return dtype if bias is None else torch.promote_types(dtype, bias.dtype)
+
+
+@torch.library.custom_op("sipl_fast::layer_norm2d_fwd", mutates_args=())
+def layer_norm2d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     eps: float) -> torch.Tensor:
+    """LayerNorm2d of x (B, C, H, W); WithBias when ``bias`` is given, BiasFree otherwise."""
+    return layer_norm2d_forward(_with_contiguous_planes(x), weight.contiguous(),
+                                None if bias is None else bias.contiguous(), eps,
+                                _output_dtype(x, weight, bias))
+
+
+@layer_norm2d_fwd.register_fake
+def _(x, weight, bias, eps):
+    return x.new_empty(x.shape, dtype=_output_dtype(x, weight, bias))
+
+
+@torch.library.custom_op("sipl_fast::layer_norm2d_bwd", mutates_args=())
+def layer_norm2d_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, with_bias: bool,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias) in the dtypes of x, weight and weight; dbias is empty when not with_bias."""
+    dx, dweight, dbias = layer_norm2d_backward(
+        _with_contiguous_planes(grad_out), _with_contiguous_planes(x), weight.contiguous(), with_bias, eps)
+    dbias = weight.new_empty(0) if dbias is None else dbias.to(weight.dtype)
+    return dx, dweight.to(weight.dtype), dbias
+
+
+@layer_norm2d_bwd.register_fake
+def _(grad_out, x, weight, with_bias, eps):
+    return x.new_empty(x.shape), torch.empty_like(weight), weight.new_empty(weight.shape if with_bias else 0)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, eps = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.eps = eps
+
+
+def _backward(ctx, grad_out):
+    x, weight = ctx.saved_tensors
+    with_bias = ctx.bias_dtype is not None
+    dx, dweight, dbias = layer_norm2d_bwd(grad_out, x, weight, with_bias, ctx.eps)
+    return dx, dweight, dbias.to(ctx.bias_dtype) if with_bias else None, None
+
+
+layer_norm2d_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def layer_norm2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 eps: float = 1e-5) -> torch.Tensor:
+    """The ``triton`` backend of :func:`sipl_fast.ops.layer_norm2d` (inputs validated there)."""
+    return layer_norm2d_fwd(x, weight, bias, float(eps))

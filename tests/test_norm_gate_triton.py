@@ -1,0 +1,263 @@
+"""The triton backend of layer_norm2d and gated_gelu against the float64 reference.
+
+On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py) at small shapes: odd C,
+odd H and W (so pixel blocks end in masked tails), both LayerNorm variants (WithBias,
+BiasFree) and both gates (GDFN, DualGate), float32 and float16, the output and every gradient.
+Tests marked ``gpu`` run the SIPL shapes on CUDA in float32 and bfloat16.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sipl_fast
+from sipl_fast import ops
+from sipl_fast.ops import gated_gelu_triton, layer_norm2d_triton, reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EPS = 1e-5
+# Max error allowed, relative to max(|expected|, 1), per storage dtype (interpreter tests).
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3}
+
+
+def _outputs_and_grads(fn, inputs, cotangent):
+    """[fn(*inputs), d<cotangent, out>/d(each tensor input)] with the inputs as fresh leaves."""
+    leaves = [None if t is None else t.detach().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, [t for t in leaves if t is not None], cotangent.to(out.dtype))
+    return [out.detach(), *grads]
+
+
+def _float64_truth(reference_fn, inputs, cotangent):
+    """The reference math on float64 copies of the (already rounded) inputs."""
+    return _outputs_and_grads(reference_fn, [None if t is None else t.double() for t in inputs],
+                              cotangent.double())
+
+
+def _max_errors(got, expected):
+    return [(g.double() - e).abs().max().item() if g.numel() else 0.0 for g, e in zip(got, expected)]
+
+
+def _assert_close(names, got, expected, tol):
+    assert [g.shape for g in got] == [e.shape for e in expected]
+    for name, g, e, err in zip(names, got, expected, _max_errors(got, expected)):
+        assert torch.isfinite(g).all(), f"{name} is not finite"
+        scale = max(e.abs().max().item() if e.numel() else 0.0, 1.0)
+        assert err <= tol * scale, f"{name}: max error {err:.3g} > {tol:.1g} * {scale:.3g}"
+
+
+def _triton(op):
+    def run(*args):
+        with sipl_fast.use_backend("triton"):
+            return op(*args)
+    return run
+
+
+def _layer_norm_inputs(shape, with_bias, dtype, param_dtype=None, offset=0.5, spread=2.0):
+    channels = shape[1]
+    param_dtype = param_dtype or dtype
+    x = (torch.randn(shape, device=DEVICE) * spread + offset).to(dtype)
+    weight = (torch.randn(channels, device=DEVICE) + 1).to(param_dtype)
+    bias = torch.randn(channels, device=DEVICE).to(param_dtype) if with_bias else None
+    return [x, weight, bias]
+
+
+def _check_layer_norm(inputs, tol):
+    names = ["out", "dx", "dweight"] + (["dbias"] if inputs[2] is not None else [])
+    out_dtype = layer_norm2d_triton._output_dtype(*inputs)
+    cotangent = torch.randn(inputs[0].shape, device=DEVICE).to(out_dtype)
+    layer_norm = lambda x, w, b: ops.layer_norm2d(x, w, b, EPS)  # noqa: E731
+    got = _outputs_and_grads(_triton(layer_norm), inputs, cotangent)
+    assert got[0].dtype == out_dtype
+    _assert_close(names, got, _float64_truth(lambda x, w, b: reference.layer_norm2d(x, w, b, EPS),
+                                             inputs, cotangent), tol)
+
+
+def _check_gate(x, dual, tol):
+    cotangent = torch.randn(x.shape[0], x.shape[1] // 2, *x.shape[2:], device=DEVICE).to(x.dtype)
+    got = _outputs_and_grads(_triton(lambda t: ops.gated_gelu(t, dual)), [x], cotangent)
+    assert got[0].dtype == x.dtype
+    _assert_close(["out", "dx"], got, _float64_truth(lambda t: reference.gated_gelu(t, dual), [x], cotangent), tol)
+
+
+# ----------------------------------------------------------------------------- LayerNorm2d
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["WithBias", "BiasFree"])
+@pytest.mark.parametrize("shape", [(2, 5, 7, 9), (2, 48, 7, 9), (1, 97, 9, 7), (3, 1, 1, 1)])
+def test_layer_norm2d_matches_float64(shape, with_bias, dtype):
+    _check_layer_norm(_layer_norm_inputs(shape, with_bias, dtype), TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["WithBias", "BiasFree"])
+def test_layer_norm2d_large_mean_is_stable(with_bias):
+    """A mean of 300 over a spread of 1: E[x^2] - E[x]^2 in float32 would lose ~3 digits."""
+    _check_layer_norm(_layer_norm_inputs((2, 48, 5, 7), with_bias, torch.float32, offset=300.0, spread=1.0), 1e-4)
+
+
+def test_layer_norm2d_half_input_float_params_promotes_like_torch():
+    """bf16/fp16 activations with float32 parameters (autocast) give a float32 output, as in torch."""
+    inputs = _layer_norm_inputs((2, 20, 5, 7), True, torch.float16, param_dtype=torch.float32)
+    with sipl_fast.use_backend("torch"):
+        assert ops.layer_norm2d(*inputs).dtype == torch.float32
+    _check_layer_norm(inputs, TOLERANCE[torch.float16])  # dx is float16
+
+
+@pytest.mark.parametrize("layout", ["channel_slice", "channels_last"])
+def test_layer_norm2d_strided_inputs(layout):
+    """A channel slice of a larger tensor is read in place; channels_last is copied first."""
+    x, weight, bias = _layer_norm_inputs((2, 30, 5, 7), True, torch.float32)
+    if layout == "channel_slice":
+        x = torch.cat([x, torch.randn_like(x)], dim=1)[:, 3:33]
+        assert not x.is_contiguous()
+    else:
+        x = x.to(memory_format=torch.channels_last)
+    _check_layer_norm([x, weight, bias], TOLERANCE[torch.float32])
+
+
+def test_layer_norm2d_parameter_gradients_are_deterministic():
+    x, weight, bias = _layer_norm_inputs((2, 48, 9, 11), True, torch.float32)
+    dy = torch.randn_like(x)
+    first = layer_norm2d_triton.layer_norm2d_bwd(dy, x, weight, True, EPS)
+    second = layer_norm2d_triton.layer_norm2d_bwd(dy, x, weight, True, EPS)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_layer_norm2d_empty_batch():
+    x, weight, bias = _layer_norm_inputs((0, 6, 3, 3), True, torch.float32)
+    x.requires_grad_()
+    weight.requires_grad_()
+    out = _triton(ops.layer_norm2d)(x, weight, bias)
+    out.sum().backward()
+    assert out.shape == x.shape and torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["WithBias", "BiasFree"])
+def test_layer_norm2d_custom_ops_pass_opcheck(with_bias):
+    x, weight, bias = _layer_norm_inputs((2, 5, 3, 7), with_bias, torch.float32)
+    torch.library.opcheck(layer_norm2d_triton.layer_norm2d_fwd,
+                          (x.requires_grad_(), weight.requires_grad_(), bias, EPS))
+    torch.library.opcheck(layer_norm2d_triton.layer_norm2d_bwd,
+                          (torch.randn_like(x), x.detach(), weight.detach(), with_bias, EPS))
+
+
+# ----------------------------------------------------------------------------- gated gelu
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dual", [False, True], ids=["GDFN", "DualGate"])
+@pytest.mark.parametrize("shape", [(2, 2, 7, 9), (2, 10, 7, 9), (1, 254, 9, 7)])
+def test_gated_gelu_matches_float64(shape, dual, dtype):
+    # A spread of 3 reaches the flat tails of erf on both sides.
+    _check_gate((torch.randn(shape, device=DEVICE) * 3).to(dtype), dual, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("layout", ["channel_slice", "channels_last"])
+def test_gated_gelu_strided_inputs(layout):
+    """A channel slice of a larger tensor (batch stride only) is read in place; channels_last is copied."""
+    x = torch.randn(3, 12, 5, 7, device=DEVICE)
+    if layout == "channel_slice":
+        x = torch.cat([x, torch.randn_like(x)], dim=1)[:, 5:17]
+        assert not x.is_contiguous()
+    else:
+        x = x.to(memory_format=torch.channels_last)
+    _check_gate(x, True, TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("dual", [False, True], ids=["GDFN", "DualGate"])
+def test_gated_gelu_custom_ops_pass_opcheck(dual):
+    x = torch.randn(2, 6, 3, 5, device=DEVICE)
+    torch.library.opcheck(gated_gelu_triton.gated_gelu_fwd, (x.requires_grad_(), dual))
+    torch.library.opcheck(gated_gelu_triton.gated_gelu_bwd, (torch.randn(2, 3, 3, 5, device=DEVICE), x.detach(), dual))
+
+
+# ----------------------------------------------------------------------------- random shapes
+
+@settings(max_examples=12, deadline=None)
+@given(batch=st.integers(1, 2), channels=st.integers(1, 70), height=st.integers(1, 9),
+       width=st.integers(1, 9), with_bias=st.booleans(), dual=st.booleans())
+def test_random_shapes_match_float64(batch, channels, height, width, with_bias, dual):
+    _check_layer_norm(_layer_norm_inputs((batch, channels, height, width), with_bias, torch.float32),
+                      TOLERANCE[torch.float32])
+    _check_gate(torch.randn(batch, 2 * channels, height, width, device=DEVICE) * 3, dual,
+                TOLERANCE[torch.float32])
+
+
+# ----------------------------------------------------------------------------- GPU: SIPL shapes
+
+def _bf16_rule(run, reference_fn, inputs, names):
+    """FlashAttention's rule: triton's error vs float64 <= 2x that of the reference run in bf16."""
+    out_dtype = reference_fn(*inputs).dtype
+    cotangent = torch.randn(reference_fn(*inputs).shape, device=DEVICE).to(out_dtype)
+    truth = _float64_truth(reference_fn, inputs, cotangent)
+    ours = _max_errors(_outputs_and_grads(run, inputs, cotangent), truth)
+    theirs = _max_errors(_outputs_and_grads(reference_fn, inputs, cotangent), truth)
+    for name, mine, base, t in zip(names, ours, theirs, truth):
+        floor = 1e-6 * max(t.abs().max().item(), 1.0)
+        assert mine <= 2 * base + floor, f"{name}: triton {mine:.3g} vs torch-bf16 {base:.3g}"
+
+
+# (B, C, H, W): enc1 and dec1/refinement at a 128x128 batch-8 training step and 512x512 inference,
+# the latent level, and the 704-channel prompt-fusion block.
+GPU_LAYER_NORM_SHAPES = [(8, 48, 128, 128), (8, 96, 128, 128), (1, 48, 512, 512), (1, 96, 512, 512),
+                         (1, 192, 128, 128), (1, 384, 64, 64), (8, 704, 16, 16)]
+# (B, 2h, H, W, dual): GDFN hidden 127/255/510 and the DualGate of the 96- and 384-channel PIM blocks.
+GPU_GATE_SHAPES = [(8, 254, 128, 128, False), (1, 510, 512, 512, False), (1, 1020, 128, 128, False),
+                   (8, 384, 64, 64, True), (1, 1536, 64, 64, True)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", GPU_LAYER_NORM_SHAPES)
+def test_gpu_layer_norm2d_sipl_shapes(shape, dtype):
+    inputs = _layer_norm_inputs(shape, True, dtype)
+    layer_norm = lambda x, w, b: ops.layer_norm2d(x, w, b, EPS)  # noqa: E731
+    if dtype == torch.float32:
+        _check_layer_norm(inputs, 1e-4)
+    else:
+        _bf16_rule(_triton(layer_norm), lambda x, w, b: reference.layer_norm2d(x, w, b, EPS), inputs,
+                   ["out", "dx", "dweight", "dbias"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", GPU_GATE_SHAPES)
+def test_gpu_gated_gelu_sipl_shapes(shape, dtype):
+    *size, dual = shape
+    x = (torch.randn(size, device=DEVICE) * 3).to(dtype)
+    if dtype == torch.float32:
+        _check_gate(x, dual, 1e-5)
+    else:
+        _bf16_rule(_triton(lambda t: ops.gated_gelu(t, dual)), lambda t: reference.gated_gelu(t, dual), [x],
+                   ["out", "dx"])
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_activations_with_float32_parameters():
+    """The autocast case: bf16 x, float32 weight and bias."""
+    _check_layer_norm(_layer_norm_inputs((8, 96, 64, 64), True, torch.bfloat16, param_dtype=torch.float32), 1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_results_are_identical_run_to_run():
+    x, weight, bias = _layer_norm_inputs((8, 96, 128, 128), True, torch.bfloat16)
+    dy = torch.randn_like(x)
+    first = layer_norm2d_triton.layer_norm2d_bwd(dy, x, weight, True, EPS)
+    second = layer_norm2d_triton.layer_norm2d_bwd(dy, x, weight, True, EPS)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_traces_the_custom_ops():
+    x, weight, bias = _layer_norm_inputs((2, 96, 32, 32), True, torch.float32)
+
+    def block(t):
+        return ops.gated_gelu(torch.cat([ops.layer_norm2d(t, weight, bias), t], dim=1), True)
+
+    with sipl_fast.use_backend("triton"):
+        eager = block(x)
+        compiled = torch.compile(block, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager)
