@@ -26,6 +26,9 @@ import triton.language as tl
 
 __all__ = ["gated_gelu_forward", "gated_gelu_backward", "block_config"]
 
+# Read once, like triton itself: TRITON_INTERPRET must be set before this module is imported.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
 _SQRT_HALF = tl.constexpr(0.7071067811865476)  # 1/sqrt(2)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1/sqrt(2*pi)
 
@@ -88,13 +91,9 @@ def gated_gelu_bwd_kernel(
     tl.store(dx1_ptr + half_numel, (dout * dx2).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def block_config() -> tuple[int, int]:
     """(BLOCK, num_warps): elements per program and its warps."""
-    if _interpreting():
+    if _INTERPRET:
         return 256, 1  # a small block keeps test shapes spanning several programs
     # 1024 elements on 4 warps: 8 per thread, i.e. 16-byte vector loads for 16-bit dtypes.
     return 1024, 4
@@ -112,16 +111,22 @@ def _check_layout(*tensors: torch.Tensor) -> None:
                              "call .contiguous() first")
 
 
+def _grid(half_numel: int, block: int, batch: int) -> tuple[int, int]:
+    if batch > 65535:  # CUDA's limit on the second grid axis
+        raise ValueError(f"gated_gelu kernels: batch {batch} > 65535; split the batch")
+    return triton.cdiv(half_numel, block), batch
+
+
 def gated_gelu_forward(x: torch.Tensor, dual: bool) -> torch.Tensor:
     """The gate of x (B, 2h, H, W) as a new contiguous (B, h, H, W) tensor of x's dtype."""
     _check_layout(x)
     batch, channels, height, width = x.shape
     out = torch.empty((batch, channels // 2, height, width), dtype=x.dtype, device=x.device)
-    half_numel = out[0].numel() if batch else 0
     if out.numel() == 0:
         return out
+    half_numel = out[0].numel()
     block, num_warps = block_config()
-    grid = (triton.cdiv(half_numel, block), batch)
+    grid = _grid(half_numel, block, batch)
     gated_gelu_fwd_kernel[grid](
         x, out, half_numel, x.stride(0), out.stride(0),
         DUAL=dual, COMPUTE=_compute_dtype(x), BLOCK=block, num_warps=num_warps,
@@ -137,7 +142,7 @@ def gated_gelu_backward(dout: torch.Tensor, x: torch.Tensor, dual: bool) -> torc
         return dx
     half_numel = dout[0].numel()
     block, num_warps = block_config()
-    grid = (triton.cdiv(half_numel, block), x.shape[0])
+    grid = _grid(half_numel, block, x.shape[0])
     gated_gelu_bwd_kernel[grid](
         x, dout, dx, half_numel, x.stride(0), dout.stride(0), dx.stride(0),
         DUAL=dual, COMPUTE=_compute_dtype(x, dout), BLOCK=block, num_warps=num_warps,

@@ -1,0 +1,296 @@
+"""Does fusing LayerNorm2d and the FFN gate into Triton kernels pay? One table and a JSON file.
+
+    python bench/norm_gate_table.py OUT.json [--dtypes amp,fp32] [--compile-budget-s 25]
+    python bench/norm_gate_table.py OUT.json --smoke      # tiny shapes on CPU: checks the script
+
+Providers: ``triton`` (sipl_fast's fused kernels), ``torch`` (sipl_fast.ops.torch_impl),
+``reference`` (the authors' eager math) and ``compile`` (torch.compile of the reference, one
+static compile per case). Modes: forward, and forward + backward (every input gradient).
+Shapes: every LayerNorm2d / gate site of SIPLPromptIR's plain pass that carries real traffic,
+for a 128x128 batch-8 training step (``train128``) and a 512x512 batch-1 inference (``infer512``).
+Dtypes: ``amp`` is bf16 activations with float32 norm parameters (the model under bf16
+autocast), ``bf16`` all bf16, ``fp32`` all float32.
+
+Each row gives per provider the median time (triton.testing.do_bench, L2 flushed between
+reps) and the effective bandwidth (the bytes the op must move at least, over the time), then
+triton's speed-up and, for fwd+bwd, the peak memory above the inputs of the measured providers
+in column order. The totals weight each site by its calls per
+plain forward pass, i.e. the time these ops cost in one pass of the model. The card's
+device-to-device copy bandwidth is measured first as the ceiling. torch.compile is slow to
+compile, so its cases stop when --compile-budget-s is spent (reported as skipped).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+if not torch.cuda.is_available():  # the triton provider runs on CPU only under the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from sipl_fast.ops import reference, torch_impl  # noqa: E402
+
+PROVIDERS = ("triton", "torch", "reference", "compile")
+MODES = ("fwd", "fwd+bwd")
+DTYPES = {  # name: (activation dtype, norm parameter dtype)
+    "amp": (torch.bfloat16, torch.float32),
+    "bf16": (torch.bfloat16, torch.bfloat16),
+    "fp32": (torch.float32, torch.float32),
+}
+SCENARIOS = {"train128": (8, 128), "infer512": (1, 512), "smoke": (1, 16)}  # (batch, full-res side)
+EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class Site:
+    op: str        # "layer_norm2d", "gated_gelu" (GDFN) or "dual_gate" (DualGate FFN)
+    name: str      # where it runs in SIPLPromptIR
+    channels: int  # input channels: C for the norm, 2h for the gates
+    scale: int     # resolution divisor: 1 is full resolution
+    calls: int     # calls per plain forward pass of the default model (SPEC 1.4)
+
+
+# Norm sites: two per transformer block, two per Proxy-Fusion injection block at the stream's
+# resolution (its third norm sees the fixed-size proxy). Gate sites: one GDFN (hidden
+# int(2.66 C)) per block, the DualGate (hidden 2C) of cross_p1. The noise-level blocks (one
+# each) and the dictionary side are left out.
+SITES = (
+    Site("layer_norm2d", "enc1", 48, 1, 8),
+    Site("layer_norm2d", "dec1+refinement", 96, 1, 16),
+    Site("layer_norm2d", "enc2+dec2+cross_p1", 96, 2, 26),
+    Site("layer_norm2d", "enc3+dec3+cross_p2", 192, 4, 26),
+    Site("layer_norm2d", "latent+cross_p3", 384, 8, 18),
+    Site("gated_gelu", "enc1", 2 * 127, 1, 4),
+    Site("gated_gelu", "dec1+refinement", 2 * 255, 1, 8),
+    Site("gated_gelu", "enc2+dec2", 2 * 255, 2, 12),
+    Site("gated_gelu", "enc3+dec3", 2 * 510, 4, 12),
+    Site("gated_gelu", "latent", 2 * 1021, 8, 8),
+    Site("dual_gate", "cross_p1", 2 * 192, 2, 1),
+)
+
+
+def _triton_module(op: str):
+    from sipl_fast.ops import gated_gelu_triton, layer_norm2d_triton
+    return layer_norm2d_triton if op == "layer_norm2d" else gated_gelu_triton
+
+
+def op_function(site: Site, provider: str):
+    """The op as provider computes it, taking the tensors made by :func:`make_inputs`."""
+    module = {"torch": torch_impl, "reference": reference, "compile": reference}.get(provider)
+    module = module or _triton_module(site.op)
+    if site.op == "layer_norm2d":
+        fn = lambda x, weight, bias: module.layer_norm2d(x, weight, bias, EPS)  # noqa: E731
+    else:
+        dual = site.op == "dual_gate"
+        fn = lambda x: module.gated_gelu(x, dual)  # noqa: E731
+    # A fresh, static graph per case: no recompile limit, no shapes made dynamic.
+    return torch.compile(fn, dynamic=False) if provider == "compile" else fn
+
+
+def site_shape(site: Site, scenario: str) -> tuple[int, int, int, int]:
+    batch, side = SCENARIOS[scenario]
+    size = max(side // site.scale, 1)
+    return batch, site.channels, size, size
+
+
+def make_inputs(site: Site, scenario: str, dtype: str, device: str, requires_grad: bool):
+    activation, parameter = DTYPES[dtype]
+    x = torch.randn(site_shape(site, scenario), device=device, dtype=activation)
+    tensors = [x]
+    if site.op == "layer_norm2d":
+        tensors += [torch.randn(site.channels, device=device, dtype=parameter) + 1,
+                    torch.randn(site.channels, device=device, dtype=parameter)]
+    return [t.requires_grad_(requires_grad) for t in tensors]
+
+
+def min_bytes(site: Site, inputs, mode: str) -> int:
+    """Bytes the op must read and write at least (parameters and partial sums neglected)."""
+    x = inputs[0]
+    if site.op == "layer_norm2d":
+        out_size = torch.promote_types(x.dtype, inputs[1].dtype).itemsize
+        forward = x.numel() * (x.itemsize + out_size)                 # read x, write y
+        backward = x.numel() * (2 * x.itemsize + out_size)            # read x, dy; write dx
+    else:
+        forward = x.numel() * x.itemsize * 3 // 2                     # read x1, x2; write out
+        backward = x.numel() * x.itemsize * 5 // 2                    # read x, dout; write dx
+    return forward if mode == "fwd" else forward + backward
+
+
+def make_runner(site: Site, scenario: str, dtype: str, mode: str, provider: str, device: str):
+    """(a zero-argument callable running one op call in ``mode``, the inputs it uses)."""
+    fn = op_function(site, provider)
+    inputs = make_inputs(site, scenario, dtype, device, requires_grad=mode != "fwd")
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return fn(*inputs)
+    else:
+        out_shape = fn(*inputs).shape
+        grad_out = torch.randn(out_shape, device=device, dtype=inputs[0].dtype)
+
+        def run():
+            out = fn(*inputs)
+            return torch.autograd.grad(out, inputs, grad_out.to(out.dtype))
+    return run, inputs
+
+
+def time_ms(run, device: str) -> float:
+    if device == "cuda":
+        import triton.testing
+        return triton.testing.do_bench(run, warmup=5, rep=25, return_mode="median")
+    run()
+    samples = []
+    for _ in range(3):
+        start = time.perf_counter()
+        run()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def peak_mib(run, device: str) -> float | None:
+    """Memory allocated at the peak of one call, above what was allocated before it."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    result = run()
+    torch.cuda.synchronize()
+    del result
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def copy_bandwidth_gbps(device: str) -> float | None:
+    if device != "cuda":
+        return None
+    import triton.testing
+    src = torch.empty(2**30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=50, return_mode="median")
+    return 2 * src.numel() / ms / 1e6
+
+
+def measure(site: Site, scenario: str, dtype: str, mode: str, provider: str, device: str) -> dict:
+    run, inputs = make_runner(site, scenario, dtype, mode, provider, device)
+    start = time.perf_counter()
+    run()  # compiles (torch.compile, Triton) and warms up
+    if device == "cuda":
+        torch.cuda.synchronize()
+    first_call_s = time.perf_counter() - start
+    ms = time_ms(run, device)
+    return {
+        "ms": ms,
+        "GBps": min_bytes(site, inputs, mode) / ms / 1e6,
+        "peak_MiB": peak_mib(run, device) if mode != "fwd" else None,
+        "first_call_s": first_call_s,
+    }
+
+
+def _format_row(row: dict, providers) -> str:
+    results = row["results"]
+    cells = "".join(f"{'-':>16}" if not results[p] else f"{results[p]['ms']:10.3f}{results[p]['GBps']:6.0f}"
+                    for p in providers)
+    speedups = [f"{results[other]['ms'] / results['triton']['ms']:.2f}x"
+                if results.get("triton") and results.get(other) else "-"
+                for other in ("torch", "reference", "compile")]
+    peaks = [r["peak_MiB"] for r in results.values() if r and r["peak_MiB"] is not None]
+    site = row["site"]
+    return (f"{row['scenario']:9} {site['op']:12} {site['name']:20} {str(row['shape']):18} {row['dtype']:5} "
+            f"{row['mode']:7}{cells}  {' / '.join(speedups)}"
+            + ("  peak MiB " + "/".join(f"{v:.0f}" for v in peaks) if peaks else ""))
+
+
+def run_table(scenarios, dtypes, providers, compile_budget_s: float, device: str) -> dict:
+    """Measure every (scenario, dtype, site, mode) row, printing each as it completes."""
+    rows = []
+    compile_left = compile_budget_s
+    print(f"{'':65}" + "".join(f"{p:>16}" for p in providers) + "  triton's speed-up vs")
+    print(f"{'scenario':9} {'op':12} {'site':20} {'shape':18} {'dtype':5} {'mode':7}"
+          + f"{'ms':>10}{'GB/s':>6}" * len(providers) + "  torch / ref / compile")
+    for scenario in scenarios:
+        for dtype in dtypes:
+            for site in SITES:
+                for mode in MODES:
+                    results = {}
+                    for provider in providers:
+                        if provider == "compile" and (compile_left <= 0 or dtype != dtypes[0]):
+                            results[provider] = None  # over budget, or not the first dtype
+                            continue
+                        results[provider] = measure(site, scenario, dtype, mode, provider, device)
+                        if provider == "compile":
+                            compile_left -= results[provider]["first_call_s"]
+                            torch._dynamo.reset()
+                    rows.append({"scenario": scenario, "dtype": dtype, "mode": mode,
+                                 "shape": site_shape(site, scenario), "site": asdict(site), "results": results})
+                    print(_format_row(rows[-1], providers), flush=True)
+    return {"rows": rows, "totals": totals(rows, providers)}
+
+
+def totals(rows, providers) -> list[dict]:
+    """Per scenario, dtype and mode: sum over sites of calls x time, per provider (ms per pass)."""
+    groups = {}
+    for row in rows:
+        key = (row["scenario"], row["dtype"], row["mode"])
+        group = groups.setdefault(key, {p: 0.0 for p in providers})
+        for provider in providers:
+            result = row["results"].get(provider)
+            if group[provider] is not None:
+                group[provider] = None if result is None else group[provider] + row["site"]["calls"] * result["ms"]
+    out = []
+    print("\nms per plain forward pass, summed over the sites above (calls x time); '-' = a case was skipped")
+    for (scenario, dtype, mode), sums in groups.items():
+        out.append({"scenario": scenario, "dtype": dtype, "mode": mode, "ms_per_pass": sums})
+        print(f"{scenario:9} {dtype:5} {mode:8}" + "".join(
+            f"  {p} {'-' if v is None else f'{v:.2f}'}" for p, v in sums.items()))
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("out", help="JSON file to write")
+    parser.add_argument("--dtypes", default="amp,fp32", help="comma list of " + ", ".join(DTYPES))
+    parser.add_argument("--providers", default=",".join(PROVIDERS))
+    parser.add_argument("--compile-budget-s", type=float, default=15.0,
+                        help="seconds of torch.compile compilation allowed (first dtype only)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on this machine's device (CPU ok)")
+    args = parser.parse_args(argv)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    providers = tuple(args.providers.split(","))
+    if device == "cpu":
+        if not args.smoke:
+            print("norm_gate_table: needs a CUDA device (use --smoke for a CPU check of the script)")
+            return 2
+        providers = tuple(p for p in providers if p != "compile")  # a CPU compile takes minutes
+    scenarios = ("smoke",) if args.smoke else ("train128", "infer512")
+    dtypes = tuple(args.dtypes.split(","))
+    if device == "cpu":
+        dtypes = tuple(d for d in dtypes if d == "fp32") or ("fp32",)  # the interpreter has no bf16
+
+    started = time.perf_counter()
+    copy_gbps = copy_bandwidth_gbps(device)
+    if copy_gbps:
+        print(f"device-to-device copy bandwidth: {copy_gbps:.0f} GB/s (read + write)\n")
+    report = run_table(scenarios, dtypes, providers, args.compile_budget_s, device)
+    report.update({
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "copy_GBps": copy_gbps,
+        "providers": providers,
+        "elapsed_s": time.perf_counter() - started,
+    })
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"\nwrote {args.out} in {report['elapsed_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""pytest-benchmark: LayerNorm2d and the FFN gates, triton vs torch vs reference vs torch.compile.
+
+    pytest bench/test_bench_norm_gate.py --benchmark-only      # CUDA: 128x128 batch-8 training shapes
+    pytest bench/test_bench_norm_gate.py --benchmark-disable   # CPU: tiny shapes, each case run once
+
+Cases, providers and inputs come from bench/norm_gate_table.py (the script that prints the
+whole table). On CPU the triton provider (the interpreter is ~1000x slower) and torch.compile
+(minutes of C++ compilation) are skipped. Timings are recorded, never asserted.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import norm_gate_table as table
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+SCENARIO, DTYPE = ("train128", "amp") if CUDA else ("smoke", "fp32")
+# One site per kind: the norm at full and at quarter resolution, the GDFN gate, the DualGate.
+SITES = [site for site in table.SITES
+         if (site.op, site.name) in {("layer_norm2d", "dec1+refinement"), ("layer_norm2d", "enc3+dec3+cross_p2"),
+                                     ("gated_gelu", "dec1+refinement"), ("dual_gate", "cross_p1")}]
+
+
+@pytest.mark.parametrize("provider", table.PROVIDERS)
+@pytest.mark.parametrize("mode", table.MODES)
+@pytest.mark.parametrize("site", SITES, ids=lambda s: f"{s.op}-{s.name}-{s.channels}ch-1/{s.scale}")
+def test_norm_gate(benchmark, site, mode, provider):
+    if not CUDA and provider in ("triton", "compile"):
+        pytest.skip(f"{provider} is benchmarked on CUDA only")
+    run, _ = table.make_runner(site, SCENARIO, DTYPE, mode, provider, DEVICE)
+
+    def run_synchronised():
+        result = run()
+        if CUDA:
+            torch.cuda.synchronize()
+        return result
+
+    run_synchronised()  # compile and warm up outside the timed rounds
+    benchmark.extra_info.update(scenario=SCENARIO, dtype=DTYPE, channels=site.channels, scale=site.scale)
+    benchmark(run_synchronised)
