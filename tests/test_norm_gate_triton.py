@@ -19,7 +19,7 @@ from sipl_fast.ops import gated_gelu_triton, layer_norm2d_triton, reference
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-5
 # Max error allowed, relative to max(|expected|, 1), per storage dtype (interpreter tests).
-TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3}
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 1.6e-2}
 
 
 def _outputs_and_grads(fn, inputs, cotangent):
@@ -236,8 +236,9 @@ def test_gpu_gated_gelu_sipl_shapes(shape, dtype):
 
 @pytest.mark.gpu
 def test_gpu_bf16_activations_with_float32_parameters():
-    """The autocast case: bf16 x, float32 weight and bias."""
-    _check_layer_norm(_layer_norm_inputs((8, 96, 64, 64), True, torch.bfloat16, param_dtype=torch.float32), 1e-4)
+    """The autocast case: bf16 x, float32 weight and bias (float32 output, bf16 dx)."""
+    _check_layer_norm(_layer_norm_inputs((8, 96, 64, 64), True, torch.bfloat16, param_dtype=torch.float32),
+                      TOLERANCE[torch.bfloat16])
 
 
 @pytest.mark.gpu
@@ -252,12 +253,16 @@ def test_gpu_results_are_identical_run_to_run():
 
 @pytest.mark.gpu
 def test_gpu_torch_compile_traces_the_custom_ops():
+    """fullgraph: the custom ops (called directly, not through the backend dispatch) need no graph break."""
     x, weight, bias = _layer_norm_inputs((2, 96, 32, 32), True, torch.float32)
 
     def block(t):
-        return ops.gated_gelu(torch.cat([ops.layer_norm2d(t, weight, bias), t], dim=1), True)
+        normed = layer_norm2d_triton.layer_norm2d(t, weight, bias, EPS)
+        return gated_gelu_triton.gated_gelu(torch.cat([normed, t], dim=1), True)
 
-    with sipl_fast.use_backend("triton"):
-        eager = block(x)
-        compiled = torch.compile(block, fullgraph=True)(x)
+    x.requires_grad_()
+    eager = block(x)
+    compiled = torch.compile(block, fullgraph=True)(x)
     torch.testing.assert_close(compiled, eager)
+    cotangent = torch.randn_like(eager)
+    torch.testing.assert_close(torch.autograd.grad(compiled, x, cotangent), torch.autograd.grad(eager, x, cotangent))
