@@ -2,7 +2,8 @@
 
 On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py) at small shapes: odd C,
 odd H and W (so pixel blocks end in masked tails), both LayerNorm variants (WithBias,
-BiasFree) and both gates (GDFN, DualGate), float32 and float16, the output and every gradient.
+BiasFree) and both gates (GDFN, DualGate), float16, float32 and float64 (computed in float64),
+the output and every gradient.
 Tests marked ``gpu`` run the SIPL shapes on CUDA in float32 and bfloat16.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from sipl_fast.ops import gated_gelu_triton, layer_norm2d_triton, reference
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-5
 # Max error allowed, relative to max(|expected|, 1), per storage dtype (interpreter tests).
-TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 1.6e-2}
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 1.6e-2}
 
 
 def _outputs_and_grads(fn, inputs, cotangent):
@@ -84,7 +85,7 @@ def _check_gate(x, dual, tol):
 
 # ----------------------------------------------------------------------------- LayerNorm2d
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["WithBias", "BiasFree"])
 @pytest.mark.parametrize("shape", [(2, 5, 7, 9), (2, 48, 7, 9), (1, 97, 9, 7), (3, 1, 1, 1)])
 def test_layer_norm2d_matches_float64(shape, with_bias, dtype):
@@ -146,7 +147,7 @@ def test_layer_norm2d_custom_ops_pass_opcheck(with_bias):
 
 # ----------------------------------------------------------------------------- gated gelu
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
 @pytest.mark.parametrize("dual", [False, True], ids=["GDFN", "DualGate"])
 @pytest.mark.parametrize("shape", [(2, 2, 7, 9), (2, 10, 7, 9), (1, 254, 9, 7)])
 def test_gated_gelu_matches_float64(shape, dual, dtype):
