@@ -256,7 +256,7 @@ def main(argv=None) -> int:
     parser.add_argument("out", help="JSON file to write")
     parser.add_argument("--dtypes", default="amp,fp32", help="comma list of " + ", ".join(DTYPES))
     parser.add_argument("--providers", default=",".join(PROVIDERS))
-    parser.add_argument("--compile-budget-s", type=float, default=15.0,
+    parser.add_argument("--compile-budget-s", type=float, default=10.0,
                         help="seconds of torch.compile compilation allowed (first dtype only)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on this machine's device (CPU ok)")
     args = parser.parse_args(argv)
