@@ -1,0 +1,754 @@
+"""Proxy Fusion cross-attention (cosine attention over pixels): Triton forward and backward.
+
+Math, per batch b and head h (d = C / heads channels per head, tokens are pixels):
+    q̂_i = q_i / max(|q_i|, eps),  k̂_j = k_j / max(|k_j|, eps)      (eps = 1e-12, F.normalize)
+    s_ij = tau_h * q̂_i . k̂_j,   P = softmax_j(s),   out_i = sum_j P_ij v_j
+No 1/sqrt(d): the logits are cosines times the temperature, so |s| <= |tau|.
+
+Layout. q is (Bq, C, Hq, Wq), k and v are (Bk, C, Hk, Wk), read in place through strides: a
+head is the d channel planes h*d .. h*d+d-1, a token is one pixel (H and W merged into one
+token stride). A batch-1 side (the dictionary) gets batch stride 0 and is never repeated.
+
+Head tiles. tl.arange and tl.dot need power-of-two sizes of at least 16, and SIPL uses
+d = 96 and 384. Each head tile is held as two channel chunks "a" and "b" of widths DA and DB
+(96 = 64 + 32, 384 = 256 + 128, 48 = 32 + 16, 40 = 32 + 16 with the last 8 masked; DB = 0 when
+one chunk covers d). Products over d add the two chunk products; products into d keep one
+accumulator per chunk. Nothing is padded in memory; masked channels (read as 0) exist only in
+chunk b, fewer than its used ones (none at the SIPL sizes 48, 96, 384; 8 at d = 40).
+
+Passes (every buffer is linear in tokens; there is no Nq x Nkv buffer anywhere):
+1. ``_token_dot_kernel`` -> per-token inverse norms 1/max(|x|, eps) of q and k (fp32), kept for
+   the backward. Applying them to the logits (q side in the tile, k side as a column scale)
+   costs one multiply-add per logit and avoids writing normalised copies of q and k.
+2. ``_forward_kernel``: a query block against a range of key blocks with an online softmax
+   (running max and sum in fp32, base 2). It writes the normalised output and the base-2
+   logsumexp (lse) of its rows. With few queries and many keys (the dictionary side, e.g.
+   4096 x 65536) the key range is split across programs (flash-decoding) so that the GPU is
+   full at batch 1; each split writes fp32 partials and ``_combine_splits_kernel`` merges them
+   in a fixed order (deterministic).
+3. Backward (FlashAttention-2 style, P recomputed from lse; Delta_i = dout_i . out_i):
+   - ``_backward_dkdv_kernel`` owns a key block and loops over query blocks:
+       dv += P^T dout,  dk̂ += tau * dS^T q̂,  dS = P * (dout v^T - Delta).
+   - ``_backward_dq_kernel`` owns a query block and loops over key blocks:
+       G += dS k̂,  dq̂ = tau * G,  dtau_h += sum_i G_i . q̂_i.
+   A batch-1 side gets the sum of its gradients over the batch: its programs loop over every
+   batch that uses it. When the loop is long and the blocks are few (many queries and few
+   keys for dk/dv, few queries and many keys for dq) the loop is split across programs too;
+   each split writes an fp32 partial and ``_reduce_splits_kernel`` sums them in a fixed order.
+   Whoever ends the sum applies the normalisation backward,
+       dx = r * (dx̂ - x̂ (x̂ . dx̂)),  r = 1/|x|,  or dx = r * dx̂ where the norm was clamped,
+   and dtau comes out as per-token partials summed by torch.sum. No atomics anywhere, so the
+   results are identical run to run.
+
+Precision. Accumulation is fp32. bf16/fp16 tiles feed tl.dot directly (P and dS are cast to
+the input dtype for their products, as in FlashAttention). fp32 inputs use IEEE fp32 dots
+unless the caller allows TF32 (``allow_tf32``, which the op reads from
+torch.backends.cuda.matmul.allow_tf32 at call time).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from sipl_fast.backends import triton_interpreter
+
+__all__ = ["proxy_attention_forward", "proxy_attention_backward", "head_chunks", "NORMALIZE_EPS"]
+
+NORMALIZE_EPS = 1e-12        # torch.nn.functional.normalize's default eps
+INVERSE_EPS = 1e12           # the inverse norm of a clamped (near-zero) token, stored exactly
+LOG2E = 1.4426950408889634   # softmax runs in base 2: exp(x) = exp2(x * log2(e))
+
+_INTERPRET = triton_interpreter()
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers shared by the kernels
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _load_chunk(base, tokens, token_mask, stride_t, stride_c, ch0, CH: tl.constexpr, D: tl.constexpr):
+    """The (tokens, CH) tile of channels ch0 .. ch0+CH-1 of one head; channels >= D read as 0."""
+    channels = ch0 + tl.arange(0, CH)
+    ptrs = base + tokens[:, None] * stride_t + channels[None, :] * stride_c
+    return tl.load(ptrs, mask=token_mask[:, None] & (channels[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _store_chunk(base, tile, tokens, token_mask, stride_t, stride_c, ch0, CH: tl.constexpr, D: tl.constexpr):
+    """Stores a (tokens, CH) tile (cast to the buffer's dtype) where _load_chunk reads it."""
+    channels = ch0 + tl.arange(0, CH)
+    ptrs = base + tokens[:, None] * stride_t + channels[None, :] * stride_c
+    tl.store(ptrs, tile.to(base.dtype.element_ty), mask=token_mask[:, None] & (channels[None, :] < D))
+
+
+@triton.jit
+def _normalize_grad(xhat, g, r, proj):
+    """dx for x̂ = x * r, given g = dL/dx̂ and proj = x̂ . g per token (0 where the norm was clamped).
+
+    F.normalize divides by max(|x|, eps): above eps this is r * (g - x̂ (x̂ . g)); a clamped
+    token has a constant divisor, so there its gradient is r * g.
+    """
+    return r[:, None] * (g - xhat * proj[:, None])
+
+
+# --------------------------------------------------------------------------------------------
+# Per-token channel dot products: inverse norms of q and k, and Delta = dout . out
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _token_dot_kernel(
+    a_ptr, b_ptr, out_ptr, N, NUM_HEADS,
+    a_sb, a_sc, a_st, b_sb, b_sc, b_st,
+    D: tl.constexpr, INVERSE_NORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """out[batch, head, token] = sum over the head's channels of a * b, in fp32.
+
+    With INVERSE_NORM (a is b) it stores 1 / max(sqrt(sum), eps) instead; clamped tokens get
+    exactly INVERSE_EPS so the backward can tell them apart. out is (batch, heads, N) contiguous.
+    """
+    token_block = tl.program_id(0)
+    batch = tl.program_id(1) // NUM_HEADS
+    head = tl.program_id(1) % NUM_HEADS
+    tokens = token_block * BLOCK_T + tl.arange(0, BLOCK_T)
+    token_mask = tokens < N
+    a_base = a_ptr + batch.to(tl.int64) * a_sb + head * D * a_sc
+    b_base = b_ptr + batch.to(tl.int64) * b_sb + head * D * b_sc
+    total = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for ch0 in range(0, D, BLOCK_C):
+        a = _load_chunk(a_base, tokens, token_mask, a_st, a_sc, ch0, BLOCK_C, D).to(tl.float32)
+        b = _load_chunk(b_base, tokens, token_mask, b_st, b_sc, ch0, BLOCK_C, D).to(tl.float32)
+        total += tl.sum(a * b, axis=1)
+    if INVERSE_NORM:
+        norm = tl.sqrt(total)
+        total = tl.where(norm > 1e-12, 1.0 / tl.maximum(norm, 1e-12), 1e12)  # NORMALIZE_EPS, INVERSE_EPS
+    tl.store(out_ptr + (batch * NUM_HEADS + head).to(tl.int64) * N + tokens, total, mask=token_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Autotuning: one small fixed config under the interpreter; a short list per head size on GPU
+# --------------------------------------------------------------------------------------------
+
+# Tile shapes per class of (input dtype, head size): (owned rows, loop rows, warps, stages).
+# "Owned" is the block a program keeps in registers across its loop (queries in the forward and
+# the dq pass, keys in the dk/dv pass), "loop" the block it streams. Wide heads (d > 128) and
+# fp32 tiles hold twice the bytes per row, so they get smaller blocks. The lists are short
+# because every entry is a compile (seconds each). Every entry compiles for sm_90 with triton
+# 3.6 and fits its shared memory (largest: dk/dv fp32 d=384, about 213 KB of 227 KB).
+_FORWARD_SHAPES = {
+    "16-bit, d <= 128": [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
+    "16-bit, d > 128": [(64, 64, 4, 3), (64, 32, 4, 2)],
+    "fp32, d <= 128": [(64, 32, 4, 2), (32, 32, 4, 2)],
+    "fp32, d > 128": [(32, 32, 4, 2)],
+}
+_BACKWARD_SHAPES = {  # the FlashAttention-2 tutorial's backward choice (128 owned, 32 streamed) first
+    "16-bit, d <= 128": [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
+    "16-bit, d > 128": [(64, 32, 4, 2), (32, 32, 4, 2)],
+    "fp32, d <= 128": [(64, 32, 4, 2), (32, 32, 4, 2)],
+    "fp32, d > 128": [(32, 32, 4, 2)],
+}
+
+
+def _tile_class(head_dim: int, dtype) -> str:
+    return f"{'fp32' if dtype == torch.float32 else '16-bit'}, d {'>' if head_dim > 128 else '<='} 128"
+
+
+def _autotune(owned: str, loop: str, shapes: dict):
+    """triton.autotune over ``shapes`` (all classes), pruned at launch to the class of (D, dtype).
+
+    Under the interpreter: one small config (tl.dot needs 16) and no benchmarking.
+    """
+    if _INTERPRET:
+        return triton.autotune(configs=[triton.Config({owned: 16, loop: 16}, num_warps=1, num_stages=1)], key=[])
+    unique = sorted({shape for class_shapes in shapes.values() for shape in class_shapes})
+    configs = [triton.Config({owned: m, loop: n}, num_warps=w, num_stages=st) for m, n, w, st in unique]
+
+    def prune(configs, named_args, **kwargs):
+        wanted = shapes[_tile_class(kwargs["D"], named_args["q_ptr"].dtype)]
+        return [c for c in configs if (c.kwargs[owned], c.kwargs[loop], c.num_warps, c.num_stages) in wanted]
+
+    return triton.autotune(configs=configs, key=["N_Q", "N_KV", "D"], prune_configs_by={"early_config_prune": prune})
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------
+
+@_autotune("BLOCK_M", "BLOCK_N", _FORWARD_SHAPES)
+@triton.jit(do_not_specialize=["N_Q", "N_KV"])
+def _forward_kernel(
+    q_ptr, k_ptr, v_ptr, temp_ptr, rq_ptr, rk_ptr, out_ptr, lse_ptr,
+    N_Q, N_KV, NUM_HEADS, NUM_SPLITS,
+    q_sb, q_sc, q_st, k_sb, k_sc, k_st, v_sb, v_sc, v_st, rq_sb, rk_sb,
+    out_ss, out_sb, out_sc, out_st, lse_ss,
+    D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One query block of one (batch, head) against the key blocks of split program_id(2).
+
+    Writes out = (sum_j p_ij v_j) / l_i and lse_i = m_i + log2(l_i) of these rows to split
+    slot program_id(2) of out/lse (the final tensors when there is one split, fp32 partials
+    otherwise). rq/rk: inverse norms, (batch, heads, tokens) with batch stride rq_sb/rk_sb.
+    """
+    m_block = tl.program_id(0)
+    batch = tl.program_id(1) // NUM_HEADS
+    head = tl.program_id(1) % NUM_HEADS
+    split = tl.program_id(2)
+    queries = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    query_mask = queries < N_Q
+    offs_n = tl.arange(0, BLOCK_N)
+
+    q_base = q_ptr + batch.to(tl.int64) * q_sb + head * D * q_sc
+    k_base = k_ptr + batch.to(tl.int64) * k_sb + head * D * k_sc
+    v_base = v_ptr + batch.to(tl.int64) * v_sb + head * D * v_sc
+    rk_base = rk_ptr + batch.to(tl.int64) * rk_sb + head * N_KV
+
+    # q̂ = q * r_q in the input dtype; the temperature and log2(e) go into the key-side scale.
+    rq = tl.load(rq_ptr + batch.to(tl.int64) * rq_sb + head * N_Q + queries, mask=query_mask, other=0.0)
+    q_a = _load_chunk(q_base, queries, query_mask, q_st, q_sc, 0, DA, D)
+    q_a = (q_a * rq[:, None]).to(q_ptr.dtype.element_ty)
+    if DB > 0:
+        q_b = _load_chunk(q_base, queries, query_mask, q_st, q_sc, DA, DB, D)
+        q_b = (q_b * rq[:, None]).to(q_ptr.dtype.element_ty)
+    tau_log2e = tl.load(temp_ptr + head).to(tl.float32) * 1.4426950408889634
+
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
+    if DB > 0:
+        acc_b = tl.zeros([BLOCK_M, DB], dtype=tl.float32)
+
+    kv_blocks = tl.cdiv(N_KV, BLOCK_N)
+    for n_block in range(split * kv_blocks // NUM_SPLITS, (split + 1) * kv_blocks // NUM_SPLITS):
+        keys = n_block * BLOCK_N + offs_n
+        key_mask = keys < N_KV
+        k_a = _load_chunk(k_base, keys, key_mask, k_st, k_sc, 0, DA, D)
+        s = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PRECISION)
+        if DB > 0:
+            k_b = _load_chunk(k_base, keys, key_mask, k_st, k_sc, DA, DB, D)
+            s = tl.dot(q_b, tl.trans(k_b), s, input_precision=DOT_PRECISION)
+        # logit (base 2) = (q̂ . k) * r_k * tau * log2(e); keys past N_KV get -inf (one FMA).
+        key_scale = tl.load(rk_base + keys, mask=key_mask, other=0.0) * tau_log2e
+        key_bias = tl.where(key_mask, 0.0, float("-inf"))
+        s = s * key_scale[None, :] + key_bias[None, :]
+
+        new_max = tl.maximum(row_max, tl.max(s, axis=1))
+        rescale = tl.exp2(row_max - new_max)
+        p = tl.exp2(s - new_max[:, None])
+        row_sum = row_sum * rescale + tl.sum(p, axis=1)
+        row_max = new_max
+        p = p.to(v_ptr.dtype.element_ty)
+        v_a = _load_chunk(v_base, keys, key_mask, v_st, v_sc, 0, DA, D)
+        acc_a = tl.dot(p, v_a, acc_a * rescale[:, None], input_precision=DOT_PRECISION)
+        if DB > 0:
+            v_b = _load_chunk(v_base, keys, key_mask, v_st, v_sc, DA, DB, D)
+            acc_b = tl.dot(p, v_b, acc_b * rescale[:, None], input_precision=DOT_PRECISION)
+
+    out_base = out_ptr + split.to(tl.int64) * out_ss + batch.to(tl.int64) * out_sb + head * D * out_sc
+    _store_chunk(out_base, acc_a / row_sum[:, None], queries, query_mask, out_st, out_sc, 0, DA, D)
+    if DB > 0:
+        _store_chunk(out_base, acc_b / row_sum[:, None], queries, query_mask, out_st, out_sc, DA, DB, D)
+    lse_base = lse_ptr + split.to(tl.int64) * lse_ss + (batch * NUM_HEADS + head).to(tl.int64) * N_Q
+    tl.store(lse_base + queries, row_max + tl.log2(row_sum), mask=query_mask)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, N, NUM_HEADS, NUM_SPLITS,
+    part_out_ss, part_out_sb, part_lse_ss, out_sb, out_sc, out_st,
+    D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Merges the splits of the forward: out = sum_s 2^(lse_s - lse) out_s, lse = log2 sum_s 2^lse_s.
+
+    part_out is (splits, batch, C, N) fp32, part_lse (splits, batch, heads, N); the splits are
+    visited in order, so the result does not depend on scheduling.
+    """
+    token_block = tl.program_id(0)
+    batch = tl.program_id(1) // NUM_HEADS
+    head = tl.program_id(1) % NUM_HEADS
+    tokens = token_block * BLOCK_T + tl.arange(0, BLOCK_T)
+    token_mask = tokens < N
+    row = (batch * NUM_HEADS + head).to(tl.int64) * N
+    lse_max = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
+    part_lse = part_lse_ptr + row  # advanced split by split: pointer arithmetic stays 64-bit
+    for _ in range(NUM_SPLITS):
+        lse_max = tl.maximum(lse_max, tl.load(part_lse + tokens, mask=token_mask, other=0.0))
+        part_lse += part_lse_ss
+    weight_sum = tl.zeros([BLOCK_T], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    part_lse = part_lse_ptr + row
+    part_out = part_out_ptr + batch.to(tl.int64) * part_out_sb + head * D * N
+    for _ in range(NUM_SPLITS):
+        weight = tl.exp2(tl.load(part_lse + tokens, mask=token_mask, other=0.0) - lse_max)
+        acc += weight[:, None] * _load_chunk(part_out, tokens, token_mask, 1, N, 0, BLOCK_D, D)
+        weight_sum += weight
+        part_lse += part_lse_ss
+        part_out += part_out_ss
+    out_base = out_ptr + batch.to(tl.int64) * out_sb + head * D * out_sc
+    _store_chunk(out_base, acc / weight_sum[:, None], tokens, token_mask, out_st, out_sc, 0, BLOCK_D, D)
+    tl.store(lse_ptr + row + tokens, lse_max + tl.log2(weight_sum), mask=token_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------
+
+@_autotune("BLOCK_N", "BLOCK_M", _BACKWARD_SHAPES)
+@triton.jit(do_not_specialize=["N_Q", "N_KV"])
+def _backward_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, temp_ptr, rq_ptr, rk_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    N_Q, N_KV, NUM_HEADS, NUM_SPLITS, BATCHES_PER_KV,
+    q_sb, q_sc, q_st, k_sb, k_sc, k_st, v_sb, v_sc, v_st, rq_sb, rk_sb, do_sb, do_sc, do_st,
+    dk_ss, dk_sb, dk_sc, dk_st, dv_ss, dv_sb, dv_sc, dv_st,
+    D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DOT_PRECISION: tl.constexpr, FINAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dk and dv of one key block of one (key batch, head), summed over split program_id(2)'s
+    share of the (batch, query block) pairs that read it.
+
+    A key batch is read by BATCHES_PER_KV consecutive batches (all B of them when the keys are
+    the broadcast batch-1 side). With FINAL (one split) it applies the normalisation backward
+    and writes dk, dv in the input dtype; otherwise it writes fp32 partials of dk̂ and dv.
+    lse and delta are (batch, heads, N_Q) contiguous.
+    """
+    n_block = tl.program_id(0)
+    kv_batch = tl.program_id(1) // NUM_HEADS
+    head = tl.program_id(1) % NUM_HEADS
+    split = tl.program_id(2)
+    keys = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_mask = keys < N_KV
+    offs_m = tl.arange(0, BLOCK_M)
+    dtype = q_ptr.dtype.element_ty
+
+    k_base = k_ptr + kv_batch.to(tl.int64) * k_sb + head * D * k_sc
+    v_base = v_ptr + kv_batch.to(tl.int64) * v_sb + head * D * v_sc
+    k_a = _load_chunk(k_base, keys, key_mask, k_st, k_sc, 0, DA, D)
+    v_a = _load_chunk(v_base, keys, key_mask, v_st, v_sc, 0, DA, D)
+    dk_a = tl.zeros([BLOCK_N, DA], dtype=tl.float32)
+    dv_a = tl.zeros([BLOCK_N, DA], dtype=tl.float32)
+    if DB > 0:
+        k_b = _load_chunk(k_base, keys, key_mask, k_st, k_sc, DA, DB, D)
+        v_b = _load_chunk(v_base, keys, key_mask, v_st, v_sc, DA, DB, D)
+        dk_b = tl.zeros([BLOCK_N, DB], dtype=tl.float32)
+        dv_b = tl.zeros([BLOCK_N, DB], dtype=tl.float32)
+    rk = tl.load(rk_ptr + kv_batch.to(tl.int64) * rk_sb + head * N_KV + keys, mask=key_mask, other=0.0)
+    tau = tl.load(temp_ptr + head).to(tl.float32)
+    key_scale = rk * (tau * 1.4426950408889634)
+    key_bias = tl.where(key_mask, 0.0, float("-inf"))
+
+    q_blocks = tl.cdiv(N_Q, BLOCK_M)
+    units = BATCHES_PER_KV * q_blocks
+    for unit in range(split * units // NUM_SPLITS, (split + 1) * units // NUM_SPLITS):
+        batch = kv_batch * BATCHES_PER_KV + unit // q_blocks
+        queries = (unit % q_blocks) * BLOCK_M + offs_m
+        query_mask = queries < N_Q
+        q_base = q_ptr + batch.to(tl.int64) * q_sb + head * D * q_sc
+        do_base = dout_ptr + batch.to(tl.int64) * do_sb + head * D * do_sc
+        row = (batch * NUM_HEADS + head).to(tl.int64) * N_Q + queries
+        rq = tl.load(rq_ptr + batch.to(tl.int64) * rq_sb + head * N_Q + queries, mask=query_mask, other=0.0)
+        lse = tl.load(lse_ptr + row, mask=query_mask, other=float("inf"))  # masked rows: P = 0
+        delta = tl.load(delta_ptr + row, mask=query_mask, other=0.0)
+
+        qhat_a = (_load_chunk(q_base, queries, query_mask, q_st, q_sc, 0, DA, D) * rq[:, None]).to(dtype)
+        do_a = _load_chunk(do_base, queries, query_mask, do_st, do_sc, 0, DA, D)
+        s_t = tl.dot(k_a, tl.trans(qhat_a), input_precision=DOT_PRECISION)            # (keys, queries)
+        dp_t = tl.dot(v_a, tl.trans(do_a), input_precision=DOT_PRECISION)
+        if DB > 0:
+            qhat_b = (_load_chunk(q_base, queries, query_mask, q_st, q_sc, DA, DB, D) * rq[:, None]).to(dtype)
+            do_b = _load_chunk(do_base, queries, query_mask, do_st, do_sc, DA, DB, D)
+            s_t = tl.dot(k_b, tl.trans(qhat_b), s_t, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v_b, tl.trans(do_b), dp_t, input_precision=DOT_PRECISION)
+        p_t = tl.exp2(s_t * key_scale[:, None] + key_bias[:, None] - lse[None, :])
+        ds_t = (p_t * (dp_t - delta[None, :])).to(dtype)
+        p_t = p_t.to(dtype)
+        dv_a = tl.dot(p_t, do_a, dv_a, input_precision=DOT_PRECISION)
+        dk_a = tl.dot(ds_t, qhat_a, dk_a, input_precision=DOT_PRECISION)
+        if DB > 0:
+            dv_b = tl.dot(p_t, do_b, dv_b, input_precision=DOT_PRECISION)
+            dk_b = tl.dot(ds_t, qhat_b, dk_b, input_precision=DOT_PRECISION)
+
+    # dk̂ = tau * dS^T q̂ (the key-side r_k is applied by the normalisation backward).
+    dk_a = dk_a * tau
+    if DB > 0:
+        dk_b = dk_b * tau
+    if FINAL:
+        khat_a = k_a.to(tl.float32) * rk[:, None]
+        proj = tl.sum(khat_a * dk_a, axis=1)
+        if DB > 0:
+            khat_b = k_b.to(tl.float32) * rk[:, None]
+            proj += tl.sum(khat_b * dk_b, axis=1)
+        proj = tl.where(rk < 1e12, proj, 0.0)  # INVERSE_EPS marks clamped tokens
+        dk_a = _normalize_grad(khat_a, dk_a, rk, proj)
+        if DB > 0:
+            dk_b = _normalize_grad(khat_b, dk_b, rk, proj)
+    dk_base = dk_ptr + split.to(tl.int64) * dk_ss + kv_batch.to(tl.int64) * dk_sb + head * D * dk_sc
+    dv_base = dv_ptr + split.to(tl.int64) * dv_ss + kv_batch.to(tl.int64) * dv_sb + head * D * dv_sc
+    _store_chunk(dk_base, dk_a, keys, key_mask, dk_st, dk_sc, 0, DA, D)
+    _store_chunk(dv_base, dv_a, keys, key_mask, dv_st, dv_sc, 0, DA, D)
+    if DB > 0:
+        _store_chunk(dk_base, dk_b, keys, key_mask, dk_st, dk_sc, DA, DB, D)
+        _store_chunk(dv_base, dv_b, keys, key_mask, dv_st, dv_sc, DA, DB, D)
+
+
+@_autotune("BLOCK_M", "BLOCK_N", _BACKWARD_SHAPES)
+@triton.jit(do_not_specialize=["N_Q", "N_KV"])
+def _backward_dq_kernel(
+    q_ptr, k_ptr, v_ptr, temp_ptr, rq_ptr, rk_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, dtau_ptr,
+    N_Q, N_KV, NUM_HEADS, NUM_SPLITS, BATCHES_PER_Q,
+    q_sb, q_sc, q_st, k_sb, k_sc, k_st, v_sb, v_sc, v_st, rq_sb, rk_sb, do_sb, do_sc, do_st,
+    dq_ss, dq_sb, dq_sc, dq_st, dtau_ss,
+    D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DOT_PRECISION: tl.constexpr, FINAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dq of one query block of one (query batch, head), summed over split program_id(2)'s
+    share of the (batch, key block) pairs it meets, and the per-token dtau partials.
+
+    A query batch is read by BATCHES_PER_Q consecutive batches (all B when the queries are the
+    broadcast batch-1 dictionary); the outer loop walks those batches (dout, lse and delta
+    change with the batch), the inner loop their key blocks. With FINAL (one split) it applies
+    the normalisation backward and writes dq in the input dtype; otherwise fp32 partials of dq̂.
+    dtau partials: dtau_ptr[split, query batch, head, token] = G_i . q̂_i, with G = dS k̂.
+    """
+    m_block = tl.program_id(0)
+    q_batch = tl.program_id(1) // NUM_HEADS
+    head = tl.program_id(1) % NUM_HEADS
+    split = tl.program_id(2)
+    queries = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    query_mask = queries < N_Q
+    offs_n = tl.arange(0, BLOCK_N)
+    dtype = q_ptr.dtype.element_ty
+
+    q_base = q_ptr + q_batch.to(tl.int64) * q_sb + head * D * q_sc
+    rq = tl.load(rq_ptr + q_batch.to(tl.int64) * rq_sb + head * N_Q + queries, mask=query_mask, other=0.0)
+    qhat_a = (_load_chunk(q_base, queries, query_mask, q_st, q_sc, 0, DA, D) * rq[:, None]).to(dtype)
+    g_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
+    if DB > 0:
+        qhat_b = (_load_chunk(q_base, queries, query_mask, q_st, q_sc, DA, DB, D) * rq[:, None]).to(dtype)
+        g_b = tl.zeros([BLOCK_M, DB], dtype=tl.float32)
+    tau = tl.load(temp_ptr + head).to(tl.float32)
+    tau_log2e = tau * 1.4426950408889634
+
+    kv_blocks = tl.cdiv(N_KV, BLOCK_N)
+    unit_begin = split * (BATCHES_PER_Q * kv_blocks) // NUM_SPLITS
+    unit_end = (split + 1) * (BATCHES_PER_Q * kv_blocks) // NUM_SPLITS
+    for batch_offset in range(unit_begin // kv_blocks, tl.cdiv(unit_end, kv_blocks)):
+        batch = q_batch * BATCHES_PER_Q + batch_offset
+        do_base = dout_ptr + batch.to(tl.int64) * do_sb + head * D * do_sc
+        row = (batch * NUM_HEADS + head).to(tl.int64) * N_Q + queries
+        lse = tl.load(lse_ptr + row, mask=query_mask, other=float("inf"))  # masked rows: P = 0
+        delta = tl.load(delta_ptr + row, mask=query_mask, other=0.0)
+        do_a = _load_chunk(do_base, queries, query_mask, do_st, do_sc, 0, DA, D)
+        if DB > 0:
+            do_b = _load_chunk(do_base, queries, query_mask, do_st, do_sc, DA, DB, D)
+        k_base = k_ptr + batch.to(tl.int64) * k_sb + head * D * k_sc
+        v_base = v_ptr + batch.to(tl.int64) * v_sb + head * D * v_sc
+        rk_base = rk_ptr + batch.to(tl.int64) * rk_sb + head * N_KV
+        first = tl.maximum(unit_begin - batch_offset * kv_blocks, 0)
+        last = tl.minimum(unit_end - batch_offset * kv_blocks, kv_blocks)
+        for n_block in range(first, last):
+            keys = n_block * BLOCK_N + offs_n
+            key_mask = keys < N_KV
+            rk = tl.load(rk_base + keys, mask=key_mask, other=0.0)
+            k_a = _load_chunk(k_base, keys, key_mask, k_st, k_sc, 0, DA, D)
+            v_a = _load_chunk(v_base, keys, key_mask, v_st, v_sc, 0, DA, D)
+            s = tl.dot(qhat_a, tl.trans(k_a), input_precision=DOT_PRECISION)
+            dp = tl.dot(do_a, tl.trans(v_a), input_precision=DOT_PRECISION)
+            if DB > 0:
+                k_b = _load_chunk(k_base, keys, key_mask, k_st, k_sc, DA, DB, D)
+                v_b = _load_chunk(v_base, keys, key_mask, v_st, v_sc, DA, DB, D)
+                s = tl.dot(qhat_b, tl.trans(k_b), s, input_precision=DOT_PRECISION)
+                dp = tl.dot(do_b, tl.trans(v_b), dp, input_precision=DOT_PRECISION)
+            key_bias = tl.where(key_mask, 0.0, float("-inf"))
+            p = tl.exp2(s * (rk * tau_log2e)[None, :] + key_bias[None, :] - lse[:, None])
+            ds = (p * (dp - delta[:, None])).to(dtype)
+            # G += dS k̂ with k̂ in the input dtype (not dS * r_k: r_k = 1e12 on zero keys).
+            g_a = tl.dot(ds, (k_a * rk[:, None]).to(dtype), g_a, input_precision=DOT_PRECISION)
+            if DB > 0:
+                g_b = tl.dot(ds, (k_b * rk[:, None]).to(dtype), g_b, input_precision=DOT_PRECISION)
+
+    # dtau partial: G_i . q̂_i; and dq̂ = tau * G, whose projection on q̂ is tau * (G_i . q̂_i).
+    # q̂ is rebuilt in fp32 here rather than kept live in registers through the loop.
+    qhat_a = _load_chunk(q_base, queries, query_mask, q_st, q_sc, 0, DA, D).to(tl.float32) * rq[:, None]
+    g_dot_qhat = tl.sum(g_a * qhat_a, axis=1)
+    if DB > 0:
+        qhat_b = _load_chunk(q_base, queries, query_mask, q_st, q_sc, DA, DB, D).to(tl.float32) * rq[:, None]
+        g_dot_qhat += tl.sum(g_b * qhat_b, axis=1)
+    dtau_base = dtau_ptr + split.to(tl.int64) * dtau_ss + (q_batch * NUM_HEADS + head).to(tl.int64) * N_Q
+    tl.store(dtau_base + queries, g_dot_qhat, mask=query_mask)
+    g_a = g_a * tau
+    if DB > 0:
+        g_b = g_b * tau
+    if FINAL:
+        proj = tl.where(rq < 1e12, tau * g_dot_qhat, 0.0)  # INVERSE_EPS marks clamped tokens
+        g_a = _normalize_grad(qhat_a, g_a, rq, proj)
+        if DB > 0:
+            g_b = _normalize_grad(qhat_b, g_b, rq, proj)
+    dq_base = dq_ptr + split.to(tl.int64) * dq_ss + q_batch.to(tl.int64) * dq_sb + head * D * dq_sc
+    _store_chunk(dq_base, g_a, queries, query_mask, dq_st, dq_sc, 0, DA, D)
+    if DB > 0:
+        _store_chunk(dq_base, g_b, queries, query_mask, dq_st, dq_sc, DA, DB, D)
+
+
+@triton.jit
+def _reduce_splits_kernel(
+    part_ptr, x_ptr, r_ptr, out_ptr, N, NUM_HEADS, NUM_SPLITS,
+    part_ss, part_sb, x_sb, x_sc, x_st, out_sb, out_sc, out_st,
+    D: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out = sum over splits of part (fp32, (splits, batch, C, N)), in split order.
+
+    With NORMALIZE the sum is dx̂ of a normalised input x (inverse norms r, (batch, heads, N))
+    and out gets the normalisation backward of it; otherwise (dv) the sum itself.
+    """
+    token_block = tl.program_id(0)
+    batch = tl.program_id(1) // NUM_HEADS
+    head = tl.program_id(1) % NUM_HEADS
+    tokens = token_block * BLOCK_T + tl.arange(0, BLOCK_T)
+    token_mask = tokens < N
+    part = part_ptr + batch.to(tl.int64) * part_sb + head * D * N
+    g = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for _ in range(NUM_SPLITS):
+        g += _load_chunk(part, tokens, token_mask, 1, N, 0, BLOCK_D, D)
+        part += part_ss  # advanced split by split: pointer arithmetic stays 64-bit
+    if NORMALIZE:
+        r = tl.load(r_ptr + (batch * NUM_HEADS + head).to(tl.int64) * N + tokens, mask=token_mask, other=0.0)
+        x_base = x_ptr + batch.to(tl.int64) * x_sb + head * D * x_sc
+        xhat = _load_chunk(x_base, tokens, token_mask, x_st, x_sc, 0, BLOCK_D, D).to(tl.float32) * r[:, None]
+        proj = tl.where(r < 1e12, tl.sum(xhat * g, axis=1), 0.0)  # INVERSE_EPS marks clamped tokens
+        g = _normalize_grad(xhat, g, r, proj)
+    out_base = out_ptr + batch.to(tl.int64) * out_sb + head * D * out_sc
+    _store_chunk(out_base, g, tokens, token_mask, out_st, out_sc, 0, BLOCK_D, D)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+def head_chunks(head_dim: int) -> tuple[int, int]:
+    """(DA, DB): the two power-of-two channel chunks (each >= 16, DB may be 0) covering head_dim."""
+    da = max(16, 1 << (head_dim.bit_length() - 1))
+    rest = head_dim - da
+    db = 0 if rest <= 0 else max(16, triton.next_power_of_2(rest))
+    return da, db
+
+
+def _token_strides(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+    """(x, batch stride, channel stride, token stride) of a (B, C, H, W) tensor read as (B, C, H*W).
+
+    H and W merge into one token stride whenever pixel (y, x) sits at y*W*sw + x*sw (NCHW,
+    channels-last, channel slices, expanded tensors). Only a layout where they do not
+    (e.g. a transposed H/W view) is copied. A batch-1 tensor gets batch stride 0 (broadcast).
+    """
+    _, _, height, width = x.shape
+    if height > 1 and width > 1 and x.stride(2) != width * x.stride(3):
+        x = x.contiguous()
+    token_stride = x.stride(3) if width > 1 else x.stride(2)
+    return x, (0 if x.shape[0] == 1 else x.stride(0)), x.stride(1), token_stride
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_splits(programs: int, loop_tokens: int, batches_per_program: int, device: torch.device,
+                wide_head: bool) -> int:
+    """How many programs share each loop (over keys, or over queries) so that the GPU is full.
+
+    ``programs``: the grid without splitting (output rows / nominal block, times batch and
+    heads). A grid with at least one program per SM is left alone: splitting it would only add
+    the partials' traffic. A smaller one is split to about two programs per SM. The split count
+    never exceeds the loop's block count for the largest block a config may pick, so every split
+    gets at least one block; on the GPU a split gets at least 4 blocks so that its fixed cost
+    (loading the owned tile, writing an fp32 partial) stays small.
+    """
+    if _INTERPRET:
+        sms, loop_block, min_blocks = 2, 16, 1  # small, so that the tests' tiny shapes split too
+    else:
+        sms, loop_block, min_blocks = _sm_count(device.index or 0), (64 if wide_head else 128), 4
+    if programs >= sms:
+        return 1
+    loop_blocks = batches_per_program * triton.cdiv(loop_tokens, loop_block)
+    return max(1, min(triton.cdiv(2 * sms, programs), loop_blocks // min_blocks))
+
+
+def _nominal_rows(head_dim: int) -> int:
+    return 16 if _INTERPRET else (64 if head_dim > 128 else 128)
+
+
+def _dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    return "tf32" if (dtype == torch.float32 and allow_tf32) else "ieee"
+
+
+def _small_tile(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_T, BLOCK_D) of the memory-bound per-token kernels: all channels, ~8k elements."""
+    block_d = triton.next_power_of_2(head_dim)
+    return max(16, 8192 // block_d), block_d
+
+
+def _token_dot(a, b, num_heads: int, inverse_norm: bool) -> torch.Tensor:
+    """(batch, heads, tokens) fp32: sum over each head's channels of a * b (or the inverse norm)."""
+    a, a_sb, a_sc, a_st = _token_strides(a)
+    b, b_sb, b_sc, b_st = _token_strides(b)
+    batch, channels, height, width = a.shape
+    tokens = height * width
+    out = torch.empty((batch, num_heads, tokens), device=a.device, dtype=torch.float32)
+    block_t = 16 if _INTERPRET else 128
+    grid = (triton.cdiv(tokens, block_t), batch * num_heads)
+    _token_dot_kernel[grid](a, b, out, tokens, num_heads, a_sb, a_sc, a_st, b_sb, b_sc, b_st,
+                            D=channels // num_heads, INVERSE_NORM=inverse_norm, BLOCK_T=block_t,
+                            BLOCK_C=16 if _INTERPRET else 32, num_warps=4)
+    return out
+
+
+def _partial_strides(part: torch.Tensor) -> tuple[int, int, int, int]:
+    """(split, batch, channel, token) strides of an fp32 partial laid out (splits, batch, C, N)."""
+    return part.stride(0), part.stride(1), part.stride(2), part.stride(3)
+
+
+def proxy_attention_forward(q, k, v, temperature, num_heads: int, *, allow_tf32: bool = False,
+                            num_splits: int | None = None):
+    """Returns (out, lse, q_rnorm, k_rnorm).
+
+    out: (B, C, Hq, Wq) in q's dtype; lse: (B, heads, Nq) fp32 base-2 logsumexp of the logits
+    (times log2 e); q_rnorm (Bq, heads, Nq), k_rnorm (Bk, heads, Nkv): fp32 inverse norms.
+    ``num_splits`` overrides the key-range split count (tests); it must not exceed the number
+    of key blocks.
+    """
+    batch = max(q.shape[0], k.shape[0])
+    _, channels, height_q, width_q = q.shape
+    head_dim = channels // num_heads
+    n_q, n_kv = height_q * width_q, k.shape[2] * k.shape[3]
+    da, db = head_chunks(head_dim)
+    q, q_sb, q_sc, q_st = _token_strides(q)
+    k, k_sb, k_sc, k_st = _token_strides(k)
+    v, v_sb, v_sc, v_st = _token_strides(v)
+    q_rnorm = _token_dot(q, q, num_heads, inverse_norm=True)
+    k_rnorm = _token_dot(k, k, num_heads, inverse_norm=True)
+    temperature = temperature.reshape(-1)
+
+    out = torch.empty((batch, channels, height_q, width_q), device=q.device, dtype=q.dtype)
+    lse = torch.empty((batch, num_heads, n_q), device=q.device, dtype=torch.float32)
+    if num_splits is None:
+        programs = triton.cdiv(n_q, _nominal_rows(head_dim)) * batch * num_heads
+        num_splits = _num_splits(programs, n_kv, 1, q.device, head_dim > 128)
+    if num_splits == 1:
+        target_out, target_lse = out.view(batch, channels, n_q), lse
+        out_strides = (0, out.stride(0), out.stride(1), out.stride(3))
+    else:
+        target_out = torch.empty((num_splits, batch, channels, n_q), device=q.device, dtype=torch.float32)
+        target_lse = torch.empty((num_splits, batch, num_heads, n_q), device=q.device, dtype=torch.float32)
+        out_strides = _partial_strides(target_out)
+
+    def grid(meta):
+        return (triton.cdiv(n_q, meta["BLOCK_M"]), batch * num_heads, num_splits)
+
+    _forward_kernel[grid](
+        q, k, v, temperature, q_rnorm, k_rnorm, target_out, target_lse,
+        n_q, n_kv, num_heads, num_splits,
+        q_sb, q_sc, q_st, k_sb, k_sc, k_st, v_sb, v_sc, v_st,
+        0 if q.shape[0] == 1 else q_rnorm.stride(0), 0 if k.shape[0] == 1 else k_rnorm.stride(0),
+        *out_strides, target_lse.stride(0) if num_splits > 1 else 0,
+        D=head_dim, DA=da, DB=db, DOT_PRECISION=_dot_precision(q.dtype, allow_tf32),
+    )
+    if num_splits > 1:
+        block_t, block_d = _small_tile(head_dim)
+        _combine_splits_kernel[(triton.cdiv(n_q, block_t), batch * num_heads)](
+            target_out, target_lse, out, lse, n_q, num_heads, num_splits,
+            target_out.stride(0), target_out.stride(1), target_lse.stride(0),
+            out.stride(0), out.stride(1), out.stride(3),
+            D=head_dim, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4,
+        )
+    return out, lse, q_rnorm, k_rnorm
+
+
+def _reduce_splits(part, x, rnorm, out, num_heads: int, normalize: bool) -> None:
+    """Sums the fp32 partials of a split backward pass into ``out`` (see _reduce_splits_kernel)."""
+    _, _, channels, tokens = part.shape
+    head_dim = channels // num_heads
+    x, x_sb, x_sc, x_st = _token_strides(x)
+    out_view, out_sb, out_sc, out_st = _token_strides(out)
+    block_t, block_d = _small_tile(head_dim)
+    _reduce_splits_kernel[(triton.cdiv(tokens, block_t), out.shape[0] * num_heads)](
+        part, x, rnorm, out_view, tokens, num_heads, part.shape[0],
+        part.stride(0), part.stride(1), x_sb, x_sc, x_st, out_sb, out_sc, out_st,
+        D=head_dim, NORMALIZE=normalize, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4,
+    )
+
+
+def proxy_attention_backward(grad_out, q, k, v, temperature, out, lse, q_rnorm, k_rnorm, num_heads: int, *,
+                             allow_tf32: bool = False, kv_splits: int | None = None,
+                             q_splits: int | None = None):
+    """Returns (dq, dk, dv, dtemperature) for the forward's saved (out, lse, q_rnorm, k_rnorm).
+
+    dq, dk, dv have the shapes and dtypes of q, k, v (a batch-1 input gets the batch sum);
+    dtemperature the shape and dtype of temperature. ``kv_splits`` overrides how many programs
+    share one key block's loop over queries (dk/dv), ``q_splits`` one query block's loop over
+    keys (dq); tests use them to cover both paths on small shapes.
+    """
+    batch = max(q.shape[0], k.shape[0])
+    batch_q, channels, height_q, width_q = q.shape
+    batch_kv = k.shape[0]
+    head_dim = channels // num_heads
+    n_q, n_kv = height_q * width_q, k.shape[2] * k.shape[3]
+    da, db = head_chunks(head_dim)
+    device = q.device
+    temperature_flat = temperature.reshape(-1)
+    delta = _token_dot(grad_out.expand(batch, -1, -1, -1), out, num_heads, inverse_norm=False)
+    grad_out, do_sb, do_sc, do_st = _token_strides(grad_out.expand(batch, -1, -1, -1))
+    q, q_sb, q_sc, q_st = _token_strides(q)
+    k, k_sb, k_sc, k_st = _token_strides(k)
+    v, v_sb, v_sc, v_st = _token_strides(v)
+    rq_sb = 0 if batch_q == 1 else q_rnorm.stride(0)
+    rk_sb = 0 if batch_kv == 1 else k_rnorm.stride(0)
+    common = dict(D=head_dim, DA=da, DB=db, DOT_PRECISION=_dot_precision(q.dtype, allow_tf32))
+    strides = (q_sb, q_sc, q_st, k_sb, k_sc, k_st, v_sb, v_sc, v_st, rq_sb, rk_sb, do_sb, do_sc, do_st)
+    rows = _nominal_rows(head_dim)
+
+    # dk, dv: a key block's loop runs over the queries of every batch reading it.
+    dk = torch.empty(k.shape, device=device, dtype=k.dtype)
+    dv = torch.empty(v.shape, device=device, dtype=v.dtype)
+    batches_per_kv = batch // batch_kv
+    if kv_splits is None:
+        kv_splits = _num_splits(triton.cdiv(n_kv, rows) * batch_kv * num_heads, n_q, batches_per_kv,
+                                device, head_dim > 128)
+    if kv_splits == 1:
+        dk_target, dv_target = dk.view(batch_kv, channels, n_kv), dv.view(batch_kv, channels, n_kv)
+        dk_strides, dv_strides = (0, *dk_target.stride()), (0, *dv_target.stride())
+    else:
+        dk_target = torch.empty((kv_splits, batch_kv, channels, n_kv), device=device, dtype=torch.float32)
+        dv_target = torch.empty_like(dk_target)
+        dk_strides, dv_strides = _partial_strides(dk_target), _partial_strides(dv_target)
+    _backward_dkdv_kernel[lambda meta: (triton.cdiv(n_kv, meta["BLOCK_N"]), batch_kv * num_heads, kv_splits)](
+        q, k, v, temperature_flat, q_rnorm, k_rnorm, grad_out, lse, delta, dk_target, dv_target,
+        n_q, n_kv, num_heads, kv_splits, batches_per_kv, *strides, *dk_strides, *dv_strides,
+        FINAL=kv_splits == 1, **common,
+    )
+    if kv_splits > 1:
+        _reduce_splits(dk_target, k, k_rnorm, dk, num_heads, normalize=True)
+        _reduce_splits(dv_target, v, k_rnorm, dv, num_heads, normalize=False)
+
+    # dq and dtau: a query block's loop runs over the keys of every batch reading it.
+    dq = torch.empty(q.shape, device=device, dtype=q.dtype)
+    batches_per_q = batch // batch_q
+    if q_splits is None:
+        q_splits = _num_splits(triton.cdiv(n_q, rows) * batch_q * num_heads, n_kv, batches_per_q,
+                               device, head_dim > 128)
+    if q_splits == 1:
+        dq_target = dq.view(batch_q, channels, n_q)
+        dq_strides = (0, *dq_target.stride())
+    else:
+        dq_target = torch.empty((q_splits, batch_q, channels, n_q), device=device, dtype=torch.float32)
+        dq_strides = _partial_strides(dq_target)
+    dtau_parts = torch.empty((q_splits, batch_q, num_heads, n_q), device=device, dtype=torch.float32)
+    _backward_dq_kernel[lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), batch_q * num_heads, q_splits)](
+        q, k, v, temperature_flat, q_rnorm, k_rnorm, grad_out, lse, delta, dq_target, dtau_parts,
+        n_q, n_kv, num_heads, q_splits, batches_per_q, *strides, *dq_strides, dtau_parts.stride(0),
+        FINAL=q_splits == 1, **common,
+    )
+    if q_splits > 1:
+        _reduce_splits(dq_target, q, q_rnorm, dq, num_heads, normalize=True)
+    dtemperature = dtau_parts.sum(dim=(0, 1, 3)).to(temperature.dtype).reshape(temperature.shape)
+    return dq, dk, dv, dtemperature
