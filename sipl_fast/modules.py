@@ -18,6 +18,13 @@ from . import ops
 LAYERNORM_TYPES = ("WithBias", "BiasFree")
 
 
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last when x is stored so (and not trivially both), else contiguous (NCHW)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def conv1x1(cin: int, cout: int, bias: bool) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, kernel_size=1, bias=bias)
 
@@ -157,7 +164,8 @@ class PromptGenBlock(nn.Module):
         # Weighted sum over the bank without materialising it B times.
         prompt = torch.einsum("bl,lchw->bchw", weights, self.prompt_param[0])
         prompt = F.interpolate(prompt, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return self.conv3x3(prompt)
+        # Follow the feature map's memory layout, so that concatenating the two keeps it.
+        return self.conv3x3(prompt.contiguous(memory_format=memory_format_of(x)))
 
 
 class ProxyAttention(nn.Module):

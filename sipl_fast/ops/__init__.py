@@ -7,6 +7,7 @@ choose). Every backend computes the same math; only speed and memory differ.
 from __future__ import annotations
 
 import importlib
+import sys
 
 import torch
 
@@ -37,7 +38,21 @@ def backend_module(op: str, device: torch.device):
             f"{op}: the triton backend needs CUDA tensors (got {device.type}); on the CPU it runs "
             "only under TRITON_INTERPRET=1. Use sipl_fast.use_backend('torch') for CPU work."
         )
-    return importlib.import_module(_TRITON_MODULES[op])
+    name = _TRITON_MODULES[op]
+    # sys.modules first: an import statement inside a torch.compile'd region breaks the graph.
+    return sys.modules.get(name) or importlib.import_module(name)
+
+
+def _preload_triton_modules() -> None:
+    """Import the Triton op modules up front where they will be used (a GPU, or the interpreter),
+    so that torch.compile(fullgraph=True) never meets their import; elsewhere stay lazy."""
+    from ..backends import triton_available
+    if triton_available() and (torch.cuda.is_available() or triton_interpreter()):
+        for name in _TRITON_MODULES.values():
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - raised again, with its message, on first use
+                pass
 
 
 def _check_common(op: str, tensors: dict, temperature: torch.Tensor, num_heads: int) -> None:
@@ -138,3 +153,6 @@ def gated_gelu(x: torch.Tensor, dual: bool = False) -> torch.Tensor:
         raise ValueError(f"gated_gelu: x must be a floating (B, 2h, H, W) tensor, got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     return backend_module("gated_gelu", x.device).gated_gelu(x, dual)
+
+
+_preload_triton_modules()

@@ -6,6 +6,8 @@
 - Transposed attention: the Gram matrix q kᵀ is formed from the raw q and k and divided by
   the outer product of their norms afterwards, so no normalised copies of q and k are
   written (they are as large as the activations; the c_h x c_h matrix is tiny).
+- Both read NCHW and channels-last storage through views and answer in the input's layout
+  (channels-last makes oneDNN's CPU convolutions several times faster).
 """
 from __future__ import annotations
 
@@ -23,31 +25,49 @@ def inverse_norm(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=dim, keepdim=True).clamp_min(NORMALIZE_EPS).reciprocal()
 
 
-def _token_major(x: torch.Tensor, batch: int, num_heads: int) -> torch.Tensor:
-    """(B or 1, C, H, W) -> (batch, heads, H*W, C/heads) view; a batch-1 side is broadcast, not copied."""
+def _channels_innermost(x: torch.Tensor) -> bool:
+    """Channels-last storage (or a channel slice of it): per-pixel channel vectors are contiguous."""
+    return x.stride(1) == 1 and x.shape[1] > 1
+
+
+def _rows(x: torch.Tensor, num_heads: int, batch: int | None = None) -> torch.Tensor:
+    """(B or 1, C, H, W) -> (batch, heads, C/heads, H*W) view of the channel rows, for NCHW or
+    channels-last storage alike; a batch-1 side is broadcast (expand), never copied."""
     b, c, h, w = x.shape
-    return x.expand(batch, c, h, w).reshape(batch, num_heads, c // num_heads, h * w).transpose(-1, -2)
+    x = x.expand(batch or b, c, h, w)
+    if _channels_innermost(x):
+        return x.permute(0, 2, 3, 1).reshape(x.shape[0], h * w, num_heads, c // num_heads).permute(0, 2, 3, 1)
+    return x.reshape(x.shape[0], num_heads, c // num_heads, h * w)
+
+
+def _image(tokens: torch.Tensor, height: int, width: int, channels_last: bool) -> torch.Tensor:
+    """(B, heads, N, d) token-major result -> (B, C, H, W), in the layout of the inputs."""
+    b = tokens.shape[0]
+    if channels_last:
+        return tokens.transpose(1, 2).reshape(b, height, width, -1).permute(0, 3, 1, 2)
+    return tokens.transpose(-1, -2).reshape(b, -1, height, width)
 
 
 def proxy_attention(q, k, v, temperature, num_heads: int) -> torch.Tensor:
     batch = max(q.shape[0], k.shape[0])
-    _, c, hq, wq = q.shape
-    q, k, v = (_token_major(t, batch, num_heads) for t in (q, k, v))
-    q = q * (inverse_norm(q) * temperature.reshape(1, num_heads, 1, 1))
+    height, width = q.shape[-2:]
+    channels_last = _channels_innermost(q)
+    q, k, v = (_rows(t, num_heads, batch).transpose(-1, -2) for t in (q, k, v))
+    q = q * (inverse_norm(q) * temperature.reshape(1, num_heads, 1, 1).to(q.dtype))
     k = k * inverse_norm(k)
     out = F.scaled_dot_product_attention(q, k, v, scale=1.0)
-    return out.transpose(-1, -2).reshape(batch, c, hq, wq)
+    return _image(out, height, width, channels_last)
 
 
 def transposed_attention(q, k, v, temperature, num_heads: int) -> torch.Tensor:
-    b, c, h, w = q.shape
-    q = q.reshape(b, num_heads, c // num_heads, h * w)
-    k = k.reshape(b, num_heads, c // num_heads, h * w)
-    v = v.reshape(b, num_heads, c // num_heads, h * w)
+    height, width = q.shape[-2:]
+    channels_last = _channels_innermost(q)
+    q, k, v = (_rows(t, num_heads) for t in (q, k, v))
     gram = q @ k.transpose(-2, -1)
     scale = inverse_norm(q) * inverse_norm(k).transpose(-2, -1) * temperature.reshape(1, num_heads, 1, 1)
-    attn = (gram * scale).softmax(dim=-1)
-    return (attn @ v).reshape(b, c, h, w)
+    attn = (gram * scale).softmax(dim=-1).to(v.dtype)
+    # Token-major product (v̂ Aᵀ) so that channels-last inputs give a channels-last output.
+    return _image(v.transpose(-2, -1) @ attn.transpose(-2, -1), height, width, channels_last)
 
 
 def layer_norm2d(x, weight, bias, eps: float) -> torch.Tensor:
