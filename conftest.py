@@ -1,6 +1,6 @@
 """Test configuration shared by every test file.
 
-Without a GPU, Triton kernels run under the interpreter; TRITON_INTERPRET must be set
+Loaded for tests/ and bench/ alike. Without a GPU, Triton kernels run under the interpreter; TRITON_INTERPRET must be set
 before any kernel module is imported, so it is set here, at collection time.
 """
 import os
