@@ -1,0 +1,184 @@
+"""Checkpoints: model weights (safetensors), resume state, and the authors' BasicSR files.
+
+Files a training run writes into its output folder, both atomically (temporary file +
+``os.replace``, see :func:`sipl_fast.images.atomic_write_bytes`):
+
+- ``checkpoint.safetensors``: the weights to use for inference (the EMA weights when EMA is
+  on), with the model configuration as JSON in the metadata, so ``load_model`` rebuilds the
+  right network without any other file.
+- ``resume.pt``: everything ``--resume`` needs to continue bit for bit: raw weights, EMA
+  weights, optimizer and scheduler state, step, RNG states and the training options. Only
+  tensors, numbers, strings, lists and dicts, so it loads with ``torch.load(weights_only=True)``.
+
+``load_model`` also reads the authors' BasicSR ``.pth`` files (weights under ``params_ema`` or
+``params``; the authors' configuration is assumed) and our ``resume.pt``. Nothing is ever
+unpickled beyond plain data (``weights_only=True`` everywhere). Any unreadable, corrupted or
+mismatched file raises ``CheckpointError`` with a one-line message.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+from pathlib import Path
+
+import torch
+
+from .images import atomic_write_bytes
+
+WEIGHTS_NAME = "checkpoint.safetensors"
+RESUME_NAME = "resume.pt"
+FORMAT = "sipl_fast/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the reason."""
+
+
+# --------------------------------------------------------------------------- writing
+def save_weights(path: str | os.PathLike, state_dict: dict, config: dict, **metadata) -> None:
+    """Atomically write ``state_dict`` as safetensors with ``config`` (and ``metadata``) as JSON."""
+    from safetensors.torch import save
+
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in state_dict.items()}
+    header = {"format": FORMAT, "config": json.dumps(config),
+              **{key: json.dumps(value) for key, value in metadata.items()}}
+    atomic_write_bytes(path, save(tensors, metadata=header))
+
+
+def save_resume_state(path: str | os.PathLike, state: dict) -> None:
+    """Atomically write the resume state (plain data only) with torch.save."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+# --------------------------------------------------------------------------- reading
+def _torch_load(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError,
+            TypeError, KeyError, IndexError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({reason[:200]})") from None
+
+
+def load_resume_state(path: str | os.PathLike) -> dict:
+    """The resume state written by ``save_resume_state``; CheckpointError if unusable."""
+    path = Path(path)
+    state = _torch_load(path)
+    if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
+        raise CheckpointError(f"{path}: not a sipl_fast resume state")
+    return state
+
+
+def _read_safetensors(path: Path) -> tuple[dict, dict]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        tensors = load(data)
+        # The header is 8 bytes of little-endian length, then JSON with the metadata.
+        header_length = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8:8 + header_length]).get("__metadata__") or {}
+    except (SafetensorError, ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: corrupted safetensors file ({str(exc)[:200]})") from None
+    return tensors, metadata
+
+
+def _strip_prefix(state_dict: dict) -> dict:
+    """Remove the ``module.`` prefix that DataParallel/DDP checkpoints carry."""
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        return {k[len("module."):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def _is_safetensors(path: Path) -> bool:
+    """By suffix; otherwise by content (torch.save files are zip archives or start with a pickle opcode)."""
+    if path.suffix in (".safetensors", ".pt", ".pth", ".bin", ".ckpt"):
+        return path.suffix == ".safetensors"
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return not (head == b"PK" or head[:1] == b"\x80")
+
+
+def read_weights(path: str | os.PathLike) -> tuple[dict, dict | None, dict]:
+    """(state_dict, config or None when the file has none, metadata) of a weights file.
+
+    ``path`` may be a folder holding ``checkpoint.safetensors``, a ``.safetensors`` file, our
+    ``resume.pt``, or a BasicSR ``.pth`` (``params_ema`` preferred over ``params``).
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_NAME
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if _is_safetensors(path):
+        tensors, metadata = _read_safetensors(path)
+        config = metadata.get("config")
+        try:
+            config = json.loads(config) if config is not None else None
+            extra = {k: json.loads(v) for k, v in metadata.items() if k not in ("config", "format")}
+        except ValueError:
+            raise CheckpointError(f"{path}: corrupted model configuration in the metadata") from None
+        return tensors, config, extra
+    loaded = _torch_load(path)
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(loaded).__name__}")
+    if loaded.get("format") == FORMAT and "model" in loaded:          # our resume state
+        weights = loaded["ema"] if loaded.get("ema") is not None else loaded["model"]
+        return weights, loaded.get("config"), {"step": loaded.get("step")}
+    for key in ("params_ema", "params", "state_dict"):                # BasicSR and Lightning layouts
+        if isinstance(loaded.get(key), dict):
+            return _strip_prefix(loaded[key]), None, {"source": f"{path.name}[{key}]"}
+    if all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        return _strip_prefix(loaded), None, {}
+    raise CheckpointError(f"{path}: no weights found (expected keys params_ema / params, or a state_dict)")
+
+
+def _describe_mismatch(model: torch.nn.Module, state_dict: dict) -> str | None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
+    problems = []
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        if names:
+            problems.append(f"{len(names)} {label} (e.g. {', '.join(names[:2])})")
+    return "; ".join(problems) or None
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", config: dict | None = None):
+    """Rebuild the model a checkpoint describes and load its weights (strictly).
+
+    ``config`` overrides the file's configuration; without either, the authors' configuration
+    is used (the case of their BasicSR files). Returns (model in eval mode, metadata).
+    """
+    from .model import SIPLPromptIR
+
+    state_dict, file_config, metadata = read_weights(path)
+    config = config if config is not None else file_config
+    try:
+        model = SIPLPromptIR.from_config(config) if config is not None else SIPLPromptIR()
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unusable model configuration ({exc})") from None
+    mismatch = _describe_mismatch(model, state_dict)
+    if mismatch:
+        raise CheckpointError(f"{path}: weights do not match the model configuration: {mismatch}")
+    dtypes = {t.dtype for t in state_dict.values()}
+    if not all(d.is_floating_point for d in dtypes):
+        raise CheckpointError(f"{path}: non-floating weights ({', '.join(sorted(map(str, dtypes)))})")
+    model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
+    bad = [k for k, v in model.state_dict().items() if not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{path}: non-finite values in {len(bad)} tensors (e.g. {bad[0]})")
+    metadata = {**metadata, "config": model.config}
+    return model.to(device).eval(), metadata

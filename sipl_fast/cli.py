@@ -1,0 +1,218 @@
+"""The ``sipl-fast`` command line (also ``python -m sipl_fast``).
+
+    sipl-fast demo [--steps N] [--out DIR] [--seed S]
+    sipl-fast train --data skimage|DIR|paired:DEG_DIR,CLEAN_DIR --tasks 3task --config tiny|base
+                    --steps N --batch B --patch P --out DIR [--resume] [--amp] [--ema 0.999] ...
+    sipl-fast restore INPUT... --checkpoint CKPT --out DIR [--steps 2] [--tile SIZE --overlap PX]
+    sipl-fast eval --checkpoint CKPT --data ... --tasks ... [--steps 2]
+    sipl-fast info
+
+Problems with the user's files (a corrupted or mismatched checkpoint, an unreadable image,
+missing data) print one ``sipl-fast: error: ...`` line on stderr and exit with status 1,
+without a traceback and before any output file is written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .checkpoint import CheckpointError
+from .data.datasets import DataError
+from .images import ImageReadError
+
+USER_ERRORS = (CheckpointError, DataError, ImageReadError)
+
+
+class UsageError(ValueError):
+    """Arguments that argparse cannot check on its own."""
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# --------------------------------------------------------------------------- commands
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(steps=args.steps, out=args.out, seed=args.seed, progress=not args.no_progress)
+
+
+def cmd_train(args) -> None:
+    from .train import TrainOptions, train
+
+    options = TrainOptions(data=args.data, tasks=args.tasks, preset=args.config, steps=args.steps, batch=args.batch,
+                           patch=args.patch, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
+                           clip=args.clip, ema=args.ema, amp=args.amp, random_proxy=args.random_proxy,
+                           seed=args.seed, out=args.out, resume=args.resume, overwrite=args.overwrite,
+                           save_every=args.save_every, log_every=args.log_every, eval_every=args.eval_every,
+                           eval_size=args.eval_size or None, workers=args.workers, device=args.device,
+                           progress=not args.no_progress)
+    trainer = train(options)
+    if trainer.dist.is_main:
+        print(f"wrote {Path(args.out) / 'checkpoint.safetensors'} (step {trainer.step})")
+
+
+def _output_paths(inputs: list[Path], out: Path) -> dict[Path, Path]:
+    """input -> out/<stem>.png; refuses collisions and any output that is an input file."""
+    targets: dict[Path, Path] = {}
+    resolved_inputs = {p.resolve() for p in inputs}
+    for path in inputs:
+        target = out / f"{path.stem}.png"
+        if target.resolve() in resolved_inputs or any(
+                target.exists() and os.path.samefile(target, p) for p in inputs):
+            raise UsageError(f"{path}: its output {target} would overwrite an input; choose another --out")
+        if target in targets.values():
+            other = next(p for p, t in targets.items() if t == target)
+            raise UsageError(f"{path} and {other} would both be written to {target}; restore them separately")
+        targets[path] = target
+    return targets
+
+
+def cmd_restore(args) -> None:
+    import torch
+    from tqdm.auto import tqdm
+
+    from .checkpoint import load_model
+    from .images import image_size, read_image, write_png
+
+    if args.tile is not None and (args.tile < 8 or args.tile % 8 or not 0 <= args.overlap < args.tile):
+        raise UsageError(f"--tile must be a multiple of 8 and 0 <= --overlap < --tile (got {args.tile}, {args.overlap})")
+    if args.steps < 0:
+        raise UsageError("--steps must be >= 0")
+    inputs = [Path(p) for p in args.inputs]
+    for path in inputs:
+        image_size(path)                         # unreadable or missing input: fail before writing anything
+    targets = _output_paths(inputs, Path(args.out))
+    model, _ = load_model(args.checkpoint, device=args.device or _default_device())
+    device = next(model.parameters()).device
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    for path in tqdm(inputs, desc="restore", disable=len(inputs) < 2 or args.no_progress):
+        image = read_image(path)
+        with torch.inference_mode():
+            restored = model.refine(image.rgb[None].to(device), steps=args.steps, tile=args.tile,
+                                    overlap=args.overlap)
+        write_png(targets[path], restored[0].cpu(), image.alpha, image.grayscale, image.bit_depth, image.exif)
+        print(f"{path} -> {targets[path]} ({image.size[1]}x{image.size[0]}, {image.bit_depth}-bit"
+              f"{', grayscale' if image.grayscale else ''}{', alpha kept' if image.alpha is not None else ''})")
+
+
+def cmd_eval(args) -> None:
+    from .checkpoint import load_model
+    from .data.datasets import open_source
+    from .data.degradations import resolve_tasks
+    from .train import evaluate, format_table
+
+    model, meta = load_model(args.checkpoint, device=args.device or _default_device())
+    samples = open_source(args.data).eval_set(resolve_tasks(args.tasks), args.size or None, seed=args.seed)
+    evaluation = evaluate(model, samples, steps=args.steps, progress=not args.no_progress)
+    print(f"PSNR (dB) / SSIM, {args.checkpoint} on {args.data}:")
+    print(format_table(evaluation))
+    if args.json:
+        from .images import atomic_write_bytes
+
+        atomic_write_bytes(args.json, json.dumps(evaluation.to_dict(), indent=2).encode())
+
+
+def cmd_info(args) -> None:
+    import sipl_fast
+
+    report = sipl_fast.info()
+    width = max(map(len, report))
+    for key, value in report.items():
+        print(f"{key.ljust(width)}  {value}")
+
+
+# --------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    from .data.degradations import TASK_SETS
+
+    parser = argparse.ArgumentParser(prog="sipl-fast", description="SIPL-PromptIR: train, restore, evaluate.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="train the tiny model on bundled photos and show refinement (main job)")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's budget)")
+    demo.add_argument("--out", default="demo_out", help="output folder (default: ./demo_out)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.set_defaults(run=cmd_demo)
+
+    train = commands.add_parser("train", help="train a model (runs under torchrun for DDP)")
+    train.add_argument("--data", default="skimage", help="skimage | DIR | paired:DEG_DIR,CLEAN_DIR")
+    train.add_argument("--tasks", default="3task", help=f"{' | '.join(TASK_SETS)} | comma list of degradations")
+    train.add_argument("--config", default="tiny", choices=("tiny", "base"), help="model preset")
+    train.add_argument("--steps", type=int, default=1000)
+    train.add_argument("--batch", type=int, default=8, help="batch size per process")
+    train.add_argument("--patch", type=int, default=None, help="crop size (default: the preset's, 64 tiny / 128 base)")
+    train.add_argument("--out", required=True, help="folder for checkpoint.safetensors and resume.pt")
+    train.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    train.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run")
+    train.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    train.add_argument("--ema", type=float, default=0.0, help="EMA decay, e.g. 0.999 (0: off)")
+    train.add_argument("--lr", type=float, default=2e-4)
+    train.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 10%% of --steps)")
+    train.add_argument("--weight-decay", type=float, default=0.01)
+    train.add_argument("--clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    train.add_argument("--random-proxy", action="store_true", help="the authors' use_random_proxy")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (0: at the end)")
+    train.add_argument("--log-every", type=int, default=50, help="steps between log lines")
+    train.add_argument("--eval-every", type=int, default=0, help="steps between validations (0: none)")
+    train.add_argument("--eval-size", type=int, default=256, help="validation crop size (0: whole images)")
+    train.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    train.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    train.add_argument("--no-progress", action="store_true")
+    train.set_defaults(run=cmd_train)
+
+    restore = commands.add_parser("restore", help="restore image files of any size")
+    restore.add_argument("inputs", nargs="+", help="PNG / JPEG / 16-bit PNG files (grayscale and RGBA handled)")
+    restore.add_argument("--checkpoint", required=True, help="checkpoint.safetensors, its folder, or a BasicSR .pth")
+    restore.add_argument("--out", required=True, help="output folder; files are written as <name>.png")
+    restore.add_argument("--steps", type=int, default=2, help="self-refinement steps (0: plain pass)")
+    restore.add_argument("--tile", type=int, default=None, help="restore in tiles of this size (multiple of 8)")
+    restore.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels")
+    restore.add_argument("--device", default=None)
+    restore.add_argument("--no-progress", action="store_true")
+    restore.set_defaults(run=cmd_restore)
+
+    evaluate = commands.add_parser("eval", help="PSNR/SSIM per task and refinement step")
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--data", default="skimage", help="skimage (held-out photos) | DIR | paired:DEG_DIR,CLEAN_DIR")
+    evaluate.add_argument("--tasks", default="3task", help="degradations for clean data (ignored for paired data)")
+    evaluate.add_argument("--steps", type=int, default=2)
+    evaluate.add_argument("--size", type=int, default=256, help="centre crop size (0: whole images)")
+    evaluate.add_argument("--seed", type=int, default=1234, help="seed of the synthetic degradations")
+    evaluate.add_argument("--json", default=None, help="also write the scores to this JSON file")
+    evaluate.add_argument("--device", default=None)
+    evaluate.add_argument("--no-progress", action="store_true")
+    evaluate.set_defaults(run=cmd_eval)
+
+    info = commands.add_parser("info", help="build and backend report")
+    info.set_defaults(run=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "demo" and args.steps is None:
+        from .demo import DEFAULT_STEPS
+
+        args.steps = DEFAULT_STEPS
+    try:
+        args.run(args)
+    except USER_ERRORS + (UsageError,) as exc:
+        print(f"sipl-fast: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("sipl-fast: interrupted (a training run continues from its last save with --resume)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

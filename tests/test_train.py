@@ -1,0 +1,159 @@
+"""Training: the authors' step, the schedule, exact resume, DDP on 2 CPU processes, validation."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sipl_fast.checkpoint import CheckpointError, load_model, load_resume_state
+from sipl_fast.data.datasets import EvalSample
+from sipl_fast.train import TrainOptions, Trainer, evaluate, format_table, lr_factor
+
+SMALL = dict(data="skimage", tasks="noise25,haze", preset="tiny", batch=2, patch=32, progress=False, log_every=1)
+
+
+def _options(tmp_path, name="run", **overrides):
+    return TrainOptions(**{**SMALL, "out": str(tmp_path / name), **overrides})
+
+
+def test_learning_rate_schedule():
+    factors = [lr_factor(s, total=100, warmup=10) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:])), "cosine decay never rises"
+    assert factors[55] == pytest.approx(0.5) and factors[-1] < 1e-3
+
+
+def test_step_uses_the_models_own_plain_pass_on_the_clean_image(tmp_path):
+    trainer = Trainer(_options(tmp_path, steps=2))
+    model = trainer.model
+    batch = next(trainer._batches(0))
+    lq, gt = batch["lq"], batch["gt"]
+    with torch.no_grad():
+        expected = model.encode(model(gt))          # SPEC 2.1, with the weights before the step
+    seen = {}
+    original_forward = model.forward
+
+    def spy(x, privileged_features=None):
+        if privileged_features is not None:
+            seen["input"], seen["pi"] = x, privileged_features
+        return original_forward(x, privileged_features)
+
+    model.forward = spy
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loss = trainer.train_step(lq, gt)
+    assert torch.equal(seen["input"], lq), "the privileged pass runs on the degraded input"
+    for got, want in zip(seen["pi"], expected):
+        assert not got.requires_grad, "privileged features are computed under no_grad"
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.startswith("privileged_dictionary") for k in changed), "the dictionaries learn"
+    assert any(k.startswith("encoder_level1") for k in changed)
+
+
+def test_tiny_model_loss_falls(tmp_path):
+    trainer = Trainer(_options(tmp_path, steps=12, warmup=2, lr=1e-3, tasks="noise50"))
+    batch = next(trainer._batches(0))
+    losses = [trainer.train_step(batch["lq"], batch["gt"]).item() for _ in range(12)]
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def _crash_at(step):
+    def on_step(current, loss):
+        if current == step:
+            raise KeyboardInterrupt
+    return on_step
+
+
+def test_resume_after_an_interruption_is_exact(tmp_path):
+    common = dict(steps=5, ema=0.9, random_proxy=True, save_every=2)
+    straight = Trainer(_options(tmp_path, "straight", **common))
+    straight.run()
+
+    interrupted = Trainer(_options(tmp_path, "crashed", **common))
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.run(on_step=_crash_at(3))          # dies after step 3; the last save is step 2
+    assert load_resume_state(tmp_path / "crashed" / "resume.pt")["step"] == 2
+    resumed = Trainer(_options(tmp_path, "crashed", resume=True, **common))
+    assert resumed.step == 2
+    resumed.run()
+
+    for key, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    for key, value in straight.ema.items():
+        assert torch.equal(value, resumed.ema[key]), key
+    a, b = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert all(torch.equal(a[i]["exp_avg_sq"], b[i]["exp_avg_sq"]) for i in a)
+    assert torch.equal(torch.get_rng_state(), torch.get_rng_state())
+    final_a = load_resume_state(tmp_path / "straight" / "resume.pt")
+    final_b = load_resume_state(tmp_path / "crashed" / "resume.pt")
+    assert final_a["step"] == final_b["step"] == 5
+    assert torch.equal(final_a["rng"][0]["torch"], final_b["rng"][0]["torch"])
+    assert [e["step"] for e in final_b["history"]] == [1, 2, 3, 4, 5]
+    # The inference checkpoint holds the EMA weights.
+    model, meta = load_model(tmp_path / "crashed")
+    assert meta["weights"] == "ema" and meta["step"] == 5
+    assert torch.equal(model.output.weight, resumed.ema["output.weight"])
+
+
+def test_resume_refuses_changed_options_and_existing_runs(tmp_path):
+    Trainer(_options(tmp_path, steps=1)).run()
+    with pytest.raises(CheckpointError, match="changed: lr 0.0002 -> 0.001"):
+        Trainer(_options(tmp_path, steps=1, lr=1e-3, resume=True))
+    with pytest.raises(CheckpointError, match="already holds a training run"):
+        Trainer(_options(tmp_path, steps=1))
+    with pytest.raises(CheckpointError, match="no resume state"):
+        Trainer(_options(tmp_path, "fresh", steps=1, resume=True))
+
+
+def test_ddp_two_cpu_processes_write_one_checkpoint(tmp_path):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "sipl_fast", "train", "--data", "skimage", "--tasks", "noise25,rain", "--config", "tiny",
+               "--steps", "3", "--batch", "2", "--patch", "32", "--save-every", "2", "--log-every", "1",
+               "--out", str(out), "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    log = result.stdout
+    assert "batch 2 x 2 process(es)" in log
+    assert log.count("step 3/3") == 1, "only rank 0 logs"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.safetensors", "resume.pt"]
+    state = load_resume_state(out / "resume.pt")
+    assert state["step"] == 3 and state["options"]["world_size"] == 2
+    assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+    model, meta = load_model(out)
+    assert meta["step"] == 3
+    assert torch.equal(model.output.weight, state["model"]["output.weight"])
+
+
+def test_amp_is_ignored_on_cpu(tmp_path):
+    lines = []
+    trainer = Trainer(_options(tmp_path, steps=1, amp=True), log=lines.append)
+    assert not trainer.use_amp and any("--amp ignored" in line for line in lines)
+
+
+def test_evaluate_reports_every_task_and_step():
+    torch.manual_seed(0)
+    from sipl_fast import SIPLPromptIR
+
+    model = SIPLPromptIR.from_preset("tiny")
+    g = torch.Generator().manual_seed(0)
+    samples = []
+    for task in ("noise25", "haze"):
+        for name in ("a", "b"):
+            gt = torch.rand(3, 24, 32, generator=g)
+            samples.append(EvalSample(task, name, (gt + 0.1).clamp(0, 1), gt))
+    result = evaluate(model, samples, steps=2, keep_outputs=True)
+    assert [s.task for s in result.scores] == ["noise25", "haze"]
+    assert all(len(s.psnr) == len(s.ssim) == 3 and s.images == 2 for s in result.scores)
+    with torch.no_grad():
+        plain = model(samples[0].lq[None]).clamp(0, 1)
+        refined = model.refine(samples[0].lq[None], steps=2).clamp(0, 1)
+    outputs = result.outputs[("noise25", "a")]
+    torch.testing.assert_close(outputs[0][None], plain)
+    torch.testing.assert_close(outputs[2][None], refined)
+    table = format_table(result)
+    assert "step 0 (plain)" in table and "step 2" in table and "average" in table
