@@ -55,7 +55,8 @@ import triton.language as tl
 
 from sipl_fast.backends import triton_interpreter
 
-__all__ = ["proxy_attention_forward", "proxy_attention_backward", "head_chunks", "NORMALIZE_EPS"]
+__all__ = ["proxy_attention_forward", "proxy_attention_backward", "head_chunks", "empty_in_layout_of",
+           "NORMALIZE_EPS"]
 
 NORMALIZE_EPS = 1e-12        # torch.nn.functional.normalize's default eps
 INVERSE_EPS = 1e12           # the inverse norm of a clamped (near-zero) token, stored exactly
@@ -131,23 +132,31 @@ def _token_dot_kernel(
 # Autotuning: one small fixed config under the interpreter; a short list per head size on GPU
 # --------------------------------------------------------------------------------------------
 
+# Token counts stay specialised (Triton notes N % 16 == 0): the token masks are then constant
+# over 16 rows, so masked loads still vectorise and pipeline (cp.async needs >= 4 bytes).
+#
 # Tile shapes per class of (input dtype, head size): (owned rows, loop rows, warps, stages).
 # "Owned" is the block a program keeps in registers across its loop (queries in the forward and
-# the dq pass, keys in the dk/dv pass), "loop" the block it streams. Wide heads (d > 128) and
-# fp32 tiles hold twice the bytes per row, so they get smaller blocks. The lists are short
-# because every entry is a compile (seconds each). Every entry compiles for sm_90 with triton
-# 3.6 and fits its shared memory (largest: dk/dv fp32 d=384, about 213 KB of 227 KB).
+# the dq pass, keys in the dk/dv pass), "loop" the block it streams. The backward owns two fp32
+# accumulators (dk and dv) plus two input tiles, so at d = 96 it needs 8 warps for 128 owned
+# rows; wide heads (d > 128) and fp32 tiles get small blocks and 8 warps. Every entry compiles
+# for sm_90 with triton 3.6 within shared memory (largest: fp32 d=384 dk/dv, 200 KB of 227 KB;
+# tests/test_proxy_attention_triton.py::test_gpu_configs_compile_for_sm90 re-checks). ptxas -v:
+# no register spills in the forward and in the 16-bit d <= 128 backward (the SIPL hot path);
+# a few hundred bytes in the wide 16-bit backward and the fp32 (64, 32) backward; the fp32
+# d > 128 class spills at every tile size tl.dot allows (IEEE fp32 dots on CUDA cores), which
+# only the small p3_cross block meets. The lists are short because each entry costs a compile.
 _FORWARD_SHAPES = {
     "16-bit, d <= 128": [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
-    "16-bit, d > 128": [(64, 64, 4, 3), (64, 32, 4, 2)],
-    "fp32, d <= 128": [(64, 32, 4, 2), (32, 32, 4, 2)],
-    "fp32, d > 128": [(32, 32, 4, 2)],
+    "16-bit, d > 128": [(64, 32, 8, 2), (32, 32, 8, 2)],
+    "fp32, d <= 128": [(64, 32, 8, 2), (32, 32, 4, 2)],
+    "fp32, d > 128": [(32, 32, 8, 1)],
 }
-_BACKWARD_SHAPES = {  # the FlashAttention-2 tutorial's backward choice (128 owned, 32 streamed) first
-    "16-bit, d <= 128": [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
-    "16-bit, d > 128": [(64, 32, 4, 2), (32, 32, 4, 2)],
-    "fp32, d <= 128": [(64, 32, 4, 2), (32, 32, 4, 2)],
-    "fp32, d > 128": [(32, 32, 4, 2)],
+_BACKWARD_SHAPES = {
+    "16-bit, d <= 128": [(128, 32, 8, 3), (128, 32, 8, 2), (64, 32, 4, 3)],
+    "16-bit, d > 128": [(32, 32, 8, 2)],
+    "fp32, d <= 128": [(32, 32, 8, 2), (64, 32, 8, 2)],
+    "fp32, d > 128": [(32, 32, 8, 1)],
 }
 
 
@@ -177,7 +186,7 @@ def _autotune(owned: str, loop: str, shapes: dict):
 # --------------------------------------------------------------------------------------------
 
 @_autotune("BLOCK_M", "BLOCK_N", _FORWARD_SHAPES)
-@triton.jit(do_not_specialize=["N_Q", "N_KV"])
+@triton.jit
 def _forward_kernel(
     q_ptr, k_ptr, v_ptr, temp_ptr, rq_ptr, rk_ptr, out_ptr, lse_ptr,
     N_Q, N_KV, NUM_HEADS, NUM_SPLITS,
@@ -296,7 +305,7 @@ def _combine_splits_kernel(
 # --------------------------------------------------------------------------------------------
 
 @_autotune("BLOCK_N", "BLOCK_M", _BACKWARD_SHAPES)
-@triton.jit(do_not_specialize=["N_Q", "N_KV"])
+@triton.jit
 def _backward_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, temp_ptr, rq_ptr, rk_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     N_Q, N_KV, NUM_HEADS, NUM_SPLITS, BATCHES_PER_KV,
@@ -393,7 +402,7 @@ def _backward_dkdv_kernel(
 
 
 @_autotune("BLOCK_M", "BLOCK_N", _BACKWARD_SHAPES)
-@triton.jit(do_not_specialize=["N_Q", "N_KV"])
+@triton.jit
 def _backward_dq_kernel(
     q_ptr, k_ptr, v_ptr, temp_ptr, rq_ptr, rk_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, dtau_ptr,
     N_Q, N_KV, NUM_HEADS, NUM_SPLITS, BATCHES_PER_Q,
@@ -548,6 +557,19 @@ def _token_strides(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     return x, (0 if x.shape[0] == 1 else x.stride(0)), x.stride(1), token_stride
 
 
+def empty_in_layout_of(x: torch.Tensor, shape, dtype=None) -> torch.Tensor:
+    """An empty (B, C, H, W) tensor stored like x: channels-last when x's channels are innermost
+    (channels-last storage or a channel slice of it), NCHW otherwise, as the torch backend answers."""
+    channels_last = x.stride(1) == 1 and x.shape[1] > 1
+    return torch.empty(shape, device=x.device, dtype=dtype or x.dtype,
+                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _target_strides(x: torch.Tensor) -> tuple[int, int, int, int]:
+    """(split, batch, channel, token) strides of a final output, written as split 0 of itself."""
+    return (0, *_token_strides(x)[1:])
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -612,7 +634,7 @@ def proxy_attention_forward(q, k, v, temperature, num_heads: int, *, allow_tf32:
                             num_splits: int | None = None):
     """Returns (out, lse, q_rnorm, k_rnorm).
 
-    out: (B, C, Hq, Wq) in q's dtype; lse: (B, heads, Nq) fp32 base-2 logsumexp of the logits
+    out: (B, C, Hq, Wq) in q's dtype and layout (NCHW or channels-last); lse: (B, heads, Nq) fp32 base-2 logsumexp of the logits
     (times log2 e); q_rnorm (Bq, heads, Nq), k_rnorm (Bk, heads, Nkv): fp32 inverse norms.
     ``num_splits`` overrides the key-range split count (tests); it must not exceed the number
     of key blocks.
@@ -629,14 +651,13 @@ def proxy_attention_forward(q, k, v, temperature, num_heads: int, *, allow_tf32:
     k_rnorm = _token_dot(k, k, num_heads, inverse_norm=True)
     temperature = temperature.reshape(-1)
 
-    out = torch.empty((batch, channels, height_q, width_q), device=q.device, dtype=q.dtype)
+    out = empty_in_layout_of(q, (batch, channels, height_q, width_q))
     lse = torch.empty((batch, num_heads, n_q), device=q.device, dtype=torch.float32)
     if num_splits is None:
         programs = triton.cdiv(n_q, _nominal_rows(head_dim)) * batch * num_heads
         num_splits = _num_splits(programs, n_kv, 1, q.device, head_dim > 128)
     if num_splits == 1:
-        target_out, target_lse = out.view(batch, channels, n_q), lse
-        out_strides = (0, out.stride(0), out.stride(1), out.stride(3))
+        target_out, target_lse, out_strides = out, lse, _target_strides(out)
     else:
         target_out = torch.empty((num_splits, batch, channels, n_q), device=q.device, dtype=torch.float32)
         target_lse = torch.empty((num_splits, batch, num_heads, n_q), device=q.device, dtype=torch.float32)
@@ -657,8 +678,7 @@ def proxy_attention_forward(q, k, v, temperature, num_heads: int, *, allow_tf32:
         block_t, block_d = _small_tile(head_dim)
         _combine_splits_kernel[(triton.cdiv(n_q, block_t), batch * num_heads)](
             target_out, target_lse, out, lse, n_q, num_heads, num_splits,
-            target_out.stride(0), target_out.stride(1), target_lse.stride(0),
-            out.stride(0), out.stride(1), out.stride(3),
+            target_out.stride(0), target_out.stride(1), target_lse.stride(0), *_target_strides(out)[1:],
             D=head_dim, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4,
         )
     return out, lse, q_rnorm, k_rnorm
@@ -683,7 +703,7 @@ def proxy_attention_backward(grad_out, q, k, v, temperature, out, lse, q_rnorm, 
                              q_splits: int | None = None):
     """Returns (dq, dk, dv, dtemperature) for the forward's saved (out, lse, q_rnorm, k_rnorm).
 
-    dq, dk, dv have the shapes and dtypes of q, k, v (a batch-1 input gets the batch sum);
+    dq, dk, dv have the shapes, dtypes and layouts of q, k, v (a batch-1 input gets the batch sum);
     dtemperature the shape and dtype of temperature. ``kv_splits`` overrides how many programs
     share one key block's loop over queries (dk/dv), ``q_splits`` one query block's loop over
     keys (dq); tests use them to cover both paths on small shapes.
@@ -708,15 +728,13 @@ def proxy_attention_backward(grad_out, q, k, v, temperature, out, lse, q_rnorm, 
     rows = _nominal_rows(head_dim)
 
     # dk, dv: a key block's loop runs over the queries of every batch reading it.
-    dk = torch.empty(k.shape, device=device, dtype=k.dtype)
-    dv = torch.empty(v.shape, device=device, dtype=v.dtype)
+    dk, dv = empty_in_layout_of(k, k.shape), empty_in_layout_of(v, v.shape)
     batches_per_kv = batch // batch_kv
     if kv_splits is None:
         kv_splits = _num_splits(triton.cdiv(n_kv, rows) * batch_kv * num_heads, n_q, batches_per_kv,
                                 device, head_dim > 128)
     if kv_splits == 1:
-        dk_target, dv_target = dk.view(batch_kv, channels, n_kv), dv.view(batch_kv, channels, n_kv)
-        dk_strides, dv_strides = (0, *dk_target.stride()), (0, *dv_target.stride())
+        dk_target, dv_target, dk_strides, dv_strides = dk, dv, _target_strides(dk), _target_strides(dv)
     else:
         dk_target = torch.empty((kv_splits, batch_kv, channels, n_kv), device=device, dtype=torch.float32)
         dv_target = torch.empty_like(dk_target)
@@ -731,14 +749,13 @@ def proxy_attention_backward(grad_out, q, k, v, temperature, out, lse, q_rnorm, 
         _reduce_splits(dv_target, v, k_rnorm, dv, num_heads, normalize=False)
 
     # dq and dtau: a query block's loop runs over the keys of every batch reading it.
-    dq = torch.empty(q.shape, device=device, dtype=q.dtype)
+    dq = empty_in_layout_of(q, q.shape)
     batches_per_q = batch // batch_q
     if q_splits is None:
         q_splits = _num_splits(triton.cdiv(n_q, rows) * batch_q * num_heads, n_kv, batches_per_q,
                                device, head_dim > 128)
     if q_splits == 1:
-        dq_target = dq.view(batch_q, channels, n_q)
-        dq_strides = (0, *dq_target.stride())
+        dq_target, dq_strides = dq, _target_strides(dq)
     else:
         dq_target = torch.empty((q_splits, batch_q, channels, n_q), device=device, dtype=torch.float32)
         dq_strides = _partial_strides(dq_target)

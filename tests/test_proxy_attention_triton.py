@@ -152,6 +152,10 @@ def test_strided_inputs_are_read_in_place():
     k, v = kv.chunk(2, dim=1)
     assert not k.is_contiguous() and not q.is_contiguous()
     assert_matches_reference(q, k, v, temperature, 2)
+    # The output comes back in q's layout, as from the torch backend.
+    with sipl_fast.use_backend("triton"):
+        out = ops.proxy_attention(q, k, v, temperature, 2)
+    assert out.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_expanded_grad_out():
@@ -262,6 +266,74 @@ def test_compile_fullgraph_traces_the_custom_ops():
 
 
 # --------------------------------------------------------------------------------------------
+# Ahead-of-time compile check: every GPU autotune config, for sm_90, on any machine
+# --------------------------------------------------------------------------------------------
+
+SM90_SHARED_BYTES = 232448
+
+
+def compile_gpu_configs_for_sm90(head_dims=(96, 384), dtypes=("bf16", "fp32")) -> list[str]:
+    """Compiles each attention kernel with each config of its tile class for sm_90 (no GPU
+    needed) and returns the failures: compile errors or shared memory over the H100's limit.
+
+    The interpreter catches none of these (tl.dot shapes, shared memory, register limits). Needs
+    TRITON_INTERPRET unset before the kernels are imported, hence its own process.
+    """
+    from triton.backends.compiler import GPUTarget
+    import triton
+    target = GPUTarget("cuda", 90, 32)
+    backend = triton.compiler.make_backend(target)
+    stats_pointers = {"temp_ptr", "rq_ptr", "rk_ptr", "lse_ptr", "delta_ptr", "dtau_ptr"}
+    counts = {"NUM_HEADS", "NUM_SPLITS", "BATCHES_PER_KV", "BATCHES_PER_Q"}
+    failures = []
+    for kernel, table, owned, loop in ((kernels._forward_kernel, kernels._FORWARD_SHAPES, "BLOCK_M", "BLOCK_N"),
+                                       (kernels._backward_dkdv_kernel, kernels._BACKWARD_SHAPES, "BLOCK_N", "BLOCK_M"),
+                                       (kernels._backward_dq_kernel, kernels._BACKWARD_SHAPES, "BLOCK_M", "BLOCK_N")):
+        fn = kernel.fn
+        for head_dim in head_dims:
+            for dtype in dtypes:
+                da, db = kernels.head_chunks(head_dim)
+                torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+                for m, n, warps, stages in table[kernels._tile_class(head_dim, torch_dtype)]:
+                    constants = dict(D=head_dim, DA=da, DB=db, DOT_PRECISION="ieee", **{owned: m, loop: n})
+                    if "FINAL" in fn.arg_names:
+                        constants["FINAL"] = True
+                    # NCHW inputs: unit token strides; token counts and other strides divisible by 16.
+                    constants.update({a: 1 for a in fn.arg_names if a.endswith("_st")})
+                    signature, attrs = {}, {}
+                    for i, arg in enumerate(fn.arg_names):
+                        if arg in constants:
+                            signature[arg] = "constexpr"
+                        else:
+                            signature[arg] = ("*fp32" if arg in stats_pointers else f"*{dtype}") if arg.endswith(
+                                "_ptr") else "i32"
+                            if arg not in counts:
+                                attrs[(i,)] = [["tt.divisibility", 16]]
+                    label = f"{fn.__name__} {dtype} d={head_dim} {(m, n, warps, stages)}"
+                    try:
+                        source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants,
+                                                           attrs=attrs)
+                        options = backend.parse_options({"num_warps": warps, "num_stages": stages})
+                        shared = triton.compile(source, target=target, options=options.__dict__).metadata.shared
+                        if shared > SM90_SHARED_BYTES:
+                            failures.append(f"{label}: {shared} bytes of shared memory")
+                    except Exception as error:  # noqa: BLE001 - reported with the config it belongs to
+                        failures.append(f"{label}: {type(error).__name__}: {str(error)[:500]}")
+    return failures
+
+
+@pytest.mark.slow
+def test_gpu_configs_compile_for_sm90():
+    """Every GPU config compiles for sm_90 within shared memory (about 3 minutes on 2 cores)."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+
+
+# --------------------------------------------------------------------------------------------
 # GPU tests: the SIPL shapes
 # --------------------------------------------------------------------------------------------
 
@@ -347,3 +419,9 @@ def test_gpu_torch_compile_fullgraph():
     with sipl_fast.use_backend("triton"):
         # cuDNN may pick another (TF32) algorithm for the compiled 1x1 conv: a looser tolerance.
         check_compiled_matches_eager(ops.proxy_attention, "cuda", "inductor", tol=2e-3)
+
+
+if __name__ == "__main__":  # the subprocess of test_gpu_configs_compile_for_sm90
+    problems = compile_gpu_configs_for_sm90()
+    print("\n".join(problems) or "every config compiles for sm_90 within shared memory")
+    raise SystemExit(1 if problems else 0)

@@ -37,7 +37,7 @@ def _proxy_attention_fwd_fake(q, k, v, temperature, num_heads):
     _, channels, height, width = q.shape
     stats = dict(device=q.device, dtype=torch.float32)
     return (
-        q.new_empty((batch, channels, height, width)),
+        _kernels.empty_in_layout_of(q, (batch, channels, height, width)),
         q.new_empty((batch, num_heads, height * width), **stats),
         q.new_empty((q.shape[0], num_heads, height * width), **stats),
         q.new_empty((k.shape[0], num_heads, k.shape[2] * k.shape[3]), **stats),
@@ -55,8 +55,9 @@ def proxy_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
 
 @proxy_attention_bwd.register_fake
 def _proxy_attention_bwd_fake(grad_out, q, k, v, temperature, out, lse, q_rnorm, k_rnorm, num_heads):
-    # Gradients come back contiguous, whatever the inputs' strides.
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), temperature.new_empty(temperature.shape)
+    # Gradients are stored like their inputs (NCHW or channels-last), as the real kernels write them.
+    return (_kernels.empty_in_layout_of(q, q.shape), _kernels.empty_in_layout_of(k, k.shape),
+            _kernels.empty_in_layout_of(v, v.shape), temperature.new_empty(temperature.shape))
 
 
 def _setup_context(ctx, inputs, output):
