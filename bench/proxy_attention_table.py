@@ -1,0 +1,305 @@
+"""Proxy Fusion cross-attention: the fused Triton kernels against PyTorch. One table and a JSON file.
+
+    python bench/proxy_attention_table.py OUT.json [--dtypes bf16,fp32] [--budget-s 80] [--tf32]
+    python bench/proxy_attention_table.py OUT.json --smoke     # tiny shapes on CPU: checks the script
+
+Providers: ``triton`` (sipl_fast's fused kernels), ``torch`` (sipl_fast.ops.torch_impl: the
+norms, then SDPA), ``compile`` (torch.compile of that torch formulation, one static compile per
+case) and ``reference`` (the authors' eager math, attention matrices materialised). Modes:
+``fwd`` (under no_grad, as at inference) and ``fwd+bwd`` (gradients of q, k, v, temperature).
+Shapes: the SIPL blocks that dominate (SPEC 5.1): level 1 of a 128x128 batch-8 training step,
+and the 512x512 inference blocks, including p3_cross's head size 384.
+
+Each cell: median time (triton.testing.do_bench), achieved TFLOP/s (4 B h Nq Nkv d for the
+forward's two products, 3.5x that for fwd+bwd, as FlashAttention counts) and the peak memory
+allocated above the inputs. Then triton's speed-up over the best torch formulation (torch or
+compile) and over reference, against the targets (>= 1.5x and >= 3x for fwd+bwd). The card's
+bf16 matmul rate (torch.matmul, 8192^3) is measured first for the ">= 50% of matmul rate"
+target of the forward at 65536 x 4096 bf16.
+
+Time budget: the whole run must stay under ~90 s on an H100, Triton autotuning included.
+torch.compile cases stop when --compile-budget-s of compilation is spent, and every remaining
+measurement is skipped once --budget-s is spent; skipped cells are reported as such.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+if not torch.cuda.is_available():  # the triton provider runs on CPU only under the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import sipl_fast  # noqa: E402
+from sipl_fast import ops  # noqa: E402
+from sipl_fast.ops import torch_impl  # noqa: E402
+
+PROVIDERS = ("triton", "torch", "compile", "reference")
+MODES = ("fwd", "fwd+bwd")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+TARGET_VS_TORCH, TARGET_VS_REFERENCE, TARGET_MATMUL_FRACTION = 1.5, 3.0, 0.5
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    batch: int
+    head_dim: int
+    heads: int
+    q_hw: tuple[int, int]
+    kv_hw: tuple[int, int]
+
+    @property
+    def tokens(self) -> tuple[int, int]:
+        return self.q_hw[0] * self.q_hw[1], self.kv_hw[0] * self.kv_hw[1]
+
+    def forward_flops(self) -> int:
+        n_q, n_kv = self.tokens
+        return 4 * self.batch * self.heads * n_q * n_kv * self.head_dim
+
+
+SHAPES = (
+    Shape("level1 train128 B8", 8, 96, 1, (64, 64), (64, 64)),          # p1_cross / cross_p1, 4096 x 4096
+    Shape("p1_cross 512px", 1, 96, 1, (64, 64), (256, 256)),            # 4096 x 65536
+    Shape("cross_p1 512px", 1, 96, 1, (256, 256), (64, 64)),            # 65536 x 4096
+    Shape("p3_cross 512px", 1, 384, 1, (16, 16), (64, 64)),             # 256 x 4096, d = 384
+    Shape("cross_p3 512px", 1, 96, 4, (64, 64), (16, 16)),              # 4096 x 256, 4 heads
+)
+SMOKE_SHAPES = (
+    Shape("smoke", 1, 48, 2, (4, 5), (5, 6)),
+    Shape("smoke-d96", 2, 96, 1, (3, 6), (4, 4)),
+)
+# The forward whose TFLOP/s is compared with the card's matmul rate.
+MATMUL_TARGET_CASE = ("cross_p1 512px", "bf16", "fwd")
+
+
+def attention_function(provider: str):
+    """f(q, k, v, temperature, heads) for a provider; ``compile`` gets a fresh static compile."""
+    if provider == "compile":
+        return torch.compile(torch_impl.proxy_attention, dynamic=False)
+    backend = {"triton": "triton", "torch": "torch", "reference": "reference"}[provider]
+
+    def run(q, k, v, temperature, heads):
+        with sipl_fast.use_backend(backend):
+            return ops.proxy_attention(q, k, v, temperature, heads)
+    return run
+
+
+def make_inputs(shape: Shape, dtype: torch.dtype, device: str, requires_grad: bool):
+    channels = shape.head_dim * shape.heads
+    q = torch.randn(shape.batch, channels, *shape.q_hw, device=device, dtype=dtype)
+    k = torch.randn(shape.batch, channels, *shape.kv_hw, device=device, dtype=dtype)
+    v = torch.randn(shape.batch, channels, *shape.kv_hw, device=device, dtype=dtype)
+    # One dtype for all four: the reference formulation does not mix a float32 temperature in.
+    temperature = torch.linspace(1.0, 4.0, shape.heads, device=device, dtype=dtype).reshape(-1, 1, 1)
+    return [t.requires_grad_(requires_grad) for t in (q, k, v, temperature)]
+
+
+def make_runner(shape: Shape, dtype: torch.dtype, mode: str, provider: str, device: str):
+    """(a zero-argument callable running one call in ``mode``, the input tensors it uses)."""
+    fn = attention_function(provider)
+    inputs = make_inputs(shape, dtype, device, requires_grad=mode != "fwd")
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return fn(*inputs, shape.heads)
+    else:
+        grad_out = torch.randn(shape.batch, shape.head_dim * shape.heads, *shape.q_hw, device=device, dtype=dtype)
+
+        def run():
+            return torch.autograd.grad(fn(*inputs, shape.heads), inputs, grad_out)
+    return run, inputs
+
+
+def time_ms(run, device: str) -> float:
+    if device == "cuda":
+        import triton.testing
+        return triton.testing.do_bench(run, warmup=5, rep=25, return_mode="median")
+    samples = []
+    for _ in range(3):
+        start = time.perf_counter()
+        run()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return sorted(samples)[1]
+
+
+def peak_mib(run, device: str) -> float | None:
+    """Memory allocated at the peak of one call above what was allocated before it (CUDA only)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    result = run()
+    torch.cuda.synchronize()
+    del result
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def matmul_tflops(device: str) -> float | None:
+    """The card's measured bf16 matmul rate: torch.matmul of two 8192 x 8192 matrices."""
+    if device != "cuda":
+        return None
+    import triton.testing
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: torch.matmul(a, b), warmup=10, rep=50, return_mode="median")
+    return 2 * 8192**3 / ms / 1e9
+
+
+def measure(shape: Shape, dtype: torch.dtype, mode: str, provider: str, device: str) -> dict:
+    run, _ = make_runner(shape, dtype, mode, provider, device)
+    start = time.perf_counter()
+    run()  # compiles (torch.compile, Triton autotuning) and warms up
+    if device == "cuda":
+        torch.cuda.synchronize()
+    first_call_s = time.perf_counter() - start
+    ms = time_ms(run, device)
+    flops = shape.forward_flops() * (1 if mode == "fwd" else 3.5)
+    return {"ms": ms, "TFLOPs": flops / ms / 1e9, "peak_MiB": peak_mib(run, device), "first_call_s": first_call_s}
+
+
+def speedups(results: dict) -> dict:
+    """triton's speed-up over the best torch formulation and over the reference (None if unmeasured)."""
+    if not results.get("triton"):
+        return {"vs_torch_best": None, "vs_reference": None}
+    torch_times = [results[p]["ms"] for p in ("torch", "compile") if results.get(p)]
+    return {
+        "vs_torch_best": min(torch_times) / results["triton"]["ms"] if torch_times else None,
+        "vs_reference": results["reference"]["ms"] / results["triton"]["ms"] if results.get("reference") else None,
+    }
+
+
+def _cell(result) -> str:
+    if result is None:
+        return f"{'skipped':>24}"
+    peak = "" if result["peak_MiB"] is None else f"{result['peak_MiB']:7.0f}M"
+    return f"{result['ms']:9.3f}ms{result['TFLOPs']:5.0f}T{peak:>8}"
+
+
+def _ratio(value, target) -> str:
+    """'2.31x+' meets the target, '1.20x!' misses it, no mark where there is no target (fwd)."""
+    if value is None:
+        return f"{'-':>11}"
+    return f"{value:9.2f}x" + (" " if target is None else ("+" if value >= target else "!"))
+
+
+def format_row(row: dict, providers) -> str:
+    ratios = row["speedups"]
+    target_torch, target_ref = (TARGET_VS_TORCH, TARGET_VS_REFERENCE) if row["mode"] == "fwd+bwd" else (None, None)
+    return (f"{row['shape']:20} {row['dtype']:5} {row['mode']:7}"
+            + "".join(_cell(row["results"].get(p)) for p in providers)
+            + _ratio(ratios["vs_torch_best"], target_torch) + _ratio(ratios["vs_reference"], target_ref))
+
+
+def run_table(shapes, dtypes, providers, device: str, budget_s: float, compile_budget_s: float) -> list[dict]:
+    """Measures every (shape, dtype, mode) row, printing each as it completes."""
+    started = time.perf_counter()
+    compile_left = compile_budget_s
+    print(f"{'':34}" + "".join(f"{p:>24}" for p in providers) + f"{'triton speed-up vs':>22}")
+    print(f"{'shape':20} {'dtype':5} {'mode':7}" + f"{'time  TFLOP/s  peak':>24}" * len(providers)
+          + f"{'torch best':>11}{'reference':>11}")
+    rows = []
+    for dtype in dtypes:
+        for shape in shapes:
+            for mode in MODES:
+                results = {}
+                for provider in providers:
+                    over_budget = time.perf_counter() - started > budget_s
+                    if over_budget or (provider == "compile" and compile_left <= 0):
+                        results[provider] = None
+                        continue
+                    results[provider] = measure(shape, DTYPES[dtype], mode, provider, device)
+                    if provider == "compile":
+                        compile_left -= results[provider]["first_call_s"]
+                        torch._dynamo.reset()  # one static compile per case; keep the cache small
+                rows.append({"shape": shape.name, "dims": asdict(shape), "dtype": dtype, "mode": mode,
+                             "results": results, "speedups": speedups(results)})
+                print(format_row(rows[-1], providers), flush=True)
+    return rows
+
+
+def summary(rows: list[dict], matmul: float | None) -> dict:
+    """The issue's targets: fwd+bwd speed-ups at every shape, forward rate vs the matmul rate."""
+    train = [r for r in rows if r["mode"] == "fwd+bwd"]
+    vs_torch = [r["speedups"]["vs_torch_best"] for r in train]
+    vs_reference = [r["speedups"]["vs_reference"] for r in train]
+    case = next((r for r in rows if (r["shape"], r["dtype"], r["mode"]) == MATMUL_TARGET_CASE), None)
+    forward = case["results"].get("triton") if case else None
+    out = {
+        "matmul_bf16_TFLOPs": matmul,
+        "fwd_65536x4096_bf16_TFLOPs": forward["TFLOPs"] if forward else None,
+        "fwd_fraction_of_matmul": forward["TFLOPs"] / matmul if forward and matmul else None,
+        "min_fwd_bwd_speedup_vs_torch_best": min((x for x in vs_torch if x), default=None),
+        "min_fwd_bwd_speedup_vs_reference": min((x for x in vs_reference if x), default=None),
+        "unmeasured_fwd_bwd_comparisons": sum(x is None for x in vs_torch + vs_reference),
+    }
+    print()
+    if matmul:
+        print(f"bf16 matmul 8192^3: {matmul:.0f} TFLOP/s")
+    if out["fwd_fraction_of_matmul"] is not None:
+        print(f"triton forward 65536x4096 bf16: {out['fwd_65536x4096_bf16_TFLOPs']:.0f} TFLOP/s = "
+              f"{100 * out['fwd_fraction_of_matmul']:.0f}% of the matmul rate (target >= "
+              f"{100 * TARGET_MATMUL_FRACTION:.0f}%)")
+    for key, target in (("min_fwd_bwd_speedup_vs_torch_best", TARGET_VS_TORCH),
+                        ("min_fwd_bwd_speedup_vs_reference", TARGET_VS_REFERENCE)):
+        if out[key] is not None:
+            print(f"{key}: {out[key]:.2f}x (target >= {target}x)")
+    if out["unmeasured_fwd_bwd_comparisons"]:
+        print(f"{out['unmeasured_fwd_bwd_comparisons']} fwd+bwd comparisons unmeasured (skipped cells)")
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("out", help="JSON file to write")
+    parser.add_argument("--dtypes", default="bf16,fp32", help="comma list of " + ", ".join(DTYPES))
+    parser.add_argument("--providers", default=",".join(PROVIDERS))
+    parser.add_argument("--budget-s", type=float, default=80.0,
+                        help="skip the remaining measurements once this many seconds have passed")
+    parser.add_argument("--compile-budget-s", type=float, default=25.0,
+                        help="seconds of torch.compile compilation allowed")
+    parser.add_argument("--tf32", action="store_true",
+                        help="allow TF32 for fp32 matmuls (torch.backends.cuda.matmul.allow_tf32), all providers")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on this machine's device (CPU ok)")
+    args = parser.parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    providers = tuple(args.providers.split(","))
+    dtypes = tuple(args.dtypes.split(","))
+    if device == "cpu":
+        if not args.smoke:
+            print("proxy_attention_table: needs a CUDA device (use --smoke for a CPU check of the script)")
+            return 2
+        providers = tuple(p for p in providers if p != "compile")  # a CPU compile takes minutes
+        dtypes = ("fp32",)  # the interpreter has no bf16
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+
+    started = time.perf_counter()
+    matmul = matmul_tflops(device)
+    rows = run_table(shapes, dtypes, providers, device, args.budget_s, args.compile_budget_s)
+    report = {
+        "rows": rows,
+        "summary": summary(rows, matmul),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "providers": providers,
+        "elapsed_s": time.perf_counter() - started,
+    }
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"\nwrote {args.out} in {report['elapsed_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
