@@ -5,6 +5,7 @@
 // keeps the input order. The count is read back to size the result (one device sync, like
 // torch.nonzero): call it between steps, not inside a captured CUDA graph.
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -20,7 +21,7 @@ namespace {
 constexpr int kThreads = 1024;
 constexpr int kWarps = kThreads / 32;
 
-template <typename scalar_t>
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 __global__ void compact_above(const scalar_t* __restrict__ deltas, int64_t count, scalar_t tol,
                               int64_t* __restrict__ out, int64_t* __restrict__ kept_count) {
   __shared__ int kept_per_warp[kWarps];
@@ -31,7 +32,8 @@ __global__ void compact_above(const scalar_t* __restrict__ deltas, int64_t count
   __syncthreads();
   for (int64_t tile = 0; tile < count; tile += kThreads) {
     const int64_t i = tile + threadIdx.x;
-    const bool keep = i < count && deltas[i] > tol;
+    // Both sides in float (double for double): tol was rounded to the deltas' dtype on the host.
+    const bool keep = i < count && static_cast<acc_t>(deltas[i]) > static_cast<acc_t>(tol);
     const unsigned kept_in_warp = __ballot_sync(0xffffffffu, keep);
     if (lane == 0) kept_per_warp[warp] = __popc(kept_in_warp);
     __syncthreads();
