@@ -442,3 +442,32 @@ def test_iteration_state_factory():
         assert isinstance(state, ext.TorchIterationState)
     if not ext.has_kernels_for("cuda"):
         assert isinstance(ext.IterationState("cuda"), ext.TorchIterationState)
+
+
+@needs_ext
+@pytest.mark.gpu
+def test_iteration_state_step_replays_in_a_cuda_graph():
+    """The state's buffers never move, so a captured step replays on them (what Refiner's
+    cuda_graph option relies on)."""
+    state = ext.IterationState("cuda")
+    x0 = torch.randn(2, 3, 16, 24, device="cuda")
+    new = torch.randn_like(x0)  # the graph's static input
+    state.start(x0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graph asks
+        state.step(new, 0.25)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        state.step(new, 0.25)
+    assert state.start(x0) is False  # same buffers as captured
+
+    reference_current, reference_previous = x0.clone(), torch.empty_like(x0)
+    for _ in range(3):
+        graph.replay()
+        expected = ext.step_update(reference_current, reference_previous, new, 0.25)
+        torch.cuda.synchronize()
+        assert torch.equal(state.current(), reference_current)
+        assert torch.equal(state.previous(), reference_previous)
+        assert torch.equal(state.deltas(), expected)
