@@ -65,7 +65,8 @@ def _want_cuda() -> tuple[bool, str]:
 def _extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     with_cuda, reason = _want_cuda()
-    cxx_flags = ["-O3"]
+    # -fopenmp: at::parallel_for is inline OpenMP; its runtime comes with torch (libgomp).
+    cxx_flags = ["-O3", "-fopenmp"]
     print(f"sipl_fast: building {'C++ and CUDA' if with_cuda else 'C++ only'} ops ({reason})")
     if not with_cuda:
         return cpp_extension.CppExtension(

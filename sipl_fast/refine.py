@@ -88,7 +88,8 @@ class Refiner:
         tile, overlap: refine tile x tile crops (multiples of pad_to) with blended overlaps
             instead of the whole image; a tile covering the image gives the untiled result.
         pad_to: pad H and W (reflect) to this multiple and crop back (8: the network's need).
-        cuda_graph: capture a step in a CUDA graph (CUDA, fixed shapes, tol=None).
+        cuda_graph: capture a step in a CUDA graph (CUDA, fixed shapes, tol=None); keep the
+            Refiner object to replay the graph on later calls of the same shape.
     """
 
     def __init__(self, model, steps: int = 2, *, tol: float | None = None, blend: float = 0.0,
@@ -107,8 +108,7 @@ class Refiner:
         self.steps, self.tol, self.blend = steps, tol, float(blend)
         self.return_deltas, self.tile, self.overlap, self.pad_to = return_deltas, tile, overlap, pad_to
         self.cuda_graph = cuda_graph
-        # The state outlives calls: buffers are reused while the shape stays the same.
-        self.state = state if state is not None else _shared_state(model)
+        self._state = state
         self._graph = None
 
     # ------------------------------------------------------------------ entry
@@ -129,6 +129,10 @@ class Refiner:
             output = output[..., :h, :w].clone()
         return (output, deltas) if self.return_deltas else output
 
+    def state(self, device: torch.device):
+        """The IterationState this refiner works in: the one given, else the model's own."""
+        return self._state if self._state is not None else _shared_state(self.model, device)
+
     # ------------------------------------------------------------------ one batch
     def _step(self, current: torch.Tensor) -> torch.Tensor:
         """y_t from x_{t-1}: one shared encoder pass, the plain decode, PI, the privileged decode."""
@@ -139,43 +143,35 @@ class Refiner:
     def _refine_batch(self, x: torch.Tensor):
         if self.steps == 0:
             return self.model(x), []
-        state = self.state
-        state.prepare(x)
-        state.current().copy_(x)
+        state = self.state(x.device)
+        state.start(x)
         if self.cuda_graph and x.is_cuda:
-            return self._refine_graphed(x)
+            return self._refine_graphed(state, x)
         batch = x.shape[0]
-        active = torch.arange(batch, device=x.device)
+        active = None  # indices of the images still changing; None: all of them
         history = []
         for _ in range(self.steps):
-            if active.numel() == batch:
-                deltas = state.step(self._step(state.current()), self.blend).clone()
+            if active is None:
+                deltas = state.step(self._step(state.current()), self.blend)
             else:
-                deltas = self._step_subset(active)
+                # Only the active images run through the network (the batch is compacted);
+                # finished ones keep their image and report a delta of 0.
+                still = state.active().clone()
+                new = self._step(state.current().index_select(0, active))
+                deltas = state.step_rows(active, new, self.blend).masked_fill_(~still, 0.0)
             history.append(deltas)
             if self.tol is not None:
-                active = extension.active_indices(deltas, self.tol)
+                active = state.active_rows(self.tol)
                 if active.numel() == 0:
                     break
+                if active.numel() == batch:
+                    active = None
         history += [torch.zeros_like(history[-1])] * (self.steps - len(history))
         return state.current(), history
 
-    def _step_subset(self, active: torch.Tensor) -> torch.Tensor:
-        """A step on the still-changing images only; finished ones keep their image (delta 0)."""
-        state = self.state
-        current = state.current().index_select(0, active)
-        previous = current.clone()
-        updated = current.clone()
-        sub_deltas = extension.step_update(updated, previous, self._step(current), self.blend)
-        extension.scatter_rows(state.previous(), active, previous)
-        extension.scatter_rows(state.current(), active, updated)
-        deltas = torch.zeros(state.current().shape[0], device=active.device, dtype=torch.float32)
-        return deltas.index_copy_(0, active, sub_deltas)
-
-    def _refine_graphed(self, x: torch.Tensor):
+    def _refine_graphed(self, state, x: torch.Tensor):
         """Replay one captured step (static buffers of the state) ``steps`` times."""
-        state = self.state
-        key = (tuple(x.shape), x.dtype, x.device, self.blend)
+        key = (tuple(x.shape), x.dtype, state.current().data_ptr(), self.blend)
         if self._graph is None or self._graph[0] != key:
             current = state.current()
             warm = torch.cuda.Stream()
@@ -219,10 +215,10 @@ class Refiner:
         return output / weight_sum, [total / area for total in delta_sums]
 
 
-def _shared_state(model):
-    """One IterationState per model, created on first use and kept for later calls."""
-    state = getattr(model, "_iteration_state", None)
-    if state is None:
-        state = extension.IterationState()
-        object.__setattr__(model, "_iteration_state", state)  # not a submodule, not in state_dict
-    return state
+def _shared_state(model, device: torch.device):
+    """One IterationState per model and device type, created on first use and kept, so that
+    later calls with the same shape reuse its buffers."""
+    states = model.__dict__.setdefault("_iteration_states", {})  # not a submodule, not in state_dict
+    if device.type not in states:
+        states[device.type] = extension.IterationState(device)
+    return states[device.type]

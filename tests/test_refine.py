@@ -1,0 +1,179 @@
+"""The refinement engine: the authors' loop exactly, shared encoder, early stop, reuse, tiles."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sipl_fast
+from sipl_fast import SIPLPromptIR
+from sipl_fast.ops import extension
+from sipl_fast.refine import Refiner, authors_loop
+
+from test_model import SMALL, _randomised, _relative_error
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _randomised(SIPLPromptIR(**SMALL)).eval()
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_equals_the_authors_loop_on_the_reference_backend(model, steps):
+    x = torch.rand(2, 3, 21, 29)  # odd size: padded to 24x32 and cropped back
+    with sipl_fast.use_backend("reference"):
+        expected = authors_loop(model, x, steps)
+    got, deltas = model.refine(x, steps=steps, return_deltas=True)
+    assert got.shape == x.shape
+    assert _relative_error(got, expected) <= 2e-4
+    assert len(deltas) == steps and all(d.shape == (2,) and d.dtype == torch.float32 for d in deltas)
+
+
+def test_deltas_are_the_mean_change_of_each_step(model):
+    x = torch.rand(2, 3, 16, 16)
+    _, deltas = model.refine(x, steps=2, return_deltas=True)
+    first = authors_loop(model, x, 1)
+    second = authors_loop(model, x, 2)
+    torch.testing.assert_close(deltas[0], (first - x).abs().flatten(1).mean(1), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(deltas[1], (second - first).abs().flatten(1).mean(1), rtol=1e-4, atol=1e-6)
+
+
+def test_early_stop_compacts_the_batch(model, monkeypatch):
+    x = torch.rand(3, 3, 16, 16)
+    x[1] = 0.5 + 0.01 * x[1]  # a nearly flat image changes differently from the others
+    steps = 3
+    _, free_deltas = model.refine(x, steps=steps, return_deltas=True)
+    per_step = [model.refine(x, steps=t) for t in range(1, steps + 1)]
+    first = free_deltas[0].sort().values
+    tol = float((first[0] + first[1]) / 2)  # one image stops after the first step
+    # Where each image should stop: after the first step whose delta is <= tol.
+    stop_after = [next((t + 1 for t in range(steps) if free_deltas[t][i] <= tol), steps) for i in range(3)]
+    expected_batches = [sum(1 for i in range(3) if stop_after[i] > t) for t in range(steps)]
+    expected_batches = [b for b in expected_batches if b > 0]
+
+    batch_sizes = []
+    step = Refiner._step
+
+    def counting_step(self, current):
+        batch_sizes.append(current.shape[0])
+        return step(self, current)
+    monkeypatch.setattr(Refiner, "_step", counting_step)
+    got, got_deltas = model.refine(x, steps=steps, tol=tol, return_deltas=True)
+    assert batch_sizes == expected_batches and batch_sizes[1] < 3
+    for i in range(3):
+        assert _relative_error(got[i], per_step[stop_after[i] - 1][i]) <= 1e-5, i
+        for t in range(stop_after[i], steps):
+            assert got_deltas[t][i] == 0
+        for t in range(stop_after[i]):
+            assert abs(float(got_deltas[t][i] - free_deltas[t][i])) <= 1e-5 * float(free_deltas[t][i])
+
+
+def test_all_stopped_ends_the_loop(model):
+    x = torch.rand(2, 3, 16, 16)
+    got, deltas = model.refine(x, steps=3, tol=1e9, return_deltas=True)
+    assert torch.equal(got, model.refine(x, steps=1))
+    assert len(deltas) == 3 and (deltas[1] == 0).all() and (deltas[2] == 0).all()
+
+
+def test_buffers_are_reused_and_memory_is_flat_in_steps(model):
+    x = torch.rand(2, 3, 16, 24)
+    refiner = Refiner(model, steps=1)
+    refiner(x)
+    state = refiner.state(x.device)
+    pointer, held = state.current().data_ptr(), state.nbytes()
+    Refiner(model, steps=5)(x)  # a new refiner on the same model shares its state
+    assert state.current().data_ptr() == pointer and state.nbytes() == held
+    assert held == 2 * x.numel() * x.element_size() + 2 * (4 + 1)  # current, previous, deltas, mask
+    Refiner(model, steps=1)(torch.rand(1, 3, 16, 16))
+    assert state.current().data_ptr() != pointer or state.nbytes() != held
+
+
+def test_peak_memory_does_not_grow_with_steps(model):
+    import gc
+    x = torch.rand(2, 3, 48, 48)
+
+    def peak_extra(steps):
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        before = _status("VmRSS")
+        model.refine(x, steps=steps)
+        return _status("VmHWM") - before
+
+    peak_extra(1)  # warm: allocator pools, oneDNN primitives
+    one, four = peak_extra(1), peak_extra(4)
+    assert four <= one * 1.25 + (4 << 20), (one, four)
+
+
+def _status(field):
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+
+
+def test_weight_changes_invalidate_cached_dictionary_work():
+    model = _randomised(SIPLPromptIR(**SMALL)).eval()
+    x = torch.rand(1, 3, 16, 16)
+    before = model.refine(x, steps=1)
+    assert torch.equal(model.refine(x, steps=1), before)
+    with torch.no_grad():
+        model.privileged_dictionary2.mul_(-1)
+    after = model.refine(x, steps=1)
+    assert not torch.equal(after, before)
+    with sipl_fast.use_backend("reference"):
+        assert _relative_error(after, authors_loop(model, x, 1)) <= 2e-4
+
+
+def test_one_tile_covering_the_image_is_the_untiled_result(model):
+    x = torch.rand(1, 3, 30, 22)
+    assert torch.equal(model.refine(x, steps=2, tile=32, overlap=8), model.refine(x, steps=2))
+
+
+class _PointwiseModel(torch.nn.Module):
+    """A stand-in network that acts pixel by pixel: tiles must stitch to the untiled result."""
+    config = {"inp_channels": 3}
+
+    def encode_all(self, x):
+        return x
+
+    def encode(self, x):
+        return x
+
+    def decode(self, x, encoded, privileged_features=None):
+        return 0.5 * x + 0.25 if privileged_features is None else x * x + 0.1 * privileged_features
+
+    def forward(self, x):
+        return self.decode(x, self.encode_all(x))
+
+
+def test_overlapping_tiles_blend_to_the_untiled_result():
+    stand_in = _PointwiseModel()
+    x = torch.rand(2, 3, 45, 70)
+    untiled, deltas = Refiner(stand_in, steps=2, return_deltas=True)(x)
+    tiled, tiled_deltas = Refiner(stand_in, steps=2, tile=24, overlap=8, return_deltas=True)(x)
+    torch.testing.assert_close(tiled, untiled, rtol=1e-6, atol=1e-6)
+    assert len(tiled_deltas) == 2
+
+
+def test_tiles_of_the_real_model_stay_close(model):
+    x = torch.rand(1, 3, 48, 48)
+    untiled = model.refine(x, steps=1)
+    tiled = model.refine(x, steps=1, tile=32, overlap=16)
+    assert tiled.shape == untiled.shape and torch.isfinite(tiled).all()
+
+
+def test_bad_arguments():
+    model = SIPLPromptIR.from_preset("tiny")
+    with pytest.raises(ValueError, match="steps"):
+        model.refine(torch.rand(1, 3, 8, 8), steps=-1)
+    with pytest.raises(ValueError, match="tile"):
+        model.refine(torch.rand(1, 3, 8, 8), tile=12)
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        model.refine(torch.rand(3, 8, 8))
+    with pytest.raises(ValueError, match="cuda_graph"):
+        Refiner(model, cuda_graph=True, tol=0.1)
+
+
+def test_state_factory_matches_the_build():
+    state = extension.IterationState(torch.device("cpu"))
+    assert hasattr(state, "step_rows") and hasattr(state, "nbytes")
