@@ -40,7 +40,7 @@ def _default_device() -> str:
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(steps=args.steps, out=args.out, seed=args.seed, progress=not args.no_progress)
+    run_demo(steps=args.steps, out=args.out, seed=args.seed, eval_size=args.eval_size, progress=not args.no_progress)
 
 
 def cmd_train(args) -> None:
@@ -139,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's budget)")
     demo.add_argument("--out", default="demo_out", help="output folder (default: ./demo_out)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--eval-size", type=int, default=None, help="centre crop of the held-out photos (default 128)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(run=cmd_demo)
 
@@ -199,10 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "demo" and args.steps is None:
-        from .demo import DEFAULT_STEPS
+    if args.command == "demo":   # the demo's defaults live in sipl_fast.demo
+        from .demo import DEFAULT_STEPS, EVAL_SIZE
 
-        args.steps = DEFAULT_STEPS
+        args.steps = DEFAULT_STEPS if args.steps is None else args.steps
+        args.eval_size = EVAL_SIZE if args.eval_size is None else args.eval_size
     try:
         args.run(args)
     except USER_ERRORS + (UsageError,) as exc:

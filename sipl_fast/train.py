@@ -139,6 +139,8 @@ class Trainer:
 
         self.options = opts = copy.deepcopy(options)
         self.device = _pick_device(opts.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)   # NCCL collectives use the current device
         self.dist = Distributed.from_environment(self.device.type)
         self._log = log or (lambda line: tqdm.write(line))
         self.out = Path(opts.out)
@@ -233,13 +235,18 @@ class Trainer:
                 step += 1
 
     # ------------------------------------------------------------------ loop
-    def run(self, until: int | None = None, on_step: Callable[[int, torch.Tensor], None] | None = None) -> None:
+    def run(self, until: int | None = None, on_step: Callable[[int, torch.Tensor], None] | None = None,
+            time_limit: float | None = None) -> None:
         """Train up to step ``until`` (default: ``options.steps``), then save.
 
         ``on_step(step, loss)`` is called after every step (e.g. to record the loss curve).
+        ``time_limit`` (seconds, single process only) stops earlier once training has taken
+        that long: the demo uses it to finish in its time budget on a slow machine.
         """
         opts = self.options
         until = opts.steps if until is None else min(until, opts.steps)
+        if time_limit is not None and self.dist.enabled:
+            raise ValueError("time_limit would stop DDP ranks at different steps; use it in one process only")
         if self.step >= until:
             return
         self.log(f"training {opts.preset} ({sum(p.numel() for p in self.model.parameters()):,} parameters) on "
@@ -247,7 +254,8 @@ class Trainer:
                  f"{self.dist.world_size} process(es), patch {self.patch}, device {self.device}")
         bar = tqdm(total=until, initial=self.step, disable=not (opts.progress and self.dist.is_main),
                    desc="train", dynamic_ncols=True, leave=False)
-        loss_sum, loss_count, tick = torch.zeros((), device=self.device), 0, time.perf_counter()
+        start = tick = time.perf_counter()
+        loss_sum, loss_count = torch.zeros((), device=self.device), 0
         for batch in self._batches(self.step):
             loss = self.train_step(batch["lq"].to(self.device, non_blocking=True),
                                    batch["gt"].to(self.device, non_blocking=True))
@@ -257,7 +265,9 @@ class Trainer:
             bar.update(1)
             if on_step is not None:
                 on_step(self.step, loss)
-            if self.step % max(1, opts.log_every) == 0 or self.step == until:
+            out_of_time = time_limit is not None and time.perf_counter() - start >= time_limit
+            stop = self.step == until or out_of_time
+            if self.step % max(1, opts.log_every) == 0 or stop:
                 mean = self._mean_over_ranks(loss_sum / loss_count)
                 entry = LogEntry(self.step, mean, self.scheduler.get_last_lr()[0], time.perf_counter() - tick)
                 self.history.append(entry)
@@ -267,7 +277,9 @@ class Trainer:
                 loss_sum, loss_count, tick = torch.zeros((), device=self.device), 0, time.perf_counter()
             if opts.eval_every and self.step % opts.eval_every == 0 and self.dist.is_main:
                 self.log(format_table(evaluate(self.eval_model(), self.eval_samples(), opts.eval_steps)))
-            if self.step == until:
+            if out_of_time and self.step < until:
+                self.log(f"time limit of {time_limit:.0f} s reached: stopping at step {self.step} of {until}")
+            if stop:
                 break
             if opts.save_every and self.step % opts.save_every == 0:
                 self.save()

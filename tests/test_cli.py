@@ -142,10 +142,10 @@ def test_restore_keeps_sizes_formats_alpha_and_inputs(inputs, checkpoint, tmp_pa
 
 def test_restore_tiled_matches_size(inputs, checkpoint, tmp_path):
     out = tmp_path / "tiled"
-    assert main(["restore", str(inputs / "odd.png"), "--checkpoint", str(checkpoint), "--out", str(out),
-                 "--steps", "1", "--tile", "128", "--overlap", "16"]) == 0
-    with Image.open(out / "odd.png") as image:
-        assert image.size == (451, 301)
+    assert main(["restore", str(inputs / "alpha.png"), "--checkpoint", str(checkpoint), "--out", str(out),
+                 "--steps", "1", "--tile", "24", "--overlap", "8"]) == 0     # 3 x 2 overlapping tiles
+    with Image.open(out / "alpha.png") as image:
+        assert image.size == (30, 45) and image.mode == "RGBA"
 
 
 def test_restore_refuses_to_overwrite_an_input(inputs, checkpoint, capsys):

@@ -10,7 +10,7 @@ from sipl_fast.data.degradations import TASK_SETS
 
 def test_demo_smoke(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--steps", "2", "--out", str(out), "--no-progress"]) == 0
+    assert main(["demo", "--steps", "2", "--eval-size", "64", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     for task in TASK_SETS["3task"]:
         assert task in printed

@@ -127,6 +127,21 @@ def test_ddp_two_cpu_processes_write_one_checkpoint(tmp_path):
     model, meta = load_model(out)
     assert meta["step"] == 3
     assert torch.equal(model.output.weight, state["model"]["output.weight"])
+    # 2 ranks x batch 2 see the same samples as one process with batch 4 (the sampler deals the
+    # shuffled indices round-robin), and DDP averages the gradients: the same training, up to
+    # the order of float additions.
+    single = Trainer(_options(tmp_path, "single", tasks="noise25,rain", steps=3, batch=4))
+    single.run()
+    for key, value in single.model.state_dict().items():
+        torch.testing.assert_close(state["model"][key], value, rtol=1e-4, atol=2e-5, msg=key)
+
+
+def test_time_limit_stops_early_and_saves(tmp_path):
+    lines = []
+    trainer = Trainer(_options(tmp_path, steps=50), log=lines.append)
+    trainer.run(time_limit=0.0)
+    assert trainer.step == 1 and any("time limit" in line for line in lines)
+    assert load_resume_state(tmp_path / "run" / "resume.pt")["step"] == 1
 
 
 def test_amp_is_ignored_on_cpu(tmp_path):
