@@ -1,0 +1,623 @@
+"""Restormer's transposed (channel) attention, MDTA, as Triton kernels: forward and backward.
+
+Math, per image b and head h, with c = C/heads channel rows of N = H*W pixels each
+(q_i is row i of the head's q, and so on):
+    iq_i = 1 / max(|q_i|, eps),  ik_j = 1 / max(|k_j|, eps)      (eps = 1e-12, F.normalize)
+    cos_ij = iq_i ik_j (q_i . k_j),   S = tau_h cos,   A = softmax over j of S,   out = A v
+Backward, with dO the gradient of out:
+    dA = dO v^T,   dv = A^T dO,   dS = A * (dA - rowsum(dA * A)),   dtau_h = sum(dS * cos)
+    P  = tau_h dS iq ik^T,   T_i = tau_h sum_j dS_ij cos_ij,   U_j = tau_h sum_i dS_ij cos_ij
+    dq = P k   - diag(mq iq^2 T) q,      dk = P^T q - diag(mk ik^2 U) k
+where mq_i = [|q_i| >= eps] (the clamp passes no gradient below eps). The terms with T and U
+are F.normalize's projection: <q^_i, dq^_i> = T_i, a sum over the tiny c x c matrices, so
+the row sums over N that the projection needs cost no extra pass over q and k.
+
+Passes over memory (a "stream" is one c x N operand of one head; c x c matrices are tiny):
+    forward   gram_partials(q, k)  -> sum_chunks -> softmax_forward -> channel_mix(A, v)
+    backward  gram_partials(dO, v) -> sum_chunks -> softmax_backward
+              channel_mix(A^T, dO) -> dv;   channel_mix dual (P, k | P^T, q) -> dq, dk
+so the forward reads q, k, v once and writes out once; the backward reads dO twice and
+q, k, v once, and writes dq, dk, dv once. q and k are never normalised into new tensors.
+(Only 3xTF32 with heads wider than 128 channels runs dq and dk as two passes, see _mix_plan.)
+
+- Reductions over N are split into chunks of pixels across many programs; each program
+  writes its partial c x c sums (and squared row norms) to its own slot of a buffer, and
+  sum_chunks adds the slots in a fixed order. No atomics: results are identical run to run.
+- Channel tiles: c is padded to C_PAD = next power of two (>= 16, tl.dot's minimum) with
+  masked loads; the c x c Gram matrix is computed in tiles of at most 128 x 128. Heads of
+  at most MAX_HEAD_CHANNELS channels (SIPL's widest is 176).
+- Layout: a stream is (B, C, H, W) with each channel plane contiguous (H*W pixels at unit
+  stride); batch and channel strides are free, so q, k, v = qkv.chunk(3, dim=1) are used
+  in place.
+- Arithmetic: 16-bit inputs multiply on tensor cores with float32 accumulation; float32
+  inputs use TF32 when torch.backends.cuda.matmul.allow_tf32 is set, else 3xTF32 (fp32-level
+  error at tensor-core speed: the kernels are memory-bound only if the multiplies are cheap);
+  float64 stays float64. The small matrices (Gram, A, P) are kept in float32 (float64).
+- The softmax backward shifts each row of dA first (see _softmax_backward_kernel): in rows
+  where the softmax saturates, the float32 result then stays accurate to ~1e-6 where the
+  textbook formula (and the reference, in float32) loses whole percents.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["forward", "backward", "MAX_HEAD_CHANNELS", "stats_size"]
+
+NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default eps
+MAX_HEAD_CHANNELS = 256  # beyond this M's rows and the (C_PAD x BLOCK_N) tiles crowd out each other
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_SOFTMAX_TILE = 2048  # elements of one (rows x C_PAD) tile in the small-matrix kernels
+_SUM_BLOCK_L = 256  # matrix entries one sum_chunks program adds up
+_SUM_BLOCK_CHUNKS = 8  # chunk slots it loads at a time (fixed: it fixes the summation order)
+
+
+# ----------------------------------------------------------------------------------------
+# Launch plans. Each streaming kernel gets one configuration derived from its tile sizes
+# (checked by compiling every width and dtype for sm_90: shared memory under the H100's
+# 227 KB, no register spills). Compiling is the expensive part of a first call (seconds
+# per kernel variant), so autotuning, which compiles every candidate, is opt-in:
+# SIPL_FAST_TRITON_AUTOTUNE=1 makes the launchers time the plan against its neighbours.
+# The interpreter runs programs one after another in numpy: small blocks, few programs.
+# ----------------------------------------------------------------------------------------
+_AUTOTUNE = os.environ.get("SIPL_FAST_TRITON_AUTOTUNE", "0") == "1" and not _INTERPRET
+_STAGE_BYTES = 32 * 1024  # stream tiles loaded per pipeline stage
+_SHARED_MEMORY_BUDGET = 200 * 1024  # H100: 227 KB per block, minus what Triton adds
+_RESIDENT_BYTES = 128 * 1024  # most shared memory M's rows may take in a mix program
+_MAX_BLOCK_N = 256  # runs and chunks of pixels are multiples of this (any BLOCK_N divides it)
+
+
+def _pow2_floor(x: int) -> int:
+    return 1 << (max(int(x), 1).bit_length() - 1)
+
+
+def _operand_copies(precision: str) -> int:
+    """3xTF32 keeps a high and a low part of every shared-memory operand."""
+    return 2 if precision == "tf32x3" else 1
+
+
+def _gram_plan(c_pad: int, element_size: int, precision: str) -> dict:
+    """BLOCK_C and the configuration of the Gram kernel: x and y tiles of BLOCK_C rows."""
+    block_c = min(c_pad, 128)
+    if _INTERPRET:
+        return {"BLOCK_C": block_c, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    # below 64 rows tl.dot runs as mma.sync, whose operands take registers: shorter tiles
+    longest = _MAX_BLOCK_N if block_c >= 64 else 64
+    block_n = min(longest, _pow2_floor(_STAGE_BYTES // (2 * block_c * element_size)))
+    # a 128 x 128 float32 accumulator, or 3xTF32's split operands, need 8 warps' registers
+    warps = 8 if block_c >= 128 or precision == "tf32x3" else 4
+    return {"BLOCK_C": block_c, "BLOCK_N": max(16, block_n), "num_warps": warps, "num_stages": 3}
+
+
+def _mix_shared_bytes(c_pad, block_i, block_n, stages, element_size, streams, precision) -> int:
+    """Estimated shared memory of the mix kernel: M's rows (staged once; 3xTF32 keeps two
+    parts), the pipelined x (and y) tiles, and the output tiles staged for coalesced stores."""
+    resident = streams * block_i * c_pad * element_size * _operand_copies(precision)
+    pipelined = stages * streams * c_pad * block_n * element_size
+    return resident + pipelined + streams * block_i * block_n * element_size
+
+
+def _mix_plan(c_pad: int, element_size: int, streams: int, precision: str):
+    """BLOCK_I (output rows per program) and the configuration of the mix kernel, or None
+    when M's rows cannot stay on chip (the caller then runs one stream per launch).
+
+    M's rows are the first tl.dot operand, loaded once per program. 16-bit streams scale
+    them in registers, where with the float32 accumulators they must fit in about 128
+    registers per thread; other streams keep them in shared memory, at most _RESIDENT_BYTES.
+    BLOCK_I shrinks first, not below 64 where wgmma needs it (3xTF32 below 64 rows runs as
+    mma.sync with split operands in registers, and spills); then BLOCK_N gives way.
+    """
+    warps = 8 if c_pad >= 64 else 4
+    threads = 32 * warps
+    m_bytes = lambda rows: streams * rows * c_pad * element_size * _operand_copies(precision)
+    fewest_rows = min(c_pad, 64) if element_size == 2 or precision == "tf32x3" else 16
+    block_i = min(c_pad, 128)
+    if element_size == 2:
+        while block_i > fewest_rows and m_bytes(block_i) > 64 * 4 * threads:
+            block_i //= 2
+        accumulator_registers = 128 - m_bytes(block_i) // (4 * threads)
+    else:
+        while block_i > fewest_rows and m_bytes(block_i) > _RESIDENT_BYTES // 2:
+            block_i //= 2
+        if m_bytes(block_i) > _RESIDENT_BYTES:
+            return None
+        accumulator_registers = 64
+    if _INTERPRET:
+        return {"BLOCK_I": block_i, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    # mma.sync (fewer than 64 rows) holds its operands in registers: shorter tiles
+    longest = _MAX_BLOCK_N if block_i >= 64 else 64
+    block_n = min(longest, _pow2_floor(accumulator_registers * threads // (streams * block_i)),
+                  _pow2_floor(_STAGE_BYTES // (streams * c_pad * element_size)))
+    shared = lambda n, stages: _mix_shared_bytes(c_pad, block_i, n, stages, element_size, streams, precision)
+    while block_n > 16 and shared(block_n, 3) > _SHARED_MEMORY_BUDGET:
+        block_n //= 2
+    block_n = max(16, block_n)
+    stages = 3 if shared(block_n, 3) <= _SHARED_MEMORY_BUDGET else 2
+    return {"BLOCK_I": block_i, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
+
+
+def _candidates() -> list:
+    return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
+            for n in (16, 32, 64, 128, 256) for w in (4, 8) for s in (2, 3, 4)]
+
+
+def _near(configs, plan: dict, fits) -> list:
+    """Autotuning candidates: the plan's BLOCK_N, half and double it, whose shared memory fits."""
+    lengths = (plan["BLOCK_N"] // 2, plan["BLOCK_N"], plan["BLOCK_N"] * 2)
+    near = [c for c in configs if c.kwargs["BLOCK_N"] in lengths and fits(c)]
+    planned = [c for c in configs if c.kwargs["BLOCK_N"] == plan["BLOCK_N"]
+               and c.num_warps == plan["num_warps"] and c.num_stages == plan["num_stages"]]
+    return near or planned
+
+
+def _prune_gram(configs, named_args, **kwargs):
+    size, block_c = named_args["x_ptr"].element_size(), kwargs["BLOCK_C"]
+    plan = _gram_plan(block_c, size, kwargs["PRECISION"])  # BLOCK_C = min(C_PAD, 128)
+    return _near(configs, plan,
+                 lambda c: c.num_stages * 2 * block_c * c.kwargs["BLOCK_N"] * size <= _SHARED_MEMORY_BUDGET)
+
+
+def _prune_mix(configs, named_args, **kwargs):
+    size = named_args["x_ptr"].element_size()
+    streams = 2 if kwargs["DUAL"] else 1
+    plan = _mix_plan(kwargs["BLOCK_K"], size, streams, kwargs["PRECISION"])
+    return _near(configs, plan, lambda c: _mix_shared_bytes(
+        kwargs["BLOCK_K"], kwargs["BLOCK_I"], c.kwargs["BLOCK_N"], c.num_stages, size, streams,
+        kwargs["PRECISION"]) <= _SHARED_MEMORY_BUDGET)
+
+
+# ----------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _stream_rows(base_ptr, stride_b, stride_c, batch, first_channel, rows, cols):
+    """Pointers to pixels ``cols`` of channel rows ``rows`` of one head: a (rows, cols) tile."""
+    channel = (first_channel + rows).to(tl.int64)
+    return base_ptr + batch * stride_b + channel[:, None] * stride_c + cols[None, :]
+
+
+@triton.jit(do_not_specialize=["C", "HEADS", "SIZE_CLASS"])
+def _gram_partials_kernel(
+    x_ptr, y_ptr, partials_ptr,
+    C, N, HEADS, CHUNK, SIZE_CLASS,
+    x_stride_b, x_stride_c, y_stride_b, y_stride_c,
+    partials_stride_bh, partials_stride_chunk,
+    WITH_NORMS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Partial x y^T (and |x_i|^2, |y_j|^2) of one head over one chunk of CHUNK pixels.
+
+    Grid: (chunks * channel tiles, B*heads), channel tiles fastest so that the programs
+    reading one chunk run together and share it through L2. Channel tile t covers rows
+    (t // tiles) of x and rows (t % tiles) of y, BLOCK_C each. Writes slot [bh, chunk] of
+    the partials buffer: c*c Gram entries (row-major), then c squared norms of x, then of y.
+    """
+    tiles = tl.cdiv(C, BLOCK_C)
+    chunk = tl.program_id(0) // (tiles * tiles)
+    tile = tl.program_id(0) % (tiles * tiles)
+    bh = tl.program_id(1)
+    batch = (bh // HEADS).to(tl.int64)
+    first_channel = (bh % HEADS) * C
+    tile_x = tile // tiles
+    tile_y = tile % tiles
+    rows_x = tile_x * BLOCK_C + tl.arange(0, BLOCK_C)
+    rows_y = tile_y * BLOCK_C + tl.arange(0, BLOCK_C)
+    cols = tl.arange(0, BLOCK_N)
+    x_ptrs = _stream_rows(x_ptr, x_stride_b, x_stride_c, batch, first_channel, rows_x, cols)
+    y_ptrs = _stream_rows(y_ptr, y_stride_b, y_stride_c, batch, first_channel, rows_y, cols)
+
+    gram = tl.zeros((BLOCK_C, BLOCK_C), dtype=ACC)
+    sq_x = tl.zeros((BLOCK_C,), dtype=ACC)
+    sq_y = tl.zeros((BLOCK_C,), dtype=ACC)
+    start = chunk * CHUNK
+    end = tl.minimum(start + CHUNK, N)
+    for n in range(start, end, BLOCK_N):
+        in_chunk = (n + cols < end)[None, :]
+        x = tl.load(x_ptrs + n, mask=(rows_x < C)[:, None] & in_chunk, other=0.0)
+        y = tl.load(y_ptrs + n, mask=(rows_y < C)[:, None] & in_chunk, other=0.0)
+        gram = tl.dot(x, tl.trans(y), gram, input_precision=PRECISION, out_dtype=ACC)
+        if WITH_NORMS:
+            x_acc = x.to(ACC)
+            y_acc = y.to(ACC)
+            sq_x += tl.sum(x_acc * x_acc, axis=1)
+            sq_y += tl.sum(y_acc * y_acc, axis=1)
+
+    slot = partials_ptr + bh.to(tl.int64) * partials_stride_bh + chunk.to(tl.int64) * partials_stride_chunk
+    gram_mask = (rows_x < C)[:, None] & (rows_y < C)[None, :]
+    tl.store(slot + rows_x[:, None] * C + rows_y[None, :], gram, mask=gram_mask)
+    if WITH_NORMS:  # every tile computes them; the first tile of each row / column stores
+        tl.store(slot + C * C + rows_x, sq_x, mask=(rows_x < C) & (tile_y == 0))
+        tl.store(slot + C * C + C + rows_y, sq_y, mask=(rows_y < C) & (tile_x == 0))
+
+
+@triton.jit(do_not_specialize=["CHUNKS", "L"])
+def _sum_chunks_kernel(partials_ptr, sums_ptr, CHUNKS, L, partials_stride_bh, partials_stride_chunk,
+                       BLOCK_L: tl.constexpr, BLOCK_CHUNKS: tl.constexpr):
+    """sums[bh, :] = sum over chunks of partials[bh, chunk, :], in a fixed order.
+
+    Grid: (cdiv(L, BLOCK_L), B*heads).
+    """
+    bh = tl.program_id(1).to(tl.int64)
+    entries = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    slots = tl.arange(0, BLOCK_CHUNKS)
+    base = partials_ptr + bh * partials_stride_bh
+    total = tl.zeros((BLOCK_CHUNKS, BLOCK_L), dtype=partials_ptr.dtype.element_ty)
+    for first in range(0, CHUNKS, BLOCK_CHUNKS):
+        chunk = first + slots
+        mask = (chunk < CHUNKS)[:, None] & (entries < L)[None, :]
+        total += tl.load(base + chunk[:, None].to(tl.int64) * partials_stride_chunk + entries[None, :],
+                         mask=mask, other=0.0)
+    tl.store(sums_ptr + bh * L + entries, tl.sum(total, axis=0), mask=entries < L)
+
+
+@triton.jit
+def _inverse_norms(stats_ptr, offset, indices, C, eps):
+    """1 / max(|row|, eps) of rows ``indices`` from squared norms at stats_ptr + offset, and
+    whether the norm passes gradient (|row| >= eps)."""
+    norm = tl.sqrt(tl.load(stats_ptr + offset + indices, mask=indices < C, other=1.0))
+    return 1.0 / tl.maximum(norm, eps), norm >= eps
+
+
+@triton.jit
+def _cosine_rows(stats_ptr, rows, cols, C, eps):
+    """Rows ``rows`` of cos = iq iq^T * (q k^T) from a head's stats (Gram, |q|^2, |k|^2).
+
+    Returns cos, the inverse norms of q rows and k columns, and the gradient masks.
+    """
+    valid = (rows < C)[:, None] & (cols < C)[None, :]
+    gram = tl.load(stats_ptr + rows[:, None] * C + cols[None, :], mask=valid, other=0.0)
+    inv_q, pass_q = _inverse_norms(stats_ptr, C * C, rows, C, eps)
+    inv_k, pass_k = _inverse_norms(stats_ptr, C * C + C, cols, C, eps)
+    return gram * inv_q[:, None] * inv_k[None, :], inv_q, inv_k, pass_q, pass_k
+
+
+@triton.jit(do_not_specialize=["C", "HEADS"])
+def _softmax_forward_kernel(stats_ptr, temperature_ptr, attn_ptr, C, HEADS, eps,
+                            BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A[rows, :] = softmax_j(tau_h cos[rows, j]) for BLOCK_I rows of one head.
+
+    Grid: (cdiv(C, BLOCK_I), B*heads). stats rows: [Gram (c*c), |q|^2 (c), |k|^2 (c)].
+    """
+    bh = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+    cols = tl.arange(0, BLOCK_C)
+    stats = stats_ptr + bh.to(tl.int64) * (C * C + 2 * C)
+    cos, _, _, _, _ = _cosine_rows(stats, rows, cols, C, eps)
+    tau = tl.load(temperature_ptr + bh % HEADS).to(cos.dtype)
+    logits = tl.where((cols < C)[None, :], tau * cos, float("-inf"))
+    shifted = logits - tl.max(logits, axis=1)[:, None]
+    weights = tl.exp(shifted)
+    attn = weights / tl.sum(weights, axis=1)[:, None]
+    valid = (rows < C)[:, None] & (cols < C)[None, :]
+    tl.store(attn_ptr + bh.to(tl.int64) * C * C + rows[:, None] * C + cols[None, :], attn, mask=valid)
+
+
+@triton.jit(do_not_specialize=["C", "HEADS"])
+def _softmax_backward_kernel(stats_ptr, attn_ptr, grad_attn_ptr, temperature_ptr,
+                             p_ptr, diag_q_ptr, diag_k_ptr, grad_tau_ptr,
+                             C, HEADS, eps, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr):
+    """From dA (= dO v^T) to the matrices of dq and dk, and this head's share of dtau.
+
+    One program per B*heads, walking the rows in blocks (the column sums U need all rows).
+    Writes P = tau dS iq ik^T (c x c), diag_q = -mq iq^2 T, diag_k = -mk ik^2 U (c each),
+    and grad_tau[bh] = sum(dS * cos).
+    """
+    bh = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_C)
+    stats = stats_ptr + bh.to(tl.int64) * (C * C + 2 * C)
+    matrix_offset = bh.to(tl.int64) * C * C
+    tau = tl.load(temperature_ptr + bh % HEADS).to(stats_ptr.dtype.element_ty)
+    column_sums = tl.zeros((BLOCK_C,), dtype=stats_ptr.dtype.element_ty)
+    for first_row in range(0, C, BLOCK_I):
+        rows = first_row + tl.arange(0, BLOCK_I)
+        valid = (rows < C)[:, None] & (cols < C)[None, :]
+        entries = rows[:, None] * C + cols[None, :]
+        cos, inv_q, inv_k, pass_q, pass_k = _cosine_rows(stats, rows, cols, C, eps)
+        attn = tl.load(attn_ptr + matrix_offset + entries, mask=valid, other=0.0)
+        grad_attn = tl.load(grad_attn_ptr + matrix_offset + entries, mask=valid, other=0.0)
+        # dS = A (dA - rowsum(A dA)) is unchanged by adding a constant to a row of dA (A's
+        # rows sum to 1). Shifting by dA at the row's largest probability makes that entry
+        # exactly 0: in a saturated row (A nearly one-hot, tau = 50) the small dS of the
+        # dominant entry then survives instead of cancelling to rounding noise.
+        top = tl.argmax(attn, axis=1)
+        grad_attn -= tl.sum(tl.where(cols[None, :] == top[:, None], grad_attn, 0.0), axis=1)[:, None]
+        grad_logits = attn * (grad_attn - tl.sum(grad_attn * attn, axis=1)[:, None])
+        weighted = grad_logits * cos  # dS * cos: its sums give T, U and dtau
+        tl.store(p_ptr + matrix_offset + entries, tau * grad_logits * inv_q[:, None] * inv_k[None, :],
+                 mask=valid)
+        row_sums = tau * tl.sum(weighted, axis=1)
+        tl.store(diag_q_ptr + bh * C + rows, tl.where(pass_q, -inv_q * inv_q * row_sums, 0.0), mask=rows < C)
+        column_sums += tl.sum(weighted, axis=0)
+    inv_k, pass_k = _inverse_norms(stats, C * C + C, cols, C, eps)
+    tl.store(diag_k_ptr + bh * C + cols, tl.where(pass_k, -inv_k * inv_k * tau * column_sums, 0.0),
+             mask=cols < C)
+    tl.store(grad_tau_ptr + bh, tl.sum(column_sums, axis=0))
+
+
+@triton.jit
+def _mixing_rows(m_ptr, stride_i, stride_j, rows, ks, C, DOT_DTYPE: tl.constexpr, SCALE_ROWS: tl.constexpr):
+    """Rows ``rows`` of a small matrix M as a tl.dot operand of DOT_DTYPE, and their scales.
+
+    For a 16-bit dot each row is divided by its largest |entry| first (the scale multiplies
+    the product back in float32): P's entries can be far below float16's smallest normal, or
+    above its largest, while their ratios within a row are what the product needs.
+    """
+    valid = (rows < C)[:, None] & (ks < C)[None, :]
+    m = tl.load(m_ptr + rows[:, None] * stride_i + ks[None, :] * stride_j, mask=valid, other=0.0)
+    if SCALE_ROWS:
+        scale = tl.max(tl.abs(m), axis=1)
+        scale = tl.where(scale > 0, scale, 1.0)
+        m = m / scale[:, None]
+    else:
+        scale = tl.full((m.shape[0],), 1.0, dtype=m.dtype)
+    return m.to(DOT_DTYPE), scale
+
+
+@triton.jit(do_not_specialize=["C", "HEADS", "SIZE_CLASS"])
+def _channel_mix_kernel(
+    m_ptr, m_stride_bh, m_stride_i, m_stride_j,
+    x_ptr, x_stride_b, x_stride_c, out_ptr, out_stride_b, out_stride_c,
+    y_ptr, y_stride_b, y_stride_c, out2_ptr, out2_stride_b, out2_stride_c,
+    diag1_ptr, diag2_ptr,
+    C, N, HEADS, PIXELS_PER_PROGRAM, SIZE_CLASS,
+    DIAG: tl.constexpr, DUAL: tl.constexpr, SCALE_ROWS: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """out = M x for one head's streams, over a run of PIXELS_PER_PROGRAM pixels.
+
+    DIAG adds a diagonal term, out += diag1 * y. DUAL (with DIAG) also computes
+    out2 = M^T y + diag2 * x from the same loads of x and y: the dq, dk step, with x = k,
+    y = q, M = P. Grid: (pixel runs * row tiles, B*heads), row tiles fastest so that the
+    programs reading one run of x share it through L2. A program owns BLOCK_I output rows,
+    multiplies by all c rows of x (BLOCK_K = C_PAD), and loads its rows of M once.
+    """
+    row_tiles = tl.cdiv(C, BLOCK_I)
+    run = tl.program_id(0) // row_tiles
+    rows = (tl.program_id(0) % row_tiles) * BLOCK_I + tl.arange(0, BLOCK_I)
+    bh = tl.program_id(1)
+    batch = (bh // HEADS).to(tl.int64)
+    first_channel = (bh % HEADS) * C
+    ks = tl.arange(0, BLOCK_K)
+    cols = tl.arange(0, BLOCK_N)
+    m_head = m_ptr + bh.to(tl.int64) * m_stride_bh
+    dot_dtype = x_ptr.dtype.element_ty
+    m1, scale1 = _mixing_rows(m_head, m_stride_i, m_stride_j, rows, ks, C, dot_dtype, SCALE_ROWS)
+    x_ptrs = _stream_rows(x_ptr, x_stride_b, x_stride_c, batch, first_channel, ks, cols)
+    out_ptrs = _stream_rows(out_ptr, out_stride_b, out_stride_c, batch, first_channel, rows, cols)
+    if DIAG:
+        diag1 = tl.load(diag1_ptr + bh * C + rows, mask=rows < C, other=0.0)
+        y_rows_ptrs = _stream_rows(y_ptr, y_stride_b, y_stride_c, batch, first_channel, rows, cols)
+    if DUAL:
+        m2, scale2 = _mixing_rows(m_head, m_stride_j, m_stride_i, rows, ks, C, dot_dtype, SCALE_ROWS)
+        diag2 = tl.load(diag2_ptr + bh * C + rows, mask=rows < C, other=0.0)
+        y_ptrs = _stream_rows(y_ptr, y_stride_b, y_stride_c, batch, first_channel, ks, cols)
+        x_rows_ptrs = _stream_rows(x_ptr, x_stride_b, x_stride_c, batch, first_channel, rows, cols)
+        out2_ptrs = _stream_rows(out2_ptr, out2_stride_b, out2_stride_c, batch, first_channel, rows, cols)
+
+    start = run * PIXELS_PER_PROGRAM
+    end = tl.minimum(start + PIXELS_PER_PROGRAM, N)
+    for n in range(start, end, BLOCK_N):
+        in_run = (n + cols < end)[None, :]
+        k_mask = (ks < C)[:, None] & in_run
+        out_mask = (rows < C)[:, None] & in_run
+        x = tl.load(x_ptrs + n, mask=k_mask, other=0.0)
+        out = tl.dot(m1, x, input_precision=PRECISION, out_dtype=ACC) * scale1[:, None]
+        if DUAL:
+            y = tl.load(y_ptrs + n, mask=k_mask, other=0.0)
+        if DIAG:
+            if DUAL and BLOCK_I == BLOCK_K:  # one row tile: the loaded tile is the rows
+                y_rows = y
+            else:
+                y_rows = tl.load(y_rows_ptrs + n, mask=out_mask, other=0.0)
+            out += diag1[:, None] * y_rows.to(ACC)
+        if DUAL:
+            if BLOCK_I == BLOCK_K:
+                x_rows = x
+            else:
+                x_rows = tl.load(x_rows_ptrs + n, mask=out_mask, other=0.0)
+            out2 = tl.dot(m2, y, input_precision=PRECISION, out_dtype=ACC) * scale2[:, None]
+            out2 += diag2[:, None] * x_rows.to(ACC)
+            tl.store(out2_ptrs + n, out2.to(out2_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(out_ptrs + n, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+# The same kernels behind the autotuner (used when SIPL_FAST_TRITON_AUTOTUNE=1). The key
+# holds the head width and the power-of-two class of N; tensor dtypes are added by Triton.
+_gram_partials_tuned = triton.autotune(
+    configs=_candidates(), key=["C", "SIZE_CLASS", "WITH_NORMS", "PRECISION"],
+    prune_configs_by={"early_config_prune": _prune_gram})(_gram_partials_kernel)
+_channel_mix_tuned = triton.autotune(
+    configs=_candidates(), key=["C", "SIZE_CLASS", "DIAG", "DUAL", "PRECISION"],
+    prune_configs_by={"early_config_prune": _prune_mix})(_channel_mix_kernel)
+
+
+def _launch(kernel, tuned, grid, args, constants: dict, config: dict) -> None:
+    """Run ``kernel`` with the planned ``config``, or ``tuned`` when autotuning is on."""
+    if _AUTOTUNE:
+        tuned[grid](*args, **constants)
+    else:
+        kernel[grid](*args, **constants, **config)
+
+
+# ----------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------
+def stats_size(channels: int) -> int:
+    """Entries of one head's forward statistics: Gram matrix, then |q_i|^2, then |k_j|^2."""
+    return channels * channels + 2 * channels
+
+
+def _padded(channels: int) -> int:
+    return max(16, triton.next_power_of_2(channels))
+
+
+@functools.lru_cache(maxsize=None)
+def _target_programs(device_index: int) -> int:
+    """How many programs a streaming pass should have: a few per multiprocessor."""
+    if _INTERPRET:
+        return 4  # enough to exercise chunk splitting, few enough for the interpreter
+    return 2 * torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _split_pixels(n_pixels: int, other_programs: int, device: torch.device):
+    """(runs, pixels per run): split N into runs, each a multiple of _MAX_BLOCK_N long (the
+    interpreter's block length there), so that runs * other_programs is about the target."""
+    granularity = 32 if _INTERPRET else _MAX_BLOCK_N
+    on_gpu = device.type == "cuda"
+    target = _target_programs(torch.cuda.current_device() if on_gpu and device.index is None
+                              else (device.index if on_gpu else 0))
+    wanted = max(1, -(-target // max(other_programs, 1)))
+    per_run = -(-n_pixels // wanted)
+    per_run = max(granularity, -(-per_run // granularity) * granularity)
+    return max(1, -(-n_pixels // per_run)), per_run
+
+
+def _size_class(n_pixels: int) -> int:
+    """Autotuning key for N: its power-of-two bucket, so similar sizes share a tuning."""
+    return max(n_pixels, 1).bit_length()
+
+
+def _accumulator(dtype: torch.dtype) -> tuple[torch.dtype, object]:
+    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: only float32 operands have a choice."""
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+    return "ieee"
+
+
+def _pixel_major(x: torch.Tensor) -> torch.Tensor:
+    """x itself when each channel plane is contiguous (any batch and channel strides), else a copy."""
+    _, _, h, w = x.shape
+    if x.stride(3) == 1 and (h == 1 or x.stride(2) == w):
+        return x
+    return x.contiguous()
+
+
+def _gram_sums(x, y, num_heads: int, with_norms: bool) -> torch.Tensor:
+    """Per head: [x y^T (c*c), and with_norms |x_i|^2 (c), |y_j|^2 (c)], shape (B*heads, L)."""
+    batch, channels, h, w = x.shape
+    c, n_pixels = channels // num_heads, h * w
+    heads_total = batch * num_heads
+    acc_torch, acc_tl = _accumulator(x.dtype)
+    precision = _precision(x.dtype)
+    plan = _gram_plan(_padded(c), x.element_size(), precision)
+    block_c = plan.pop("BLOCK_C")
+    tiles = triton.cdiv(c, block_c) ** 2
+    chunks, chunk = _split_pixels(n_pixels, tiles * heads_total, x.device)
+    length = stats_size(c) if with_norms else c * c
+    partials = torch.empty((heads_total, chunks, length), device=x.device, dtype=acc_torch)
+    _launch(_gram_partials_kernel, _gram_partials_tuned, (chunks * tiles, heads_total),
+            (x, y, partials, c, n_pixels, num_heads, chunk, _size_class(n_pixels),
+             x.stride(0), x.stride(1), y.stride(0), y.stride(1), partials.stride(0), partials.stride(1)),
+            dict(WITH_NORMS=with_norms, PRECISION=precision, ACC=acc_tl, BLOCK_C=block_c), plan)
+    sums = torch.empty((heads_total, length), device=x.device, dtype=acc_torch)
+    _sum_chunks_kernel[(triton.cdiv(length, _SUM_BLOCK_L), heads_total)](
+        partials, sums, chunks, length, partials.stride(0), partials.stride(1),
+        BLOCK_L=_SUM_BLOCK_L, BLOCK_CHUNKS=_SUM_BLOCK_CHUNKS,
+    )
+    return sums
+
+
+def _channel_mix(matrix, transpose: bool, x, out, num_heads: int, plan: dict, diag=None, second=None) -> None:
+    """out = M x per head (M^T x if ``transpose``), matrix (B*heads, c, c), with ``plan``
+    from _mix_plan. ``diag`` = (d, y) adds d * y to out (d: (B*heads, c)); ``second`` =
+    (out2, d2), with diag, also computes out2 = M^T y + d2 * x."""
+    batch, channels, h, w = x.shape
+    c, n_pixels = channels // num_heads, h * w
+    heads_total = batch * num_heads
+    config = dict(plan)
+    block_i = config.pop("BLOCK_I")
+    row_tiles = triton.cdiv(c, block_i)
+    runs, per_run = _split_pixels(n_pixels, row_tiles * heads_total, x.device)
+    stride_i, stride_j = matrix.stride(1), matrix.stride(2)
+    if transpose:
+        stride_i, stride_j = stride_j, stride_i
+    diag1, y = diag if diag is not None else (matrix, x)  # unused placeholders without DIAG
+    out2, diag2 = second if second is not None else (out, matrix)
+    _launch(_channel_mix_kernel, _channel_mix_tuned, (runs * row_tiles, heads_total),
+            (matrix, matrix.stride(0), stride_i, stride_j,
+             x, x.stride(0), x.stride(1), out, out.stride(0), out.stride(1),
+             y, y.stride(0), y.stride(1), out2, out2.stride(0), out2.stride(1),
+             diag1, diag2, c, n_pixels, num_heads, per_run, _size_class(n_pixels)),
+            dict(DIAG=diag is not None, DUAL=second is not None, SCALE_ROWS=x.element_size() == 2,
+                 PRECISION=_precision(x.dtype), ACC=_accumulator(x.dtype)[1], BLOCK_I=block_i,
+                 BLOCK_K=_padded(c)), config)
+
+
+def _mix(matrix, transpose: bool, x, num_heads: int) -> torch.Tensor:
+    """M x per head as a new contiguous tensor (M^T x if ``transpose``)."""
+    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    plan = _mix_plan(_padded(x.shape[1] // num_heads), x.element_size(), 1, _precision(x.dtype))
+    _channel_mix(matrix, transpose, x, out, num_heads, plan)
+    return out
+
+
+def _input_gradients(p, diag_q, diag_k, q, k, num_heads: int):
+    """dq = P k + diag_q * q and dk = P^T q + diag_k * k per head.
+
+    One pass over q and k when P's rows fit on chip twice (always for 16-bit streams),
+    otherwise one pass for each gradient.
+    """
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.empty_like(dq)
+    c_pad, size, precision = _padded(q.shape[1] // num_heads), q.element_size(), _precision(q.dtype)
+    fused = _mix_plan(c_pad, size, 2, precision)
+    if fused is not None:
+        _channel_mix(p, False, k, dq, num_heads, fused, diag=(diag_q, q), second=(dk, diag_k))
+    else:
+        single = _mix_plan(c_pad, size, 1, precision)
+        _channel_mix(p, False, k, dq, num_heads, single, diag=(diag_q, q))
+        _channel_mix(p, True, q, dk, num_heads, single, diag=(diag_k, k))
+    return dq, dk
+
+
+def _softmax_rows(c: int) -> int:
+    return max(1, min(_padded(c), _SOFTMAX_TILE // _padded(c)))
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor, num_heads: int):
+    """Returns (out, stats, attn): out (B, C, H, W) contiguous; stats (B*heads, c*c + 2c)
+    holds q k^T, |q_i|^2 and |k_j|^2 per head; attn (B*heads, c, c) is A. Both small
+    tensors are float32 (float64 for float64 inputs) and are what the backward needs."""
+    q, k, v = (_pixel_major(t) for t in (q, k, v))
+    batch, channels, h, w = q.shape
+    c = channels // num_heads
+    if channels > 0 and c > MAX_HEAD_CHANNELS:
+        raise ValueError(f"transposed attention kernels take at most {MAX_HEAD_CHANNELS} channels "
+                         f"per head, got {c}")
+    stats = _gram_sums(q, k, num_heads, with_norms=True)
+    attn = torch.empty((batch * num_heads, c, c), device=q.device, dtype=stats.dtype)
+    _softmax_forward_kernel[(triton.cdiv(c, _softmax_rows(c)), batch * num_heads)](
+        stats, temperature.reshape(-1), attn, c, num_heads, NORMALIZE_EPS,
+        BLOCK_I=_softmax_rows(c), BLOCK_C=_padded(c),
+    )
+    return _mix(attn, False, v, num_heads), stats, attn
+
+
+def backward(grad_out, q, k, v, temperature, stats, attn, num_heads: int):
+    """Returns (dq, dk, dv, dtemperature) for the forward's (out, stats, attn)."""
+    grad_out, q, k, v = (_pixel_major(t) for t in (grad_out, q, k, v))
+    batch, channels, h, w = q.shape
+    c = channels // num_heads
+    heads_total = batch * num_heads
+    grad_attn = _gram_sums(grad_out, v, num_heads, with_norms=False)
+    p = torch.empty((heads_total, c, c), device=q.device, dtype=stats.dtype)
+    diag_q = torch.empty((heads_total, c), device=q.device, dtype=stats.dtype)
+    diag_k = torch.empty_like(diag_q)
+    grad_tau = torch.empty((heads_total,), device=q.device, dtype=stats.dtype)
+    _softmax_backward_kernel[(heads_total,)](
+        stats, attn, grad_attn, temperature.reshape(-1), p, diag_q, diag_k, grad_tau,
+        c, num_heads, NORMALIZE_EPS, BLOCK_I=_softmax_rows(c), BLOCK_C=_padded(c),
+    )
+    dv = _mix(attn, True, grad_out, num_heads)
+    dq, dk = _input_gradients(p, diag_q, diag_k, q, k, num_heads)
+    grad_temperature = grad_tau.view(batch, num_heads).sum(0)
+    return dq, dk, dv, grad_temperature.to(temperature.dtype).reshape(temperature.shape)
