@@ -187,10 +187,9 @@ def _gram_partials_kernel(
     C, N, HEADS, CHUNK, SIZE_CLASS,
     x_stride_b, x_stride_c, y_stride_b, y_stride_c,
     partials_stride_bh, partials_stride_chunk,
-    WITH_NORMS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Partial x y^T (and |x_i|^2, |y_j|^2) of one head over one chunk of CHUNK pixels.
+    """Partial x y^T, |x_i|^2 and |y_j|^2 of one head over one chunk of CHUNK pixels.
 
     Grid: (chunks * channel tiles, B*heads), channel tiles fastest so that the programs
     reading one chunk run together and share it through L2. Channel tile t covers rows
@@ -221,18 +220,19 @@ def _gram_partials_kernel(
         x = tl.load(x_ptrs + n, mask=(rows_x < C)[:, None] & in_chunk, other=0.0)
         y = tl.load(y_ptrs + n, mask=(rows_y < C)[:, None] & in_chunk, other=0.0)
         gram = tl.dot(x, tl.trans(y), gram, input_precision=PRECISION, out_dtype=ACC)
-        if WITH_NORMS:
-            x_acc = x.to(ACC)
-            y_acc = y.to(ACC)
-            sq_x += tl.sum(x_acc * x_acc, axis=1)
-            sq_y += tl.sum(y_acc * y_acc, axis=1)
+        # The backward's pass (x = dO, y = v) has no use for the norms: a few ALU operations
+        # per loaded element in a memory-bound loop, and one kernel variant to compile.
+        x_acc = x.to(ACC)
+        y_acc = y.to(ACC)
+        sq_x += tl.sum(x_acc * x_acc, axis=1)
+        sq_y += tl.sum(y_acc * y_acc, axis=1)
 
     slot = partials_ptr + bh.to(tl.int64) * partials_stride_bh + chunk.to(tl.int64) * partials_stride_chunk
     gram_mask = (rows_x < C)[:, None] & (rows_y < C)[None, :]
     tl.store(slot + rows_x[:, None] * C + rows_y[None, :], gram, mask=gram_mask)
-    if WITH_NORMS:  # every tile computes them; the first tile of each row / column stores
-        tl.store(slot + C * C + rows_x, sq_x, mask=(rows_x < C) & (tile_y == 0))
-        tl.store(slot + C * C + C + rows_y, sq_y, mask=(rows_y < C) & (tile_x == 0))
+    # every tile computes the norms; the first tile of each row / column stores them
+    tl.store(slot + C * C + rows_x, sq_x, mask=(rows_x < C) & (tile_y == 0))
+    tl.store(slot + C * C + C + rows_y, sq_y, mask=(rows_y < C) & (tile_x == 0))
 
 
 @triton.jit(do_not_specialize=["CHUNKS", "L"])
@@ -304,12 +304,14 @@ def _softmax_backward_kernel(stats_ptr, attn_ptr, grad_attn_ptr, temperature_ptr
     """From dA (= dO v^T) to the matrices of dq and dk, and this head's share of dtau.
 
     One program per B*heads, walking the rows in blocks (the column sums U need all rows).
+    stats and grad_attn hold c*c + 2c entries per head (_gram_sums), attn c*c.
     Writes P = tau dS iq ik^T (c x c), diag_q = -mq iq^2 T, diag_k = -mk ik^2 U (c each),
     and grad_tau[bh] = sum(dS * cos).
     """
     bh = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
     stats = stats_ptr + bh.to(tl.int64) * (C * C + 2 * C)
+    grad_attn_head = grad_attn_ptr + bh.to(tl.int64) * (C * C + 2 * C)
     matrix_offset = bh.to(tl.int64) * C * C
     tau = tl.load(temperature_ptr + bh % HEADS).to(stats_ptr.dtype.element_ty)
     column_sums = tl.zeros((BLOCK_C,), dtype=stats_ptr.dtype.element_ty)
@@ -319,7 +321,7 @@ def _softmax_backward_kernel(stats_ptr, attn_ptr, grad_attn_ptr, temperature_ptr
         entries = rows[:, None] * C + cols[None, :]
         cos, inv_q, inv_k, pass_q, pass_k = _cosine_rows(stats, rows, cols, C, eps)
         attn = tl.load(attn_ptr + matrix_offset + entries, mask=valid, other=0.0)
-        grad_attn = tl.load(grad_attn_ptr + matrix_offset + entries, mask=valid, other=0.0)
+        grad_attn = tl.load(grad_attn_head + entries, mask=valid, other=0.0)
         # dS = A (dA - rowsum(A dA)) is unchanged by adding a constant to a row of dA (A's
         # rows sum to 1). Shifting by dA at the row's largest probability makes that entry
         # exactly 0: in a saturated row (A nearly one-hot, tau = 50) the small dS of the
@@ -429,7 +431,7 @@ def _channel_mix_kernel(
 # The same kernels behind the autotuner (used when SIPL_FAST_TRITON_AUTOTUNE=1). The key
 # holds the head width and the power-of-two class of N; tensor dtypes are added by Triton.
 _gram_partials_tuned = triton.autotune(
-    configs=_candidates(), key=["C", "SIZE_CLASS", "WITH_NORMS", "PRECISION"],
+    configs=_candidates(), key=["C", "SIZE_CLASS", "PRECISION"],
     prune_configs_by={"early_config_prune": _prune_gram})(_gram_partials_kernel)
 _channel_mix_tuned = triton.autotune(
     configs=_candidates(), key=["C", "SIZE_CLASS", "DIAG", "DUAL", "PRECISION"],
@@ -452,8 +454,16 @@ def stats_size(channels: int) -> int:
     return channels * channels + 2 * channels
 
 
+# Host-side arithmetic is plain Python: triton.cdiv and triton.next_power_of_2 are JIT
+# functions whose host calls cost microseconds each, and a forward at 128x128 runs for
+# only tens of microseconds on the GPU. Launch layouts are cached per problem shape.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _padded(channels: int) -> int:
-    return max(16, triton.next_power_of_2(channels))
+    """C_PAD: the next power of two, at least 16 (tl.dot's smallest dimension)."""
+    return max(16, 1 << (channels - 1).bit_length())
 
 
 @functools.lru_cache(maxsize=None)
@@ -464,17 +474,37 @@ def _target_programs(device_index: int) -> int:
     return 2 * torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _split_pixels(n_pixels: int, other_programs: int, device: torch.device):
+def _split_pixels(n_pixels: int, other_programs: int, target_programs: int):
     """(runs, pixels per run): split N into runs, each a multiple of _MAX_BLOCK_N long (the
     interpreter's block length there), so that runs * other_programs is about the target."""
     granularity = 32 if _INTERPRET else _MAX_BLOCK_N
-    on_gpu = device.type == "cuda"
-    target = _target_programs(torch.cuda.current_device() if on_gpu and device.index is None
-                              else (device.index if on_gpu else 0))
-    wanted = max(1, -(-target // max(other_programs, 1)))
-    per_run = -(-n_pixels // wanted)
-    per_run = max(granularity, -(-per_run // granularity) * granularity)
-    return max(1, -(-n_pixels // per_run)), per_run
+    wanted = max(1, _cdiv(target_programs, max(other_programs, 1)))
+    per_run = max(granularity, _cdiv(_cdiv(n_pixels, wanted), granularity) * granularity)
+    return max(1, _cdiv(n_pixels, per_run)), per_run
+
+
+@functools.lru_cache(maxsize=1024)
+def _gram_layout(c: int, n_pixels: int, heads_total: int, element_size: int, precision: str, target: int):
+    """(BLOCK_C, channel tiles, chunks, chunk length, launch configuration) of the Gram pass."""
+    config = _gram_plan(_padded(c), element_size, precision)
+    block_c = config.pop("BLOCK_C")
+    tiles = _cdiv(c, block_c) ** 2
+    chunks, chunk = _split_pixels(n_pixels, tiles * heads_total, target)
+    return block_c, tiles, chunks, chunk, config
+
+
+@functools.lru_cache(maxsize=1024)
+def _mix_layout(c: int, n_pixels: int, heads_total: int, element_size: int, streams: int, precision: str,
+                target: int):
+    """(BLOCK_I, row tiles, runs, pixels per run, launch configuration) of a mix pass, or None
+    where _mix_plan finds no room (streams = 2 with wide 3xTF32 heads)."""
+    config = _mix_plan(_padded(c), element_size, streams, precision)
+    if config is None:
+        return None
+    block_i = config.pop("BLOCK_I")
+    row_tiles = _cdiv(c, block_i)
+    runs, per_run = _split_pixels(n_pixels, row_tiles * heads_total, target)
+    return block_i, row_tiles, runs, per_run, config
 
 
 def _size_class(n_pixels: int) -> int:
@@ -501,85 +531,89 @@ def _pixel_major(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
-def _gram_sums(x, y, num_heads: int, with_norms: bool) -> torch.Tensor:
-    """Per head: [x y^T (c*c), and with_norms |x_i|^2 (c), |y_j|^2 (c)], shape (B*heads, L)."""
-    batch, channels, h, w = x.shape
-    c, n_pixels = channels // num_heads, h * w
-    heads_total = batch * num_heads
-    acc_torch, acc_tl = _accumulator(x.dtype)
-    precision = _precision(x.dtype)
-    plan = _gram_plan(_padded(c), x.element_size(), precision)
-    block_c = plan.pop("BLOCK_C")
-    tiles = triton.cdiv(c, block_c) ** 2
-    chunks, chunk = _split_pixels(n_pixels, tiles * heads_total, x.device)
-    length = stats_size(c) if with_norms else c * c
-    partials = torch.empty((heads_total, chunks, length), device=x.device, dtype=acc_torch)
+class _Call:
+    """What every launch of one forward or backward call shares."""
+
+    def __init__(self, x: torch.Tensor, num_heads: int):
+        batch, channels, h, w = x.shape
+        self.heads, self.c, self.n_pixels = num_heads, channels // num_heads, h * w
+        self.heads_total = batch * num_heads
+        self.device, self.dtype, self.element_size = x.device, x.dtype, x.element_size()
+        self.precision = _precision(x.dtype)
+        self.acc_torch, self.acc_tl = _accumulator(x.dtype)
+        self.target = _target_programs(x.device.index or 0)
+        self.size_class = _size_class(self.n_pixels)
+
+    def mix_layout(self, streams: int):
+        return _mix_layout(self.c, self.n_pixels, self.heads_total, self.element_size, streams, self.precision,
+                           self.target)
+
+
+def _gram_sums(call: _Call, x, y) -> torch.Tensor:
+    """Per head: [x y^T (c*c), |x_i|^2 (c), |y_j|^2 (c)], shape (B*heads, c*c + 2c)."""
+    c, heads_total = call.c, call.heads_total
+    block_c, tiles, chunks, chunk, config = _gram_layout(c, call.n_pixels, heads_total, call.element_size,
+                                                         call.precision, call.target)
+    length = stats_size(c)
+    partials = torch.empty((heads_total, chunks, length), device=call.device, dtype=call.acc_torch)
     _launch(_gram_partials_kernel, _gram_partials_tuned, (chunks * tiles, heads_total),
-            (x, y, partials, c, n_pixels, num_heads, chunk, _size_class(n_pixels),
+            (x, y, partials, c, call.n_pixels, call.heads, chunk, call.size_class,
              x.stride(0), x.stride(1), y.stride(0), y.stride(1), partials.stride(0), partials.stride(1)),
-            dict(WITH_NORMS=with_norms, PRECISION=precision, ACC=acc_tl, BLOCK_C=block_c), plan)
-    sums = torch.empty((heads_total, length), device=x.device, dtype=acc_torch)
-    _sum_chunks_kernel[(triton.cdiv(length, _SUM_BLOCK_L), heads_total)](
+            dict(PRECISION=call.precision, ACC=call.acc_tl, BLOCK_C=block_c), config)
+    sums = torch.empty((heads_total, length), device=call.device, dtype=call.acc_torch)
+    _sum_chunks_kernel[(_cdiv(length, _SUM_BLOCK_L), heads_total)](
         partials, sums, chunks, length, partials.stride(0), partials.stride(1),
         BLOCK_L=_SUM_BLOCK_L, BLOCK_CHUNKS=_SUM_BLOCK_CHUNKS,
     )
     return sums
 
 
-def _channel_mix(matrix, transpose: bool, x, out, num_heads: int, plan: dict, diag=None, second=None) -> None:
-    """out = M x per head (M^T x if ``transpose``), matrix (B*heads, c, c), with ``plan``
-    from _mix_plan. ``diag`` = (d, y) adds d * y to out (d: (B*heads, c)); ``second`` =
-    (out2, d2), with diag, also computes out2 = M^T y + d2 * x."""
-    batch, channels, h, w = x.shape
-    c, n_pixels = channels // num_heads, h * w
-    heads_total = batch * num_heads
-    config = dict(plan)
-    block_i = config.pop("BLOCK_I")
-    row_tiles = triton.cdiv(c, block_i)
-    runs, per_run = _split_pixels(n_pixels, row_tiles * heads_total, x.device)
+def _channel_mix(call: _Call, layout, matrix, transpose: bool, x, out, diag=None, second=None) -> None:
+    """out = M x per head (M^T x if ``transpose``), matrix (B*heads, c, c), with ``layout``
+    from call.mix_layout. ``diag`` = (d, y) adds d * y to out (d: (B*heads, c)); ``second``
+    = (out2, d2), with diag, also computes out2 = M^T y + d2 * x."""
+    block_i, row_tiles, runs, per_run, config = layout
     stride_i, stride_j = matrix.stride(1), matrix.stride(2)
     if transpose:
         stride_i, stride_j = stride_j, stride_i
     diag1, y = diag if diag is not None else (matrix, x)  # unused placeholders without DIAG
     out2, diag2 = second if second is not None else (out, matrix)
-    _launch(_channel_mix_kernel, _channel_mix_tuned, (runs * row_tiles, heads_total),
+    _launch(_channel_mix_kernel, _channel_mix_tuned, (runs * row_tiles, call.heads_total),
             (matrix, matrix.stride(0), stride_i, stride_j,
              x, x.stride(0), x.stride(1), out, out.stride(0), out.stride(1),
              y, y.stride(0), y.stride(1), out2, out2.stride(0), out2.stride(1),
-             diag1, diag2, c, n_pixels, num_heads, per_run, _size_class(n_pixels)),
-            dict(DIAG=diag is not None, DUAL=second is not None, SCALE_ROWS=x.element_size() == 2,
-                 PRECISION=_precision(x.dtype), ACC=_accumulator(x.dtype)[1], BLOCK_I=block_i,
-                 BLOCK_K=_padded(c)), config)
+             diag1, diag2, call.c, call.n_pixels, call.heads, per_run, call.size_class),
+            dict(DIAG=diag is not None, DUAL=second is not None, SCALE_ROWS=call.element_size == 2,
+                 PRECISION=call.precision, ACC=call.acc_tl, BLOCK_I=block_i, BLOCK_K=_padded(call.c)), config)
 
 
-def _mix(matrix, transpose: bool, x, num_heads: int) -> torch.Tensor:
+def _mix(call: _Call, matrix, transpose: bool, x) -> torch.Tensor:
     """M x per head as a new contiguous tensor (M^T x if ``transpose``)."""
-    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-    plan = _mix_plan(_padded(x.shape[1] // num_heads), x.element_size(), 1, _precision(x.dtype))
-    _channel_mix(matrix, transpose, x, out, num_heads, plan)
+    out = torch.empty(x.shape, device=call.device, dtype=call.dtype)
+    _channel_mix(call, call.mix_layout(1), matrix, transpose, x, out)
     return out
 
 
-def _input_gradients(p, diag_q, diag_k, q, k, num_heads: int):
+def _input_gradients(call: _Call, p, diag_q, diag_k, q, k):
     """dq = P k + diag_q * q and dk = P^T q + diag_k * k per head.
 
     One pass over q and k when P's rows fit on chip twice (always for 16-bit streams),
     otherwise one pass for each gradient.
     """
-    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dq = torch.empty(q.shape, device=call.device, dtype=call.dtype)
     dk = torch.empty_like(dq)
-    c_pad, size, precision = _padded(q.shape[1] // num_heads), q.element_size(), _precision(q.dtype)
-    fused = _mix_plan(c_pad, size, 2, precision)
+    fused = call.mix_layout(2)
     if fused is not None:
-        _channel_mix(p, False, k, dq, num_heads, fused, diag=(diag_q, q), second=(dk, diag_k))
+        _channel_mix(call, fused, p, False, k, dq, diag=(diag_q, q), second=(dk, diag_k))
     else:
-        single = _mix_plan(c_pad, size, 1, precision)
-        _channel_mix(p, False, k, dq, num_heads, single, diag=(diag_q, q))
-        _channel_mix(p, True, q, dk, num_heads, single, diag=(diag_k, k))
+        single = call.mix_layout(1)
+        _channel_mix(call, single, p, False, k, dq, diag=(diag_q, q))
+        _channel_mix(call, single, p, True, q, dk, diag=(diag_k, k))
     return dq, dk
 
 
 def _softmax_rows(c: int) -> int:
+    """Rows of A per program of the small-matrix kernels: (rows x C_PAD) <= _SOFTMAX_TILE."""
     return max(1, min(_padded(c), _SOFTMAX_TILE // _padded(c)))
 
 
@@ -588,36 +622,35 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torc
     holds q k^T, |q_i|^2 and |k_j|^2 per head; attn (B*heads, c, c) is A. Both small
     tensors are float32 (float64 for float64 inputs) and are what the backward needs."""
     q, k, v = (_pixel_major(t) for t in (q, k, v))
-    batch, channels, h, w = q.shape
-    c = channels // num_heads
-    if channels > 0 and c > MAX_HEAD_CHANNELS:
+    call = _Call(q, num_heads)
+    c = call.c
+    if c > MAX_HEAD_CHANNELS:
         raise ValueError(f"transposed attention kernels take at most {MAX_HEAD_CHANNELS} channels "
                          f"per head, got {c}")
-    stats = _gram_sums(q, k, num_heads, with_norms=True)
-    attn = torch.empty((batch * num_heads, c, c), device=q.device, dtype=stats.dtype)
-    _softmax_forward_kernel[(triton.cdiv(c, _softmax_rows(c)), batch * num_heads)](
-        stats, temperature.reshape(-1), attn, c, num_heads, NORMALIZE_EPS,
-        BLOCK_I=_softmax_rows(c), BLOCK_C=_padded(c),
+    stats = _gram_sums(call, q, k)
+    attn = torch.empty((call.heads_total, c, c), device=call.device, dtype=call.acc_torch)
+    rows = _softmax_rows(c)
+    _softmax_forward_kernel[(_cdiv(c, rows), call.heads_total)](
+        stats, temperature.reshape(-1), attn, c, num_heads, NORMALIZE_EPS, BLOCK_I=rows, BLOCK_C=_padded(c),
     )
-    return _mix(attn, False, v, num_heads), stats, attn
+    return _mix(call, attn, False, v), stats, attn
 
 
 def backward(grad_out, q, k, v, temperature, stats, attn, num_heads: int):
     """Returns (dq, dk, dv, dtemperature) for the forward's (out, stats, attn)."""
     grad_out, q, k, v = (_pixel_major(t) for t in (grad_out, q, k, v))
-    batch, channels, h, w = q.shape
-    c = channels // num_heads
-    heads_total = batch * num_heads
-    grad_attn = _gram_sums(grad_out, v, num_heads, with_norms=False)
-    p = torch.empty((heads_total, c, c), device=q.device, dtype=stats.dtype)
-    diag_q = torch.empty((heads_total, c), device=q.device, dtype=stats.dtype)
+    call = _Call(q, num_heads)
+    c, heads_total = call.c, call.heads_total
+    grad_attn = _gram_sums(call, grad_out, v)  # dO v^T; the norms that follow it go unused
+    p = torch.empty((heads_total, c, c), device=call.device, dtype=call.acc_torch)
+    diag_q = torch.empty((heads_total, c), device=call.device, dtype=call.acc_torch)
     diag_k = torch.empty_like(diag_q)
-    grad_tau = torch.empty((heads_total,), device=q.device, dtype=stats.dtype)
+    grad_tau = torch.empty((heads_total,), device=call.device, dtype=call.acc_torch)
     _softmax_backward_kernel[(heads_total,)](
         stats, attn, grad_attn, temperature.reshape(-1), p, diag_q, diag_k, grad_tau,
         c, num_heads, NORMALIZE_EPS, BLOCK_I=_softmax_rows(c), BLOCK_C=_padded(c),
     )
-    dv = _mix(attn, True, grad_out, num_heads)
-    dq, dk = _input_gradients(p, diag_q, diag_k, q, k, num_heads)
-    grad_temperature = grad_tau.view(batch, num_heads).sum(0)
+    dv = _mix(call, attn, True, grad_out)
+    dq, dk = _input_gradients(call, p, diag_q, diag_k, q, k)
+    grad_temperature = grad_tau.view(-1, num_heads).sum(0)
     return dq, dk, dv, grad_temperature.to(temperature.dtype).reshape(temperature.shape)
