@@ -20,7 +20,7 @@ def _run(model, x, pf):
     out = model(x, privileged_features=pf)
     weight = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
     (out * weight).sum().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return out.detach(), grads
 
@@ -35,5 +35,7 @@ def test_triton_backend_equals_reference(privileged):
     with sipl_fast.use_backend("triton"):
         got, got_grads = _run(model, x, pf)
     assert _relative_error(got, expected) <= 1e-4
+    assert got_grads.keys() == expected_grads.keys()
+    assert any(name.startswith("p1_cross") for name in got_grads) == privileged
     for name, g in expected_grads.items():
         assert _relative_error(got_grads[name], g) <= 1e-3, name
