@@ -22,8 +22,9 @@ from pathlib import Path
 from .checkpoint import CheckpointError
 from .data.datasets import DataError
 from .images import ImageReadError
+from .train import OptionsError
 
-USER_ERRORS = (CheckpointError, DataError, ImageReadError)
+USER_ERRORS = (CheckpointError, DataError, ImageReadError, OptionsError)
 
 
 class UsageError(ValueError):
@@ -61,11 +62,10 @@ def cmd_train(args) -> None:
 def _output_paths(inputs: list[Path], out: Path) -> dict[Path, Path]:
     """input -> out/<stem>.png; refuses collisions and any output that is an input file."""
     targets: dict[Path, Path] = {}
-    resolved_inputs = {p.resolve() for p in inputs}
     for path in inputs:
         target = out / f"{path.stem}.png"
-        if target.resolve() in resolved_inputs or any(
-                target.exists() and os.path.samefile(target, p) for p in inputs):
+        # samefile also catches symlinks and hard links to an input.
+        if target.exists() and any(os.path.samefile(target, p) for p in inputs):
             raise UsageError(f"{path}: its output {target} would overwrite an input; choose another --out")
         if target in targets.values():
             other = next(p for p, t in targets.items() if t == target)
@@ -108,8 +108,12 @@ def cmd_eval(args) -> None:
     from .data.degradations import resolve_tasks
     from .train import evaluate, format_table
 
+    try:
+        tasks = resolve_tasks(args.tasks)
+    except ValueError as exc:
+        raise UsageError(f"--tasks: {exc}") from None
     model, meta = load_model(args.checkpoint, device=args.device or _default_device())
-    samples = open_source(args.data).eval_set(resolve_tasks(args.tasks), args.size or None, seed=args.seed)
+    samples = open_source(args.data).eval_set(tasks, args.size or None, seed=args.seed)
     evaluation = evaluate(model, samples, steps=args.steps, progress=not args.no_progress)
     print(f"PSNR (dB) / SSIM, {args.checkpoint} on {args.data}:")
     print(format_table(evaluation))

@@ -22,6 +22,7 @@ took about 3.5 days on 4 GPUs), so expect modest numbers; they are printed as me
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -121,6 +122,9 @@ def run_demo(steps: int = DEFAULT_STEPS, out: str | Path = "demo_out", seed: int
     start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > cores:   # other processes compete for the cores: say so, the timings will show it
+        log(f"note: this machine is busy (load average {load:.1f} on {cores} cores); expect slower timings")
     options = TrainOptions(data="skimage", tasks="3task", preset="tiny", steps=steps, batch=DEMO_BATCH,
                            lr=lr, seed=seed, out=str(out), overwrite=True, save_every=0,
                            log_every=max(1, steps // 5), eval_size=eval_size, progress=progress)

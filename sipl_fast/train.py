@@ -46,6 +46,10 @@ from .data.degradations import resolve_tasks
 from .metrics import psnr, ssim
 
 
+class OptionsError(ValueError):
+    """Training options that cannot work together; the message says which and why."""
+
+
 @dataclass
 class TrainOptions:
     """Everything a training run needs; the command line's ``train`` flags map onto these."""
@@ -144,7 +148,12 @@ class Trainer:
         self.dist = Distributed.from_environment(self.device.type)
         self._log = log or (lambda line: tqdm.write(line))
         self.out = Path(opts.out)
-        self.tasks = resolve_tasks(opts.tasks)
+        try:
+            self.tasks = resolve_tasks(opts.tasks)
+        except ValueError as exc:
+            raise OptionsError(f"--tasks: {exc}") from None
+        if opts.steps < 1 or opts.batch < 1:
+            raise OptionsError(f"--steps and --batch must be positive, got {opts.steps} and {opts.batch}")
         self.use_amp = opts.amp and self.device.type == "cuda"
         if opts.amp and not self.use_amp:
             self.log("--amp ignored: bf16 autocast is used on CUDA only")
@@ -152,8 +161,8 @@ class Trainer:
         torch.manual_seed(opts.seed)              # identical initial weights on every rank
         self.model = SIPLPromptIR.from_preset(opts.preset, use_random_proxy=opts.random_proxy).to(self.device)
         self.patch = opts.patch or self.model.config["train_patch"]
-        if self.patch % 8:
-            raise ValueError(f"--patch must be a multiple of 8, got {self.patch}")
+        if self.patch % 8 or self.patch < 8:
+            raise OptionsError(f"--patch must be a positive multiple of 8, got {self.patch}")
         self.warmup = opts.warmup if opts.warmup is not None else max(1, opts.steps // 10)
         self.network = self.model
         if self.dist.enabled:
@@ -166,7 +175,7 @@ class Trainer:
                                           shuffle=True, seed=opts.seed, drop_last=True)
         self.batches_per_epoch = len(self.sampler) // opts.batch
         if self.batches_per_epoch == 0:
-            raise ValueError(f"--batch {opts.batch} is larger than the {len(self.sampler)} samples per epoch")
+            raise OptionsError(f"--batch {opts.batch} is larger than the {len(self.sampler)} samples per epoch")
 
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -246,7 +255,7 @@ class Trainer:
         opts = self.options
         until = opts.steps if until is None else min(until, opts.steps)
         if time_limit is not None and self.dist.enabled:
-            raise ValueError("time_limit would stop DDP ranks at different steps; use it in one process only")
+            raise OptionsError("time_limit would stop DDP ranks at different steps; use it in one process only")
         if self.step >= until:
             return
         self.log(f"training {opts.preset} ({sum(p.numel() for p in self.model.parameters()):,} parameters) on "

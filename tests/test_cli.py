@@ -218,3 +218,14 @@ def test_info(capsys):
 def test_missing_data_folder_is_one_error(checkpoint, tmp_path, capsys):
     code = main(["eval", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "nowhere")])
     assert code == 1 and "nowhere: not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [(["--tasks", "fog"], "--tasks: unknown"),
+                                            (["--patch", "12"], "--patch must be a positive multiple of 8"),
+                                            (["--steps", "0"], "--steps and --batch must be positive")])
+def test_train_option_errors_are_one_line(tmp_path, capsys, flags, message):
+    code = main(["train", "--out", str(tmp_path / "run"), "--no-progress", *flags])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("sipl-fast: error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()

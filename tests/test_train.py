@@ -10,7 +10,9 @@ from sipl_fast.checkpoint import CheckpointError, load_model, load_resume_state
 from sipl_fast.data.datasets import EvalSample
 from sipl_fast.train import TrainOptions, Trainer, evaluate, format_table, lr_factor
 
-SMALL = dict(data="skimage", tasks="noise25,haze", preset="tiny", batch=2, patch=32, progress=False, log_every=1)
+# CPU even where CUDA exists: exact (bitwise) resume is promised on the CPU.
+SMALL = dict(data="skimage", tasks="noise25,haze", preset="tiny", batch=2, patch=32, progress=False, log_every=1,
+             device="cpu")
 
 
 def _options(tmp_path, name="run", **overrides):
@@ -113,7 +115,7 @@ def test_ddp_two_cpu_processes_write_one_checkpoint(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "sipl_fast", "train", "--data", "skimage", "--tasks", "noise25,rain", "--config", "tiny",
                "--steps", "3", "--batch", "2", "--patch", "32", "--save-every", "2", "--log-every", "1",
-               "--out", str(out), "--no-progress"]
+               "--device", "cpu", "--out", str(out), "--no-progress"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -172,3 +174,19 @@ def test_evaluate_reports_every_task_and_step():
     torch.testing.assert_close(outputs[2][None], refined)
     table = format_table(result)
     assert "step 0 (plain)" in table and "step 2" in table and "average" in table
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_training_learns(tmp_path):
+    trainer = Trainer(_options(tmp_path, steps=20, warmup=2, lr=1e-3, tasks="noise50", device="cuda", amp=True,
+                               batch=4, patch=64))
+    assert trainer.use_amp
+    batch = next(trainer._batches(0))
+    lq, gt = batch["lq"].cuda(), batch["gt"].cuda()
+    losses = [trainer.train_step(lq, gt).item() for _ in range(20)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.8 * losses[0], losses
+    trainer.save()
+    model, _ = load_model(tmp_path / "run", device="cuda")
+    with torch.no_grad():
+        assert torch.isfinite(model.refine(lq[:1], steps=2)).all()
