@@ -147,9 +147,10 @@ def _candidates() -> list:
 
 
 def _near(configs, plan: dict, fits) -> list:
-    """Autotuning candidates: the plan's BLOCK_N, half and double it, whose shared memory fits."""
+    """Autotuning candidates: the plan's BLOCK_N, half and double it, no fewer warps than
+    planned (fewer spill registers), whose shared memory fits."""
     lengths = (plan["BLOCK_N"] // 2, plan["BLOCK_N"], plan["BLOCK_N"] * 2)
-    near = [c for c in configs if c.kwargs["BLOCK_N"] in lengths and fits(c)]
+    near = [c for c in configs if c.kwargs["BLOCK_N"] in lengths and c.num_warps >= plan["num_warps"] and fits(c)]
     planned = [c for c in configs if c.kwargs["BLOCK_N"] == plan["BLOCK_N"]
                and c.num_warps == plan["num_warps"] and c.num_stages == plan["num_stages"]]
     return near or planned
@@ -265,7 +266,7 @@ def _inverse_norms(stats_ptr, offset, indices, C, eps):
 
 @triton.jit
 def _cosine_rows(stats_ptr, rows, cols, C, eps):
-    """Rows ``rows`` of cos = iq iq^T * (q k^T) from a head's stats (Gram, |q|^2, |k|^2).
+    """Rows ``rows`` of cos = (iq ik^T) * (q k^T) from a head's stats (Gram, |q|^2, |k|^2).
 
     Returns cos, the inverse norms of q rows and k columns, and the gradient masks.
     """

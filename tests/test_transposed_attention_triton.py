@@ -208,6 +208,26 @@ def test_custom_ops_pass_opcheck():
                            stats.detach(), attn.detach(), 2))
 
 
+def test_traces_without_graph_breaks():
+    """torch.compile(fullgraph=True) through ops.transposed_attention on the triton backend:
+    the fake implementations and the autograd registration carry the whole graph (aot_eager
+    runs the traced forward and backward graphs with the real ops)."""
+    qkv = torch.randn(1, 96, 4, 5, requires_grad=True)
+    temperature = torch.tensor([[[1.0]], [[2.5]]], requires_grad=True)
+
+    def block(qkv, temperature):
+        q, k, v = qkv.chunk(3, dim=1)
+        return ops.transposed_attention(q, k, v, temperature, 2)
+
+    with sipl_fast.use_backend("triton"):
+        eager = block(qkv, temperature)
+        eager_grads = torch.autograd.grad(eager.square().sum(), (qkv, temperature))
+        compiled = torch.compile(block, fullgraph=True, backend="aot_eager")(qkv, temperature)
+        compiled_grads = torch.autograd.grad(compiled.square().sum(), (qkv, temperature))
+    assert torch.equal(compiled, eager)
+    assert all(torch.equal(a, b) for a, b in zip(compiled_grads, eager_grads))
+
+
 # --------------------------------------------------------------------------------------------
 # GPU tests: SIPL's shapes, fp32 and bf16
 # --------------------------------------------------------------------------------------------
