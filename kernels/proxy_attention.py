@@ -58,9 +58,11 @@ from sipl_fast.backends import triton_interpreter
 __all__ = ["proxy_attention_forward", "proxy_attention_backward", "head_chunks", "empty_in_layout_of",
            "NORMALIZE_EPS"]
 
-NORMALIZE_EPS = 1e-12        # torch.nn.functional.normalize's default eps
-INVERSE_EPS = 1e12           # the inverse norm of a clamped (near-zero) token, stored exactly
-LOG2E = 1.4426950408889634   # softmax runs in base 2: exp(x) = exp2(x * log2(e))
+NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default eps
+# The same, as compile-time constants of the kernels:
+_EPS = tl.constexpr(NORMALIZE_EPS)
+_INVERSE_EPS = tl.constexpr(1e12)           # inverse norm stored for a clamped (near-zero) token
+_LOG2E = tl.constexpr(1.4426950408889634)   # softmax runs in base 2: exp(x) = exp2(x * log2(e))
 
 _INTERPRET = triton_interpreter()
 
@@ -108,7 +110,7 @@ def _token_dot_kernel(
     """out[batch, head, token] = sum over the head's channels of a * b, in fp32.
 
     With INVERSE_NORM (a is b) it stores 1 / max(sqrt(sum), eps) instead; clamped tokens get
-    exactly INVERSE_EPS so the backward can tell them apart. out is (batch, heads, N) contiguous.
+    exactly _INVERSE_EPS so the backward can tell them apart. out is (batch, heads, N) contiguous.
     """
     token_block = tl.program_id(0)
     batch = tl.program_id(1) // NUM_HEADS
@@ -124,7 +126,7 @@ def _token_dot_kernel(
         total += tl.sum(a * b, axis=1)
     if INVERSE_NORM:
         norm = tl.sqrt(total)
-        total = tl.where(norm > 1e-12, 1.0 / tl.maximum(norm, 1e-12), 1e12)  # NORMALIZE_EPS, INVERSE_EPS
+        total = tl.where(norm > _EPS, 1.0 / tl.maximum(norm, _EPS), _INVERSE_EPS)
     tl.store(out_ptr + (batch * NUM_HEADS + head).to(tl.int64) * N + tokens, total, mask=token_mask)
 
 
@@ -199,8 +201,9 @@ def _forward_kernel(
     """One query block of one (batch, head) against the key blocks of split program_id(2).
 
     Writes out = (sum_j p_ij v_j) / l_i and lse_i = m_i + log2(l_i) of these rows to split
-    slot program_id(2) of out/lse (the final tensors when there is one split, fp32 partials
-    otherwise). rq/rk: inverse norms, (batch, heads, tokens) with batch stride rq_sb/rk_sb.
+    slot program_id(2) of out and lse (the final tensors when there is one split, fp32
+    partials otherwise); lse is (batch, heads, N_Q) contiguous within a split. rq/rk: inverse
+    norms, (batch, heads, tokens) with batch stride rq_sb/rk_sb.
     """
     m_block = tl.program_id(0)
     batch = tl.program_id(1) // NUM_HEADS
@@ -222,7 +225,7 @@ def _forward_kernel(
     if DB > 0:
         q_b = _load_chunk(q_base, queries, query_mask, q_st, q_sc, DA, DB, D)
         q_b = (q_b * rq[:, None]).to(q_ptr.dtype.element_ty)
-    tau_log2e = tl.load(temp_ptr + head).to(tl.float32) * 1.4426950408889634
+    tau_log2e = tl.load(temp_ptr + head).to(tl.float32) * _LOG2E
 
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -260,8 +263,8 @@ def _forward_kernel(
     _store_chunk(out_base, acc_a / row_sum[:, None], queries, query_mask, out_st, out_sc, 0, DA, D)
     if DB > 0:
         _store_chunk(out_base, acc_b / row_sum[:, None], queries, query_mask, out_st, out_sc, DA, DB, D)
-    lse_base = lse_ptr + split.to(tl.int64) * lse_ss + (batch * NUM_HEADS + head).to(tl.int64) * N_Q
-    tl.store(lse_base + queries, row_max + tl.log2(row_sum), mask=query_mask)
+    lse = lse_ptr + split.to(tl.int64) * lse_ss + (batch * NUM_HEADS + head).to(tl.int64) * N_Q + queries
+    tl.store(lse, row_max + tl.log2(row_sum), mask=query_mask)
 
 
 @triton.jit
@@ -280,25 +283,25 @@ def _combine_splits_kernel(
     head = tl.program_id(1) % NUM_HEADS
     tokens = token_block * BLOCK_T + tl.arange(0, BLOCK_T)
     token_mask = tokens < N
-    row = (batch * NUM_HEADS + head).to(tl.int64) * N
+    row = (batch * NUM_HEADS + head).to(tl.int64) * N + tokens
     lse_max = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
     part_lse = part_lse_ptr + row  # advanced split by split: pointer arithmetic stays 64-bit
     for _ in range(NUM_SPLITS):
-        lse_max = tl.maximum(lse_max, tl.load(part_lse + tokens, mask=token_mask, other=0.0))
+        lse_max = tl.maximum(lse_max, tl.load(part_lse, mask=token_mask, other=0.0))
         part_lse += part_lse_ss
     weight_sum = tl.zeros([BLOCK_T], dtype=tl.float32)
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     part_lse = part_lse_ptr + row
     part_out = part_out_ptr + batch.to(tl.int64) * part_out_sb + head * D * N
     for _ in range(NUM_SPLITS):
-        weight = tl.exp2(tl.load(part_lse + tokens, mask=token_mask, other=0.0) - lse_max)
+        weight = tl.exp2(tl.load(part_lse, mask=token_mask, other=0.0) - lse_max)
         acc += weight[:, None] * _load_chunk(part_out, tokens, token_mask, 1, N, 0, BLOCK_D, D)
         weight_sum += weight
         part_lse += part_lse_ss
         part_out += part_out_ss
     out_base = out_ptr + batch.to(tl.int64) * out_sb + head * D * out_sc
     _store_chunk(out_base, acc / weight_sum[:, None], tokens, token_mask, out_st, out_sc, 0, BLOCK_D, D)
-    tl.store(lse_ptr + row + tokens, lse_max + tl.log2(weight_sum), mask=token_mask)
+    tl.store(lse_ptr + row, lse_max + tl.log2(weight_sum), mask=token_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,7 +348,7 @@ def _backward_dkdv_kernel(
         dv_b = tl.zeros([BLOCK_N, DB], dtype=tl.float32)
     rk = tl.load(rk_ptr + kv_batch.to(tl.int64) * rk_sb + head * N_KV + keys, mask=key_mask, other=0.0)
     tau = tl.load(temp_ptr + head).to(tl.float32)
-    key_scale = rk * (tau * 1.4426950408889634)
+    key_scale = rk * (tau * _LOG2E)
     key_bias = tl.where(key_mask, 0.0, float("-inf"))
 
     q_blocks = tl.cdiv(N_Q, BLOCK_M)
@@ -389,7 +392,7 @@ def _backward_dkdv_kernel(
         if DB > 0:
             khat_b = k_b.to(tl.float32) * rk[:, None]
             proj += tl.sum(khat_b * dk_b, axis=1)
-        proj = tl.where(rk < 1e12, proj, 0.0)  # INVERSE_EPS marks clamped tokens
+        proj = tl.where(rk < _INVERSE_EPS, proj, 0.0)  # clamped tokens: no projection
         dk_a = _normalize_grad(khat_a, dk_a, rk, proj)
         if DB > 0:
             dk_b = _normalize_grad(khat_b, dk_b, rk, proj)
@@ -438,7 +441,7 @@ def _backward_dq_kernel(
         qhat_b = (_load_chunk(q_base, queries, query_mask, q_st, q_sc, DA, DB, D) * rq[:, None]).to(dtype)
         g_b = tl.zeros([BLOCK_M, DB], dtype=tl.float32)
     tau = tl.load(temp_ptr + head).to(tl.float32)
-    tau_log2e = tau * 1.4426950408889634
+    tau_log2e = tau * _LOG2E
 
     kv_blocks = tl.cdiv(N_KV, BLOCK_N)
     unit_begin = split * (BATCHES_PER_Q * kv_blocks) // NUM_SPLITS
@@ -491,7 +494,7 @@ def _backward_dq_kernel(
     if DB > 0:
         g_b = g_b * tau
     if FINAL:
-        proj = tl.where(rq < 1e12, tau * g_dot_qhat, 0.0)  # INVERSE_EPS marks clamped tokens
+        proj = tl.where(rq < _INVERSE_EPS, tau * g_dot_qhat, 0.0)  # clamped tokens: no projection
         g_a = _normalize_grad(qhat_a, g_a, rq, proj)
         if DB > 0:
             g_b = _normalize_grad(qhat_b, g_b, rq, proj)
@@ -526,7 +529,7 @@ def _reduce_splits_kernel(
         r = tl.load(r_ptr + (batch * NUM_HEADS + head).to(tl.int64) * N + tokens, mask=token_mask, other=0.0)
         x_base = x_ptr + batch.to(tl.int64) * x_sb + head * D * x_sc
         xhat = _load_chunk(x_base, tokens, token_mask, x_st, x_sc, 0, BLOCK_D, D).to(tl.float32) * r[:, None]
-        proj = tl.where(r < 1e12, tl.sum(xhat * g, axis=1), 0.0)  # INVERSE_EPS marks clamped tokens
+        proj = tl.where(r < _INVERSE_EPS, tl.sum(xhat * g, axis=1), 0.0)  # clamped tokens: no projection
         g = _normalize_grad(xhat, g, r, proj)
     out_base = out_ptr + batch.to(tl.int64) * out_sb + head * D * out_sc
     _store_chunk(out_base, g, tokens, token_mask, out_st, out_sc, 0, BLOCK_D, D)
@@ -590,7 +593,8 @@ def _num_splits(programs: int, loop_tokens: int, batches_per_program: int, devic
     if _INTERPRET:
         sms, loop_block, min_blocks = 2, 16, 1  # small, so that the tests' tiny shapes split too
     else:
-        sms, loop_block, min_blocks = _sm_count(device.index or 0), (64 if wide_head else 128), 4
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        sms, loop_block, min_blocks = _sm_count(index), (64 if wide_head else 128), 4
     if programs >= sms:
         return 1
     loop_blocks = batches_per_program * triton.cdiv(loop_tokens, loop_block)
@@ -626,17 +630,13 @@ def _token_dot(a, b, num_heads: int, inverse_norm: bool) -> torch.Tensor:
     return out
 
 
-def _partial_strides(part: torch.Tensor) -> tuple[int, int, int, int]:
-    """(split, batch, channel, token) strides of an fp32 partial laid out (splits, batch, C, N)."""
-    return part.stride(0), part.stride(1), part.stride(2), part.stride(3)
-
-
 def proxy_attention_forward(q, k, v, temperature, num_heads: int, *, allow_tf32: bool = False,
                             num_splits: int | None = None):
     """Returns (out, lse, q_rnorm, k_rnorm).
 
-    out: (B, C, Hq, Wq) in q's dtype and layout (NCHW or channels-last); lse: (B, heads, Nq) fp32 base-2 logsumexp of the logits
-    (times log2 e); q_rnorm (Bq, heads, Nq), k_rnorm (Bk, heads, Nkv): fp32 inverse norms.
+    out: (B, C, Hq, Wq) in q's dtype and layout (NCHW or channels-last); lse: (B, heads, Nq)
+    fp32 base-2 logsumexp of the logits (times log2 e); q_rnorm (Bq, heads, Nq) and k_rnorm
+    (Bk, heads, Nkv): fp32 inverse norms.
     ``num_splits`` overrides the key-range split count (tests); it must not exceed the number
     of key blocks.
     """
@@ -658,11 +658,11 @@ def proxy_attention_forward(q, k, v, temperature, num_heads: int, *, allow_tf32:
         programs = triton.cdiv(n_q, _nominal_rows(head_dim)) * batch * num_heads
         num_splits = _num_splits(programs, n_kv, 1, q.device, head_dim > 128)
     if num_splits == 1:
-        target_out, target_lse, out_strides = out, lse, _target_strides(out)
+        target_out, target_lse, out_strides = out, lse[None], _target_strides(out)
     else:
         target_out = torch.empty((num_splits, batch, channels, n_q), device=q.device, dtype=torch.float32)
-        target_lse = torch.empty((num_splits, batch, num_heads, n_q), device=q.device, dtype=torch.float32)
-        out_strides = _partial_strides(target_out)
+        target_lse = torch.empty((num_splits, *lse.shape), device=q.device, dtype=torch.float32)
+        out_strides = target_out.stride()  # (split, batch, channel, token)
 
     def grid(meta):
         return (triton.cdiv(n_q, meta["BLOCK_M"]), batch * num_heads, num_splits)
@@ -672,7 +672,7 @@ def proxy_attention_forward(q, k, v, temperature, num_heads: int, *, allow_tf32:
         n_q, n_kv, num_heads, num_splits,
         q_sb, q_sc, q_st, k_sb, k_sc, k_st, v_sb, v_sc, v_st,
         0 if q.shape[0] == 1 else q_rnorm.stride(0), 0 if k.shape[0] == 1 else k_rnorm.stride(0),
-        *out_strides, target_lse.stride(0) if num_splits > 1 else 0,
+        *out_strides, target_lse.stride(0),
         D=head_dim, DA=da, DB=db, DOT_PRECISION=_dot_precision(q.dtype, allow_tf32),
     )
     if num_splits > 1:
@@ -702,7 +702,7 @@ def _reduce_splits(part, x, rnorm, out, num_heads: int, normalize: bool) -> None
 def proxy_attention_backward(grad_out, q, k, v, temperature, out, lse, q_rnorm, k_rnorm, num_heads: int, *,
                              allow_tf32: bool = False, kv_splits: int | None = None,
                              q_splits: int | None = None):
-    """Returns (dq, dk, dv, dtemperature) for the forward's saved (out, lse, q_rnorm, k_rnorm).
+    """Returns (dq, dk, dv, dtemperature) for the forward's (out, lse, q_rnorm, k_rnorm).
 
     dq, dk, dv have the shapes, dtypes and layouts of q, k, v (a batch-1 input gets the batch sum);
     dtemperature the shape and dtype of temperature. ``kv_splits`` overrides how many programs
@@ -717,8 +717,8 @@ def proxy_attention_backward(grad_out, q, k, v, temperature, out, lse, q_rnorm, 
     da, db = head_chunks(head_dim)
     device = q.device
     temperature_flat = temperature.reshape(-1)
-    delta = _token_dot(grad_out.expand(batch, -1, -1, -1), out, num_heads, inverse_norm=False)
-    grad_out, do_sb, do_sc, do_st = _token_strides(grad_out.expand(batch, -1, -1, -1))
+    grad_out, do_sb, do_sc, do_st = _token_strides(grad_out)
+    delta = _token_dot(grad_out, out, num_heads, inverse_norm=False)
     q, q_sb, q_sc, q_st = _token_strides(q)
     k, k_sb, k_sc, k_st = _token_strides(k)
     v, v_sb, v_sc, v_st = _token_strides(v)
@@ -739,7 +739,7 @@ def proxy_attention_backward(grad_out, q, k, v, temperature, out, lse, q_rnorm, 
     else:
         dk_target = torch.empty((kv_splits, batch_kv, channels, n_kv), device=device, dtype=torch.float32)
         dv_target = torch.empty_like(dk_target)
-        dk_strides, dv_strides = _partial_strides(dk_target), _partial_strides(dv_target)
+        dk_strides, dv_strides = dk_target.stride(), dv_target.stride()
     _backward_dkdv_kernel[lambda meta: (triton.cdiv(n_kv, meta["BLOCK_N"]), batch_kv * num_heads, kv_splits)](
         q, k, v, temperature_flat, q_rnorm, k_rnorm, grad_out, lse, delta, dk_target, dv_target,
         n_q, n_kv, num_heads, kv_splits, batches_per_kv, *strides, *dk_strides, *dv_strides,
@@ -759,7 +759,7 @@ def proxy_attention_backward(grad_out, q, k, v, temperature, out, lse, q_rnorm, 
         dq_target, dq_strides = dq, _target_strides(dq)
     else:
         dq_target = torch.empty((q_splits, batch_q, channels, n_q), device=device, dtype=torch.float32)
-        dq_strides = _partial_strides(dq_target)
+        dq_strides = dq_target.stride()
     dtau_parts = torch.empty((q_splits, batch_q, num_heads, n_q), device=device, dtype=torch.float32)
     _backward_dq_kernel[lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), batch_q * num_heads, q_splits)](
         q, k, v, temperature_flat, q_rnorm, k_rnorm, grad_out, lse, delta, dq_target, dtau_parts,

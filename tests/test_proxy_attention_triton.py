@@ -69,17 +69,56 @@ def run_triton(q, k, v, temperature, num_heads, grad_out, splits=None):
     return out, grads
 
 
-def token_relative_error(actual, expected):
+def term_scales(q, k, v, temperature, num_heads, grad_out):
+    """Per token, the size of the terms each gradient sums (float64), to measure errors by.
+
+    A softmax gradient can cancel far below its terms: in a saturated row (P = 1 - 6e-5, ...)
+    dS_ij = P_ij (dP_ij - Delta_i) is ~1e-4 of either term, and dP_ij = dout_i . v_j and
+    Delta_i = dout_i . out_i are d-term dot products that can cancel too. Any fp32
+    implementation errs by ~1e-7 of those terms, a large part of a cancelled result; more so
+    FlashAttention's Delta = dout . out, rounded apart from dP, than the reference's
+    sum_j P dP. So the dq, dk and dtau errors are taken relative to the terms' size,
+    sum_j P_ij |dout_i| (|v_j| + |out_i|) (times r |tau| per token), as in a backward error
+    analysis. Returns (dq, dk, dtau) scales shaped for token_relative_error.
+    """
+    batch = max(q.shape[0], k.shape[0])
+
+    def tokens(x):  # (B or 1, C, H, W) -> (batch, heads, N, d) float64
+        b, c, h, w = x.shape
+        return x.double().expand(batch, c, h, w).reshape(batch, num_heads, c // num_heads, h * w).transpose(-1, -2)
+
+    qt, kt, vt, dout = (tokens(x) for x in (q, k, v, grad_out))
+    rq = 1 / qt.norm(dim=-1, keepdim=True).clamp_min(kernels.NORMALIZE_EPS)
+    rk = 1 / kt.norm(dim=-1, keepdim=True).clamp_min(kernels.NORMALIZE_EPS)
+    tau = temperature.double().reshape(1, num_heads, 1, 1)
+    p = torch.softmax(tau * (qt * rq) @ (kt * rk).transpose(-1, -2), dim=-1)
+    out_norm = (p @ vt).norm(dim=-1, keepdim=True)
+    terms = p * dout.norm(dim=-1, keepdim=True) * (vt.norm(dim=-1).unsqueeze(-2) + out_norm)
+    dq = (rq * tau.abs() * terms.sum(-1, keepdim=True)).sum(0, keepdim=True) if q.shape[0] == 1 else \
+        rq * tau.abs() * terms.sum(-1, keepdim=True)
+    dk_terms = rk * tau.abs() * terms.sum(-2).unsqueeze(-1)
+    dk = dk_terms.sum(0, keepdim=True) if k.shape[0] == 1 else dk_terms
+    # (B, heads, N, 1) -> (B, heads, 1, N): broadcasts against a gradient viewed (B, heads, d, N).
+    return dq.transpose(-1, -2), dk.transpose(-1, -2), terms.sum(dim=(0, 2, 3))
+
+
+def token_relative_error(actual, expected, num_heads=1, floor=None):
     """max |actual - expected| / (largest |expected| of the same token, over its channels).
 
     Per token, because a zero token's gradient is ~1e12 times larger than the others
     (F.normalize divides it by eps): a tensor-wide scale would hide errors on normal tokens.
+    ``floor`` (from term_scales) raises a token's scale to the size of the terms it sums.
     """
     actual, expected = actual.double(), expected.double()
-    if expected.dim() == 4:  # (B, C, H, W): one scale per pixel
-        scale = expected.abs().amax(dim=1, keepdim=True)
+    if expected.dim() == 4:  # (B, C, H, W) -> (B, heads, d, N): one scale per pixel and head
+        b, c, h, w = expected.shape
+        actual, expected = (x.reshape(b, num_heads, c // num_heads, h * w) for x in (actual, expected))
+        scale = expected.abs().amax(dim=2, keepdim=True)
     else:                    # temperature: one scale per head
+        actual, expected = actual.flatten(), expected.flatten()
         scale = expected.abs()
+    if floor is not None:
+        scale = torch.maximum(scale, floor)
     return ((actual - expected).abs() / scale.clamp_min(1e-30)).max().item()
 
 
@@ -87,22 +126,24 @@ NAMES = ("out", "dq", "dk", "dv", "dtemperature")
 
 
 def assert_matches_reference(q, k, v, temperature, num_heads, splits=None):
-    """fp32 (exact dots in the interpreter): per-token relative error <= 2e-5 x max(1, |tau|).
-
-    The softmax gradients' sensitivity to rounding grows with the temperature; the reference
-    formulation itself run in fp32 errs by up to 2e-4 on dq at tau = 50.
-    """
-    tol = 2e-5 * max(1.0, temperature.abs().max().item())
+    """fp32 against float64, per token: error <= 2x that of the reference formulation run in
+    fp32, plus 2e-6 (a few fp32 roundings; the interpreter's dots are exact), errors measured
+    as in term_scales."""
     batch = max(q.shape[0], k.shape[0])
     grad_out = torch.randn(batch, q.shape[1], q.shape[2], q.shape[3], dtype=q.dtype, device=q.device)
     out, grads = run_triton(q, k, v, temperature, num_heads, grad_out, splits)
     ref_out, ref_grads = run_reference(q, k, v, temperature, num_heads, grad_out)
+    fp32_out, fp32_grads = run_reference(q, k, v, temperature, num_heads, grad_out, dtype=torch.float32)
+    dq_scale, dk_scale, dtau_scale = term_scales(q, k, v, temperature, num_heads, grad_out)
+    floors = (None, dq_scale, dk_scale, None, dtau_scale)
     assert out.dtype == q.dtype and grads[3].dtype == temperature.dtype
-    for name, actual, expected in zip(NAMES, (out, *grads), (ref_out, *ref_grads)):
+    for name, actual, expected, fp32, floor in zip(NAMES, (out, *grads), (ref_out, *ref_grads),
+                                                   (fp32_out, *fp32_grads), floors):
         assert actual.shape == expected.shape, name
         assert torch.isfinite(actual).all(), f"{name} has non-finite values"
-        error = token_relative_error(actual, expected)
-        assert error <= tol, f"{name}: relative error {error:.2e} > {tol:.0e}"
+        error = token_relative_error(actual, expected, num_heads, floor)
+        bound = 2 * token_relative_error(fp32, expected, num_heads, floor) + 2e-6
+        assert error <= bound, f"{name}: relative error {error:.2e} > {bound:.2e}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,14 +208,15 @@ def test_expanded_grad_out():
     grad_out = torch.ones(1, 48, 3, 5)
     _, ref_grads = run_reference(q, k, v, temperature, 1, grad_out)
     for name, leaf, expected in zip(NAMES[1:], leaves, ref_grads):
-        assert token_relative_error(leaf.grad, expected) <= 4e-5, name
+        assert token_relative_error(leaf.grad, expected) <= 2e-5, name
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     head_dim=st.integers(16, 72), heads=st.integers(1, 2),
     batches=st.sampled_from([(1, 1), (2, 2), (1, 2), (2, 1)]),
-    q_hw=st.tuples(st.integers(1, 6), st.integers(1, 6)), kv_hw=st.tuples(st.integers(1, 6), st.integers(1, 6)),
+    # At least 2 keys: with one, P = 1 and every logit gradient is exactly 0 (only rounding left).
+    q_hw=st.tuples(st.integers(1, 6), st.integers(1, 6)), kv_hw=st.tuples(st.integers(1, 6), st.integers(2, 6)),
     tau=st.floats(-5.0, 50.0), split_draw=st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3)),
 )
 def test_random_shapes(head_dim, heads, batches, q_hw, kv_hw, tau, split_draw):
@@ -185,7 +227,7 @@ def test_random_shapes(head_dim, heads, batches, q_hw, kv_hw, tau, split_draw):
     splits = (min(split_draw[0], math.ceil(n_kv / 16)), split_draw[1], split_draw[2])
     torch.manual_seed(n_q * 31 + n_kv)
     inputs = make_inputs(batch_q, batch_kv, head_dim * heads, q_hw, kv_hw, heads, tau,
-                         zero_tokens=n_q > 1 and n_kv > 2)
+                         zero_tokens=n_q > 1 and n_kv > 3)
     assert_matches_reference(*inputs, heads, splits=splits if batch * n_q * n_kv % 2 else None)
 
 
