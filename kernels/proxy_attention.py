@@ -143,7 +143,7 @@ def _token_dot_kernel(
 # accumulators (dk and dv) plus two input tiles, so at d = 96 it needs 8 warps for 128 owned
 # rows; wide heads (d > 128) and fp32 tiles get small blocks and 8 warps. Every entry compiles
 # for sm_90 with triton 3.6 within shared memory (largest: fp32 d=384 dk/dv, 200 KB of 227 KB;
-# tests/test_proxy_attention_triton.py::test_gpu_configs_compile_for_sm90 re-checks). ptxas -v:
+# tests/test_proxy_attention_triton.py::test_configs_compile_for_sm90 re-checks). ptxas -v:
 # no register spills except a few hundred bytes in the wide 16-bit backward and the fp32
 # d > 128 class, which spills at every tile size tl.dot allows (IEEE fp32 dots on CUDA cores)
 # and only the small p3_cross block meets. The lists are short because each entry costs a
