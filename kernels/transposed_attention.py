@@ -468,19 +468,20 @@ def _padded(channels: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _target_programs(device_index: int) -> int:
-    """How many programs a streaming pass should have: a few per multiprocessor."""
+def _multiprocessors(device_index: int) -> int:
+    """Streaming passes aim at one wave of programs per multiprocessor (the mix pass at two)."""
     if _INTERPRET:
-        return 4  # enough to exercise chunk splitting, few enough for the interpreter
-    return 2 * torch.cuda.get_device_properties(device_index).multi_processor_count
+        return 4  # a few programs: chunk splitting is exercised, the interpreter stays quick
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _split_pixels(n_pixels: int, other_programs: int, target_programs: int):
+def _split_pixels(n_pixels: int, other_programs: int, target_programs: int, shortest: int = 0):
     """(runs, pixels per run): split N into runs, each a multiple of _MAX_BLOCK_N long (the
-    interpreter's block length there), so that runs * other_programs is about the target."""
+    interpreter's block length there) and at least ``shortest``, so that runs times
+    other_programs is about the target."""
     granularity = 32 if _INTERPRET else _MAX_BLOCK_N
     wanted = max(1, _cdiv(target_programs, max(other_programs, 1)))
-    per_run = max(granularity, _cdiv(_cdiv(n_pixels, wanted), granularity) * granularity)
+    per_run = max(granularity, _cdiv(max(_cdiv(n_pixels, wanted), shortest), granularity) * granularity)
     return max(1, _cdiv(n_pixels, per_run)), per_run
 
 
@@ -490,7 +491,11 @@ def _gram_layout(c: int, n_pixels: int, heads_total: int, element_size: int, pre
     config = _gram_plan(_padded(c), element_size, precision)
     block_c = config.pop("BLOCK_C")
     tiles = _cdiv(c, block_c) ** 2
-    chunks, chunk = _split_pixels(n_pixels, tiles * heads_total, target)
+    # A chunk's partial sums, (c*c + 2c) floats, are written and read back: keep them under
+    # 1/4 of the chunk's 2 * c * length stream bytes (they mostly stay in L2 anyway), but
+    # no longer than one wave of programs needs.
+    shortest = 0 if _INTERPRET else 8 * (c + 2) * 4 // (2 * element_size)
+    chunks, chunk = _split_pixels(n_pixels, tiles * heads_total, target, shortest)
     return block_c, tiles, chunks, chunk, config
 
 
@@ -504,7 +509,8 @@ def _mix_layout(c: int, n_pixels: int, heads_total: int, element_size: int, stre
         return None
     block_i = config.pop("BLOCK_I")
     row_tiles = _cdiv(c, block_i)
-    runs, per_run = _split_pixels(n_pixels, row_tiles * heads_total, target)
+    # two waves: a mix program writes no partial sums, and more, shorter runs even out the tail
+    runs, per_run = _split_pixels(n_pixels, row_tiles * heads_total, 2 * target)
     return block_i, row_tiles, runs, per_run, config
 
 
@@ -542,7 +548,7 @@ class _Call:
         self.device, self.dtype, self.element_size = x.device, x.dtype, x.element_size()
         self.precision = _precision(x.dtype)
         self.acc_torch, self.acc_tl = _accumulator(x.dtype)
-        self.target = _target_programs(x.device.index or 0)
+        self.target = _multiprocessors(x.device.index or 0)
         self.size_class = _size_class(self.n_pixels)
 
     def mix_layout(self, streams: int):
