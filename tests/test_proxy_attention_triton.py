@@ -1,9 +1,12 @@
 """The Triton proxy (cosine cross-) attention against the float64 reference, forward and all grads.
 
 On the CPU the kernels run under TRITON_INTERPRET=1 (set by conftest.py), so the shapes are
-tiny; there fp32 dots are exact, so fp32 tolerances are tight. Tests marked ``gpu`` run the
-real SIPL shapes on CUDA with FlashAttention's rule for low precision: the kernel's error
-against float64 is at most twice that of the reference formulation run in the same dtype.
+tiny. Every comparison follows FlashAttention's rule: the kernel's error against float64 is
+at most twice that of the reference formulation run in the same dtype, plus a small floor
+(2e-6 for fp32 in the interpreter, where dots are exact; 1e-5 fp32 and 1e-3 bf16 on the GPU).
+Errors are measured per token, against the size of the terms each gradient sums (see
+term_scales). Tests marked ``gpu`` run the real SIPL shapes; test_configs_compile_for_sm90
+(slow) compiles every GPU config ahead of time.
 """
 from __future__ import annotations
 
@@ -18,8 +21,6 @@ import sipl_fast
 from sipl_fast import ops
 from sipl_fast.kernels import proxy_attention as kernels
 from sipl_fast.ops import reference
-
-CUDA = torch.cuda.is_available()
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,7 +457,6 @@ def test_gpu_memory_is_linear_in_tokens():
 @pytest.mark.gpu
 def test_gpu_torch_compile_fullgraph():
     """The public op (dispatch included) inside a compiled module, inductor on CUDA."""
-    import sipl_fast.ops.proxy_attention_triton  # noqa: F401  (see the dispatch note in the report)
     with sipl_fast.use_backend("triton"):
         # cuDNN may pick another (TF32) algorithm for the compiled 1x1 conv: a looser tolerance.
         check_compiled_matches_eager(ops.proxy_attention, "cuda", "inductor", tol=2e-3)
