@@ -82,7 +82,8 @@ def cmd_restore(args) -> None:
     from .images import image_size, read_image, write_png
 
     if args.tile is not None and (args.tile < 8 or args.tile % 8 or not 0 <= args.overlap < args.tile):
-        raise UsageError(f"--tile must be a multiple of 8 and 0 <= --overlap < --tile (got {args.tile}, {args.overlap})")
+        raise UsageError(f"--tile must be a multiple of 8 and 0 <= --overlap < --tile "
+                         f"(got {args.tile}, {args.overlap})")
     if args.steps < 0:
         raise UsageError("--steps must be >= 0")
     inputs = [Path(p) for p in args.inputs]
@@ -187,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="PSNR/SSIM per task and refinement step")
     evaluate.add_argument("--checkpoint", required=True)
-    evaluate.add_argument("--data", default="skimage", help="skimage (held-out photos) | DIR | paired:DEG_DIR,CLEAN_DIR")
+    evaluate.add_argument("--data", default="skimage",
+                          help="skimage (held-out photos) | DIR | paired:DEG_DIR,CLEAN_DIR")
     evaluate.add_argument("--tasks", default="3task", help="degradations for clean data (ignored for paired data)")
     evaluate.add_argument("--steps", type=int, default=2)
     evaluate.add_argument("--size", type=int, default=256, help="centre crop size (0: whole images)")

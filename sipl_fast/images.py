@@ -139,7 +139,8 @@ def decode_png16(data: bytes, path: Path) -> np.ndarray:
         raise ImageReadError(f"{path}: PNG without an IHDR chunk")
     width, height, bit_depth, colour_type, _, _, interlace = header
     if bit_depth != 16 or colour_type not in _PNG_CHANNELS:
-        raise ImageReadError(f"{path}: not a 16-bit grayscale/RGB(A) PNG (bit depth {bit_depth}, colour type {colour_type})")
+        raise ImageReadError(f"{path}: not a 16-bit grayscale/RGB(A) PNG "
+                             f"(bit depth {bit_depth}, colour type {colour_type})")
     if interlace:
         raise ImageReadError(f"{path}: interlaced (Adam7) 16-bit PNGs are not supported; re-save without interlacing")
     channels = _PNG_CHANNELS[colour_type]

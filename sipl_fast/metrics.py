@@ -27,7 +27,8 @@ def rgb_to_y(x: torch.Tensor) -> torch.Tensor:
 
 def _prepare(x: torch.Tensor, y: torch.Tensor, y_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if x.shape != y.shape or x.dim() != 4:
-        raise ValueError(f"metrics: expected two (B, C, H, W) tensors of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(f"metrics: expected two (B, C, H, W) tensors of one shape, got {tuple(x.shape)} "
+                         f"and {tuple(y.shape)}")
     x, y = x.detach().double(), y.detach().double()
     if y_channel:
         x, y = rgb_to_y(x), rgb_to_y(y)

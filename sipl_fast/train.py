@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from .checkpoint import RESUME_NAME, WEIGHTS_NAME, CheckpointError, FORMAT, load_resume_state, save_resume_state, save_weights
+from .checkpoint import (FORMAT, RESUME_NAME, WEIGHTS_NAME, CheckpointError, load_resume_state, save_resume_state,
+                         save_weights)
 from .data.datasets import EvalSample, open_source
 from .data.degradations import resolve_tasks
 from .metrics import psnr, ssim
@@ -312,7 +313,7 @@ class Trainer:
         """The model to evaluate: a copy holding the EMA weights when EMA is on, else the model."""
         if self.ema is None:
             return self.model.eval()
-        model = copy.deepcopy(self.model)
+        model = type(self.model).from_config(self.model.config).to(self.device)
         model.load_state_dict(self.ema)
         return model.eval()
 
@@ -370,7 +371,8 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
         except (RuntimeError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"{path}: resume state does not match the model ({str(exc).splitlines()[0]})") from None
+            reason = str(exc).splitlines()[0]
+            raise CheckpointError(f"{path}: resume state does not match the model ({reason})") from None
         if self.ema is not None:
             self.ema = {k: v.to(self.device) for k, v in state["ema"].items()}
         self.step = int(state["step"])
