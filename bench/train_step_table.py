@@ -7,12 +7,16 @@ autocast. On CPU: the tiny preset, 64 x 64 crops, batch 2, fp32. "auto" is the b
 sipl_fast picks by itself (triton on CUDA, torch on CPU); "reference" is the authors' eager
 math. The step is ``Trainer.train_step``: the no-grad plain pass and encoder on the clean
 batch, the privileged pass on the degraded batch, L1, backward, clipping, AdamW.
-Peak memory is ``torch.cuda.max_memory_allocated`` during the timed steps (CUDA only).
-Prints a table and JSON; takes well under 90 s on an H100.
+Peak memory of one step (``peak_memory.peak_extra_bytes``): on CUDA the allocator's peak
+during the step beyond what was allocated before it (weights, gradients, optimizer state,
+which every backend holds alike), and the total peak; on the CPU the resident-set peak
+beyond the RSS before the step (rough: memory freed by earlier steps is reused without
+raising the RSS, so CPU numbers understate). Prints a table and JSON; takes well under 90 s on an H100.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import tempfile
@@ -22,6 +26,7 @@ from datetime import date
 import torch
 
 import sipl_fast
+from peak_memory import peak_extra_bytes
 from sipl_fast.train import TrainOptions, Trainer
 
 BACKENDS = ("reference", "auto")
@@ -60,19 +65,21 @@ def measure(backend: str, device: torch.device, amp: bool, steps: int, warmup: i
     for _ in range(warmup):          # autotuning, allocator warm-up
         step()
     _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for _ in range(steps):
         loss = step()
     _sync(device)
     seconds = (time.perf_counter() - start) / steps
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    del trainer
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    extra = peak_extra_bytes(step, device) / 2**20
+    total = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    del step, trainer                # the LR schedule's closure makes a reference cycle: collect it
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {"backend": backend, "dtype": "bf16" if amp else "fp32", "ms_per_step": 1000 * seconds,
-            "peak_mib": peak, "loss": float(loss), **shape}
+            "peak_extra_mib": extra, "peak_total_mib": total, "loss": float(loss), **shape}
 
 
 def main(argv=None) -> int:
@@ -92,15 +99,19 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"training step on {name}: {shape['preset']} preset, batch {shape['batch']}, "
           f"{shape['patch']}x{shape['patch']}, torch {torch.__version__}")
-    print(f"{'dtype':<6} {'backend':<10} {'ms/step':>9} {'peak MiB':>9} {'speed-up':>9} {'memory':>7}")
+    print(f"{'dtype':<6} {'backend':<10} {'ms/step':>9} {'speed-up':>9} {'extra MiB':>10} {'memory':>7} "
+          f"{'total MiB':>10} {'memory':>7}")
     for row in rows:
         reference = next(r for r in rows if r["dtype"] == row["dtype"] and r["backend"] == "reference")
         row["speedup_vs_reference"] = reference["ms_per_step"] / row["ms_per_step"]
-        row["memory_vs_reference"] = (row["peak_mib"] / reference["peak_mib"]) if row["peak_mib"] else None
-        memory = f"{row['memory_vs_reference']:.2f}x" if row["memory_vs_reference"] else "n/a"
-        peak = f"{row['peak_mib']:.0f}" if row["peak_mib"] else "n/a"
-        print(f"{row['dtype']:<6} {row['backend']:<10} {row['ms_per_step']:>9.1f} {peak:>9} "
-              f"{row['speedup_vs_reference']:>8.2f}x {memory:>7}")
+        cells = []
+        for kind in ("extra", "total"):
+            mine, theirs = row[f"peak_{kind}_mib"], reference[f"peak_{kind}_mib"]
+            ratio = mine / theirs if mine is not None and theirs else None
+            row[f"{kind}_memory_vs_reference"] = ratio
+            cells += [f"{mine:.0f}" if mine is not None else "n/a", f"{ratio:.2f}x" if ratio else "n/a"]
+        print(f"{row['dtype']:<6} {row['backend']:<10} {row['ms_per_step']:>9.1f} "
+              f"{row['speedup_vs_reference']:>8.2f}x {cells[0]:>10} {cells[1]:>7} {cells[2]:>10} {cells[3]:>7}")
     report = {"device": name, "date": date.today().isoformat(), "torch": torch.__version__, "results": rows}
     print(json.dumps(report))
     if args.json:

@@ -120,12 +120,19 @@ class Distributed:
         return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def _pick_device(option: str | None) -> torch.device:
+def pick_device(option: str | None) -> torch.device:
+    """The training device: ``option``, else CUDA when available, else the CPU.
+
+    A CUDA device always gets an index (this process's LOCAL_RANK under torchrun):
+    torch.cuda.set_device and the NCCL collectives need one.
+    """
     if option is not None:
-        return torch.device(option)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+        device = torch.device(option)
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
 
 
 @dataclass
@@ -143,7 +150,7 @@ class Trainer:
         from .model import SIPLPromptIR
 
         self.options = opts = copy.deepcopy(options)
-        self.device = _pick_device(opts.device)
+        self.device = pick_device(opts.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)   # NCCL collectives use the current device
         self.dist = Distributed.from_environment(self.device.type)

@@ -8,7 +8,7 @@ import torch
 
 from sipl_fast.checkpoint import CheckpointError, load_model, load_resume_state
 from sipl_fast.data.datasets import EvalSample
-from sipl_fast.train import TrainOptions, Trainer, evaluate, format_table, lr_factor
+from sipl_fast.train import TrainOptions, Trainer, evaluate, format_table, lr_factor, pick_device
 
 # CPU even where CUDA exists: exact (bitwise) resume is promised on the CPU.
 SMALL = dict(data="skimage", tasks="noise25,haze", preset="tiny", batch=2, patch=32, progress=False, log_every=1,
@@ -144,6 +144,15 @@ def test_time_limit_stops_early_and_saves(tmp_path):
     trainer.run(time_limit=0.0)
     assert trainer.step == 1 and any("time limit" in line for line in lines)
     assert load_resume_state(tmp_path / "run" / "resume.pt")["step"] == 1
+
+
+def test_cuda_devices_always_get_an_index(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert pick_device("cuda") == torch.device("cuda", 0)
+    assert pick_device("cuda:1") == torch.device("cuda", 1)
+    assert pick_device("cpu") == torch.device("cpu")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert pick_device("cuda") == torch.device("cuda", 1)
 
 
 def test_amp_is_ignored_on_cpu(tmp_path):
