@@ -90,11 +90,14 @@ class Refiner:
         pad_to: pad H and W (reflect) to this multiple and crop back (8: the network's need).
         cuda_graph: capture a step in a CUDA graph (CUDA, fixed shapes, tol=None); keep the
             Refiner object to replay the graph on later calls of the same shape.
+        channels_last: run the network on channels-last activations (None: on the CPU, where
+            oneDNN's convolutions and the torch backend's norms are 1.5-2x faster so).
     """
 
     def __init__(self, model, steps: int = 2, *, tol: float | None = None, blend: float = 0.0,
                  return_deltas: bool = False, tile: int | None = None, overlap: int = 32,
-                 pad_to: int = 8, cuda_graph: bool = False, state=None):
+                 pad_to: int = 8, cuda_graph: bool = False, channels_last: bool | None = None,
+                 state=None):
         if not isinstance(steps, int) or steps < 0:
             raise ValueError(f"steps must be a non-negative int, got {steps!r}")
         if pad_to < 8 or pad_to % 8:
@@ -108,6 +111,7 @@ class Refiner:
         self.steps, self.tol, self.blend = steps, tol, float(blend)
         self.return_deltas, self.tile, self.overlap, self.pad_to = return_deltas, tile, overlap, pad_to
         self.cuda_graph = cuda_graph
+        self.channels_last = channels_last
         self._state = state
         self._graph = None
 
@@ -136,9 +140,12 @@ class Refiner:
     # ------------------------------------------------------------------ one batch
     def _step(self, current: torch.Tensor) -> torch.Tensor:
         """y_t from x_{t-1}: one shared encoder pass, the plain decode, PI, the privileged decode."""
+        channels_last = self.channels_last if self.channels_last is not None else current.device.type == "cpu"
+        if channels_last:  # the layout propagates through every layer from the input
+            current = current.contiguous(memory_format=torch.channels_last)
         encoded = self.model.encode_all(current)
         initial = self.model.decode(current, encoded)
-        return self.model.decode(current, encoded, self.model.encode(initial))
+        return self.model.decode(current, encoded, self.model.encode(initial)).contiguous()
 
     def _refine_batch(self, x: torch.Tensor):
         if self.steps == 0:

@@ -18,7 +18,7 @@ MICRO = dict(dim=8, num_blocks=(1, 1, 1, 1), num_refinement_blocks=1, heads=(1, 
 
 def _run(model, x, pf):
     out = model(x, privileged_features=pf)
-    weight = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
+    weight = torch.linspace(-1, 1, out.numel(), device=out.device).reshape(out.shape)
     (out * weight).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
@@ -39,3 +39,18 @@ def test_triton_backend_equals_reference(privileged):
     assert any(name.startswith("p1_cross") for name in got_grads) == privileged
     for name, g in expected_grads.items():
         assert _relative_error(got_grads[name], g) <= 1e-3, name
+
+
+@pytest.mark.gpu
+def test_full_model_on_cuda_triton_equals_reference():
+    """The authors' configuration on the GPU: default (triton) backend vs reference, fp32."""
+    torch.manual_seed(0)
+    model = _randomised(SIPLPromptIR()).cuda()
+    x = torch.rand(2, 3, 64, 96, device="cuda")
+    pf = tuple(t.detach() for t in model.encode(torch.rand(2, 3, 64, 96, device="cuda")))
+    with sipl_fast.use_backend("reference"):
+        expected, expected_grads = _run(model, x, pf)
+    got, got_grads = _run(model, x, pf)  # auto: triton on CUDA
+    assert _relative_error(got, expected) <= 1e-3
+    worst = max(_relative_error(got_grads[n], g) for n, g in expected_grads.items())
+    assert worst <= 1e-2, worst

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The GPU check: build the extension on a CUDA machine, run the GPU tests, time every kernel
+# and the end-to-end training step and refinement against the reference and torch backends.
+# One call, about 8 minutes on an H100/H200. Logs and JSON go to $OUT (default bench/results/run).
+#
+#   bash bench/gpu_check.sh            # on the GPU machine, from the repository root
+#
+# Sections run in priority order, each with a time limit, under one overall deadline
+# (DEADLINE_S, default 470 s), so one slow part cannot starve the rest. The summary at the end
+# lists every section's status and the headline lines of each table.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results/run}
+mkdir -p "$OUT"
+LOG="$OUT/gpu_check.log"
+: > "$LOG"
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+PY=${PYTHON:-python3}
+DEADLINE=$(( $(date +%s) + ${DEADLINE_S:-470} ))
+summary=()
+
+section() {  # section NAME LIMIT_SECONDS COMMAND...
+    local name=$1 limit=$2; shift 2
+    local start=$(date +%s)
+    local left=$(( DEADLINE - start ))
+    if (( left < 15 )); then summary+=("$(printf '%-16s skipped (deadline)' "$name")"); return 0; fi
+    (( limit > left )) && limit=$left
+    echo "=== $name (limit ${limit}s)" >> "$LOG"
+    timeout --signal=INT --kill-after=10 "$limit" "$@" >> "$LOG" 2>&1
+    local rc=$?
+    summary+=("$(printf '%-16s rc=%-3s %4ss' "$name" "$rc" "$(( $(date +%s) - start ))")")
+}
+
+section device 20 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"triton\", triton.__version__)'"
+section build 150 $PY -m pip install --no-build-isolation --no-deps -q -e .
+section info 30 $PY -c "import json, sipl_fast; print(json.dumps(sipl_fast.info()))"
+# Parallel workers: most of the time is Triton and inductor compilation, which is CPU-bound.
+section gpu-tests 150 $PY -m pytest -q -m gpu -p no:cacheprovider -n 8 tests --durations=15 --junitxml="$OUT/gpu_tests.xml"
+section proxy-attention 70 $PY bench/proxy_attention_table.py "$OUT/proxy_attention.json" --budget-s 50 --compile-budget-s 12
+section mdta 70 $PY bench/transposed_attention_table.py "$OUT/transposed_attention.json" --budget-s 50 --compile-budget-s 12
+section refine 75 $PY bench/refine_table.py "$OUT/refine.json"
+section train-step 60 $PY bench/train_step_table.py --steps 5 --warmup 2 --json "$OUT/train_step.json"
+section norm-gate 45 $PY bench/norm_gate_table.py "$OUT/norm_gate.json" --dtypes amp --compile-budget-s 5
+
+{
+echo
+echo "=== summary"
+printf '%s\n' "${summary[@]}"
+grep -aE "^(FAILED|ERROR) " "$LOG" | head -40
+grep -aE "[0-9]+ (passed|failed)" "$LOG" | tail -2
+grep -aiE "target|speed-up|speedup|faster than|TFLOP/s|copy bandwidth|matmul|ms/step|peak" "$LOG" | grep -av "^ *#" | tail -70
+} | tee -a "$LOG"
