@@ -66,6 +66,9 @@ _SUM_BLOCK_CHUNKS = 8  # chunk slots it loads at a time (fixed: it fixes the sum
 # The interpreter runs programs one after another in numpy: small blocks, few programs.
 # ----------------------------------------------------------------------------------------
 _AUTOTUNE = os.environ.get("SIPL_FAST_TRITON_AUTOTUNE", "0") == "1" and not _INTERPRET
+# Experiment knob for the 16-bit race seen on an H200 (loads feeding both wgmma and register
+# math under software pipelining): SIPL_FAST_MDTA_16BIT_STAGES=1 turns pipelining off there.
+_STAGES_16BIT = int(os.environ.get("SIPL_FAST_MDTA_16BIT_STAGES", "0"))
 _STAGE_BYTES = 32 * 1024  # stream tiles loaded per pipeline stage
 _SHARED_MEMORY_BUDGET = 200 * 1024  # H100: 227 KB per block, minus what Triton adds
 _RESIDENT_BYTES = 128 * 1024  # most shared memory M's rows may take in a mix program
@@ -91,7 +94,8 @@ def _gram_plan(c_pad: int, element_size: int, precision: str) -> dict:
     block_n = min(longest, _pow2_floor(_STAGE_BYTES // (2 * block_c * element_size)))
     # a 128 x 128 float32 accumulator, or 3xTF32's split operands, need 8 warps' registers
     warps = 8 if block_c >= 128 or precision == "tf32x3" else 4
-    return {"BLOCK_C": block_c, "BLOCK_N": max(16, block_n), "num_warps": warps, "num_stages": 3}
+    stages = _STAGES_16BIT if _STAGES_16BIT and element_size == 2 else 3
+    return {"BLOCK_C": block_c, "BLOCK_N": max(16, block_n), "num_warps": warps, "num_stages": stages}
 
 
 def _mix_shared_bytes(c_pad, block_i, block_n, stages, element_size, streams, precision) -> int:
@@ -138,6 +142,8 @@ def _mix_plan(c_pad: int, element_size: int, streams: int, precision: str):
         block_n //= 2
     block_n = max(16, block_n)
     stages = 3 if shared(block_n, 3) <= _SHARED_MEMORY_BUDGET else 2
+    if _STAGES_16BIT and element_size == 2:
+        stages = _STAGES_16BIT
     return {"BLOCK_I": block_i, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
 
 

@@ -338,7 +338,8 @@ def compile_gpu_configs_for_sm90(head_dims=(96, 384), dtypes=("bf16", "fp32")) -
                 da, db = kernels.head_chunks(head_dim)
                 torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
                 for m, n, warps, stages in table[kernels._tile_class(head_dim, torch_dtype)]:
-                    constants = dict(D=head_dim, DA=da, DB=db, DOT_PRECISION="ieee", **{owned: m, loop: n})
+                    precision = kernels._dot_precision(torch_dtype, allow_tf32=False)
+                    constants = dict(D=head_dim, DA=da, DB=db, DOT_PRECISION=precision, **{owned: m, loop: n})
                     if "FINAL" in fn.arg_names:
                         constants["FINAL"] = True
                     # NCHW inputs: unit token strides; token counts and other strides divisible by 16.

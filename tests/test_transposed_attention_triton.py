@@ -47,10 +47,10 @@ def run_reference(q, k, v, temperature, num_heads, grad_out, dtype=torch.float64
 
 
 def run_triton(q, k, v, temperature, num_heads, grad_out):
-    """Output and gradients through ops.transposed_attention on the triton backend."""
+    """Output and gradients of the Triton kernels (called directly: the dispatch may route
+    some dtypes elsewhere, see sipl_fast.ops.backend_module)."""
     leaves = [x.detach().requires_grad_() for x in (q, k, v, temperature)]
-    with sipl_fast.use_backend("triton"):
-        out = ops.transposed_attention(*leaves, num_heads)
+    out = mdta.transposed_attention(*leaves, num_heads)
     out.backward(grad_out)
     return out.detach(), tuple(x.grad for x in leaves)
 

@@ -88,5 +88,9 @@ def layer_norm2d(x, weight, bias, eps: float) -> torch.Tensor:
     # (statistics and affine in one pass; a fused backward) runs in place on channels-last
     # storage, and costs one transposing copy each way for NCHW, which is still several times
     # faster than the separate passes of the reference formulation.
-    out = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight, bias, eps).permute(0, 3, 1, 2)
+    # F.layer_norm wants one dtype; mixed inputs (bf16 activations, float32 parameters under
+    # autocast) give the promoted dtype, as the reference formulation does.
+    dtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), bias.dtype)
+    x = x.to(dtype)
+    out = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight.to(dtype), bias.to(dtype), eps).permute(0, 3, 1, 2)
     return out if _channels_innermost(x) else out.contiguous()
