@@ -8,6 +8,8 @@ Tests marked ``gpu`` run the SIPL shapes on CUDA in float32 and bfloat16.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -50,9 +52,19 @@ def _assert_close(names, got, expected, tol):
 
 
 def _triton(op):
+    """op on the triton backend, kernels forced (on CUDA the dispatch otherwise prefers the
+    torch formulation for these ops, see sipl_fast.ops._TORCH_FORMULATION_ON_CUDA)."""
     def run(*args):
-        with sipl_fast.use_backend("triton"):
-            return op(*args)
+        previous = os.environ.get("SIPL_FAST_ALL_KERNELS")
+        os.environ["SIPL_FAST_ALL_KERNELS"] = "1"
+        try:
+            with sipl_fast.use_backend("triton"):
+                return op(*args)
+        finally:
+            if previous is None:
+                del os.environ["SIPL_FAST_ALL_KERNELS"]
+            else:
+                os.environ["SIPL_FAST_ALL_KERNELS"] = previous
     return run
 
 

@@ -272,24 +272,21 @@ def test_gpu_results_identical_run_to_run():
 
 
 @pytest.mark.gpu
-def test_gpu_tf32_follows_the_torch_flag():
-    """TF32 only when torch.backends.cuda.matmul.allow_tf32 is set; 3xTF32 (fp32-level) otherwise."""
+def test_gpu_float32_ignores_the_tf32_flag():
+    """float32 runs as 3xTF32 whatever torch.backends.cuda.matmul.allow_tf32 says: plain TF32
+    gave 11% error in dq on an H200 (cancellation in dq = P k - diag(T) q)."""
     q, k, v, temperature = make_inputs(2, 96, (64, 64), 1, [3.0], device="cuda")
     grad_out = torch.randn(q.shape, device="cuda")
     exact = run_reference(q, k, v, temperature, 1, grad_out)
     previous = torch.backends.cuda.matmul.allow_tf32
     try:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        precise = run_triton(q, k, v, temperature, 1, grad_out)
         torch.backends.cuda.matmul.allow_tf32 = True
-        fast = run_triton(q, k, v, temperature, 1, grad_out)
+        allowed = run_triton(q, k, v, temperature, 1, grad_out)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
-    err = lambda got: max((a.double() - b).abs().max().item() / b.abs().max().item()
-                          for a, b in zip((got[0], *got[1]), (exact[0], *exact[1])))
-    assert err(precise) < 1e-5
-    assert err(fast) < 1e-2
-    assert not torch.equal(precise[0], fast[0])
+    err = max((a.double() - b).abs().max().item() / b.abs().max().item()
+              for a, b in zip((allowed[0], *allowed[1]), (exact[0], *exact[1])))
+    assert err < 1e-5
 
 
 @pytest.mark.gpu

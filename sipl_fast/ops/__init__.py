@@ -27,11 +27,21 @@ _TRITON_MODULES = {
 }
 
 
-def _mdta_16bit_kernel_enabled() -> bool:
-    # The 16-bit MDTA kernels gave run-to-run differences and 2-15x the reference's bf16 error
-    # on an H200 (bench/results/); until that is fixed, 16-bit MDTA on the triton backend
-    # runs the torch formulation. SIPL_FAST_MDTA_16BIT_TRITON=1 forces the kernels.
-    return os.environ.get("SIPL_FAST_MDTA_16BIT_TRITON", "0") == "1"
+# Measured on an H200 (bench/results/h200_2026-11-27.md): where a kernel lost to the torch
+# formulation, the triton backend runs the torch formulation on CUDA instead. LayerNorm2d
+# and the feed-forward gates ran at 0.3-0.9x of torch at most SIPL sites; MDTA in 16-bit
+# needed software pipelining off to be exact and deterministic and is then no faster than
+# cuBLAS. SIPL_FAST_ALL_KERNELS=1 runs every kernel anyway (kernel tests, benchmarks).
+_TORCH_FORMULATION_ON_CUDA = {
+    "layer_norm2d": lambda dtype: True,
+    "gated_gelu": lambda dtype: True,
+    "transposed_attention": lambda dtype: dtype in (torch.float16, torch.bfloat16),
+}
+
+
+def _prefers_torch_on_cuda(op: str, dtype: torch.dtype | None) -> bool:
+    rule = _TORCH_FORMULATION_ON_CUDA.get(op)
+    return rule is not None and rule(dtype) and os.environ.get("SIPL_FAST_ALL_KERNELS", "0") != "1"
 
 
 def backend_module(op: str, device: torch.device, dtype: torch.dtype | None = None):
@@ -40,8 +50,7 @@ def backend_module(op: str, device: torch.device, dtype: torch.dtype | None = No
     backend = resolve_backend(device)
     if backend == "reference":
         return reference
-    if backend == "torch" or (op == "transposed_attention" and device.type == "cuda"
-                              and dtype in (torch.float16, torch.bfloat16) and not _mdta_16bit_kernel_enabled()):
+    if backend == "torch" or (device.type == "cuda" and _prefers_torch_on_cuda(op, dtype)):
         return torch_impl
     if device.type != "cuda" and not triton_interpreter():
         raise RuntimeError(
@@ -151,7 +160,7 @@ def layer_norm2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         if p is not None and (p.shape != (channels,) or p.device != x.device):
             raise ValueError(f"layer_norm2d: {name} must be ({channels},) on {x.device}, "
                              f"got {tuple(p.shape)} on {p.device}")
-    return backend_module("layer_norm2d", x.device).layer_norm2d(x, weight, bias, eps)
+    return backend_module("layer_norm2d", x.device, x.dtype).layer_norm2d(x, weight, bias, eps)
 
 
 def gated_gelu(x: torch.Tensor, dual: bool = False) -> torch.Tensor:
@@ -163,7 +172,7 @@ def gated_gelu(x: torch.Tensor, dual: bool = False) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point() or x.shape[1] % 2:
         raise ValueError(f"gated_gelu: x must be a floating (B, 2h, H, W) tensor, got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    return backend_module("gated_gelu", x.device).gated_gelu(x, dual)
+    return backend_module("gated_gelu", x.device, x.dtype).gated_gelu(x, dual)
 
 
 _preload_triton_modules()
