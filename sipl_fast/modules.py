@@ -18,9 +18,29 @@ from . import ops
 LAYERNORM_TYPES = ("WithBias", "BiasFree")
 
 
-# Elements of hidden activation per strip when a feed-forward runs without autograd (see
-# GatedFFN.forward): about 8 MiB of float32 on the CPU, 128 MiB on a GPU.
+# Elements of the widest intermediate per strip when a block runs without autograd (see
+# in_strips): about 8 MiB of float32 on the CPU, 128 MiB on a GPU.
 STRIP_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 25}
+
+
+def in_strips(fn, x: torch.Tensor, out_channels: int, widest_channels: int) -> torch.Tensor:
+    """fn(x) for a fn made of pixel-local and 3x3 layers, in horizontal strips when autograd is
+    off and its widest intermediate (widest_channels per pixel) would exceed STRIP_ELEMENTS.
+
+    Each strip carries a one-row halo above and below, so the result is exact; the
+    intermediates then never exist for the whole image at once.
+    """
+    b, _, h, w = x.shape
+    rows = STRIP_ELEMENTS.get(x.device.type, STRIP_ELEMENTS["cuda"]) // max(1, b * widest_channels * w)
+    if torch.is_grad_enabled() or rows >= h:
+        return fn(x)
+    rows = max(rows, 1)
+    out = torch.empty((b, out_channels, h, w), dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
+    for top in range(0, h, rows):
+        bottom = min(top + rows, h)
+        lo, hi = max(top - 1, 0), min(bottom + 1, h)
+        out[..., top:bottom, :] = fn(x[..., lo:hi, :])[..., top - lo:bottom - lo, :]
+    return out
 
 
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
@@ -87,20 +107,7 @@ class GatedFFN(nn.Module):
         return self.project_out(ops.gated_gelu(self.dwconv(self.project_in(x)), self.dual))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        rows = STRIP_ELEMENTS.get(x.device.type, STRIP_ELEMENTS["cuda"]) // max(1, b * self.project_in.out_channels * w)
-        if torch.is_grad_enabled() or rows >= h:
-            return self._dense(x)
-        # Without autograd, run in horizontal strips with a one-row halo: exact (every layer
-        # here is pixel-local or 3x3), and the hidden maps, the largest activations of the
-        # network, never exist for the whole image at once.
-        rows = max(rows, 1)
-        out = torch.empty((b, c, h, w), dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
-        for top in range(0, h, rows):
-            bottom = min(top + rows, h)
-            lo, hi = max(top - 1, 0), min(bottom + 1, h)
-            out[..., top:bottom, :] = self._dense(x[..., lo:hi, :])[..., top - lo:bottom - lo, :]
-        return out
+        return in_strips(self._dense, x, x.shape[1], self.project_in.out_channels)
 
 
 class TransposedAttention(nn.Module):
@@ -114,8 +121,12 @@ class TransposedAttention(nn.Module):
         self.qkv_dwconv = depthwise3x3(dim * 3, bias)
         self.project_out = conv1x1(dim, dim, bias)
 
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        return self.qkv_dwconv(self.qkv(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
+        width = self.qkv.out_channels
+        q, k, v = in_strips(self._project, x, width, width).chunk(3, dim=1)
         return self.project_out(ops.transposed_attention(q, k, v, self.temperature, self.num_heads))
 
 

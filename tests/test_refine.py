@@ -179,20 +179,25 @@ def test_state_factory_matches_the_build():
     assert hasattr(state, "step_rows") and hasattr(state, "nbytes")
 
 
-def test_feed_forward_strips_equal_the_dense_computation(model, monkeypatch):
+def test_strips_equal_the_dense_computation(model, monkeypatch):
     from sipl_fast import modules
     x = torch.rand(2, 3, 24, 16)
     dense = model.refine(x, steps=1)
-    calls = []
-    dense_fn = modules.GatedFFN._dense
+    heights = {"ffn": [], "qkv": []}
+    ffn, qkv = modules.GatedFFN._dense, modules.TransposedAttention._project
 
-    def counting(self, part):
-        calls.append(part.shape[-2])
-        return dense_fn(self, part)
-    monkeypatch.setattr(modules.GatedFFN, "_dense", counting)
+    def counting_ffn(self, part):
+        heights["ffn"].append(part.shape[-2])
+        return ffn(self, part)
+
+    def counting_qkv(self, part):
+        heights["qkv"].append(part.shape[-2])
+        return qkv(self, part)
+    monkeypatch.setattr(modules.GatedFFN, "_dense", counting_ffn)
+    monkeypatch.setattr(modules.TransposedAttention, "_project", counting_qkv)
     monkeypatch.setitem(modules.STRIP_ELEMENTS, "cpu", 4000)  # a few rows per strip
     strips = model.refine(x, steps=1)
-    assert min(calls) < 12  # strips (with their halo rows) really ran
+    assert min(heights["ffn"]) < 12 and min(heights["qkv"]) < 12  # strips (with halos) really ran
     assert _relative_error(strips, dense) <= 1e-5
 
 
