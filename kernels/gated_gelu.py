@@ -47,10 +47,8 @@ def _gelu_and_slope(x):
 
 
 @triton.jit
-def gated_gelu_fwd_kernel(
-    x_ptr, out_ptr, half_numel, x_stride_b, out_stride_b,
-    DUAL: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
-):
+def _load_halves(x_ptr, half_numel, x_stride_b, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's image, its BLOCK offsets within a half and their mask, and x1, x2 there."""
     batch = tl.program_id(1).to(tl.int64)
     # int64: one image's 2h*H*W may pass 2**31 (e.g. h = 255 at 4K).
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -58,6 +56,15 @@ def gated_gelu_fwd_kernel(
     x1_ptr = x_ptr + batch * x_stride_b + offsets
     x1 = tl.load(x1_ptr, mask=mask, other=0.0).to(COMPUTE)
     x2 = tl.load(x1_ptr + half_numel, mask=mask, other=0.0).to(COMPUTE)
+    return batch, offsets, mask, x1, x2
+
+
+@triton.jit
+def gated_gelu_fwd_kernel(
+    x_ptr, out_ptr, half_numel, x_stride_b, out_stride_b,
+    DUAL: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    batch, offsets, mask, x1, x2 = _load_halves(x_ptr, half_numel, x_stride_b, COMPUTE, BLOCK)
     out = _gelu(x1) * x2
     if DUAL:
         out += _gelu(x2) * x1
@@ -69,13 +76,7 @@ def gated_gelu_bwd_kernel(
     x_ptr, dout_ptr, dx_ptr, half_numel, x_stride_b, dout_stride_b, dx_stride_b,
     DUAL: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    batch = tl.program_id(1).to(tl.int64)
-    # int64: one image's 2h*H*W may pass 2**31 (e.g. h = 255 at 4K).
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < half_numel
-    x1_ptr = x_ptr + batch * x_stride_b + offsets
-    x1 = tl.load(x1_ptr, mask=mask, other=0.0).to(COMPUTE)
-    x2 = tl.load(x1_ptr + half_numel, mask=mask, other=0.0).to(COMPUTE)
+    batch, offsets, mask, x1, x2 = _load_halves(x_ptr, half_numel, x_stride_b, COMPUTE, BLOCK)
     dout = tl.load(dout_ptr + batch * dout_stride_b + offsets, mask=mask, other=0.0).to(COMPUTE)
 
     gelu1, slope1 = _gelu_and_slope(x1)

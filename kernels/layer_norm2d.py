@@ -60,6 +60,23 @@ def _load_tile(base_ptr, stride_c, C, N, pixel_block, BLOCK_C: tl.constexpr, BLO
 
 
 @triton.jit
+def _store_tile(ptr, stride_b, stride_c, tile, mask, batch, pixel_block,
+                BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Writes ``tile`` at pixel block ``pixel_block`` of image ``batch``, in ptr's dtype."""
+    channels = tl.arange(0, BLOCK_C)
+    pixels = pixel_block * BLOCK_P + tl.arange(0, BLOCK_P)
+    offsets = channels[:, None] * stride_c + pixels[None, :]
+    tl.store(ptr + batch * stride_b + offsets, tile.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_channels(ptr, C, BLOCK_C: tl.constexpr, COMPUTE: tl.constexpr):
+    """A per-channel vector (weight, bias), padded with 0 to BLOCK_C."""
+    channels = tl.arange(0, BLOCK_C)
+    return tl.load(ptr + channels, mask=channels < C, other=0.0).to(COMPUTE)
+
+
+@triton.jit
 def _normalise(x, mask, C, eps):
     """Per-pixel statistics of the tile x: returns xhat = (x - mean) * rstd and rstd.
 
@@ -87,17 +104,13 @@ def layer_norm2d_fwd_kernel(
                          BLOCK_C, BLOCK_P, COMPUTE)
     xhat, rstd = _normalise(x, mask, C, eps)
 
-    channels = tl.arange(0, BLOCK_C)
-    weight = tl.load(weight_ptr + channels, mask=channels < C, other=0.0).to(COMPUTE)
+    weight = _load_channels(weight_ptr, C, BLOCK_C, COMPUTE)
     if WITH_BIAS:
-        bias = tl.load(bias_ptr + channels, mask=channels < C, other=0.0).to(COMPUTE)
+        bias = _load_channels(bias_ptr, C, BLOCK_C, COMPUTE)
         y = xhat * weight[:, None] + bias[:, None]
     else:
         y = x * rstd[None, :] * weight[:, None]
-
-    pixels = pixel_block * BLOCK_P + tl.arange(0, BLOCK_P)
-    y_offsets = channels[:, None] * y_stride_c + pixels[None, :]
-    tl.store(y_ptr + batch * y_stride_b + y_offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+    _store_tile(y_ptr, y_stride_b, y_stride_c, y, mask, batch, pixel_block, BLOCK_C, BLOCK_P)
 
 
 @triton.jit
@@ -116,8 +129,7 @@ def layer_norm2d_bwd_kernel(
                        BLOCK_C, BLOCK_P, COMPUTE)
     xhat, rstd = _normalise(x, mask, C, eps)
 
-    channels = tl.arange(0, BLOCK_C)
-    weight = tl.load(weight_ptr + channels, mask=channels < C, other=0.0).to(COMPUTE)
+    weight = _load_channels(weight_ptr, C, BLOCK_C, COMPUTE)
     g = dy * weight[:, None]
     if WITH_BIAS:
         projection = tl.sum(g * xhat, axis=0) / C
@@ -128,12 +140,11 @@ def layer_norm2d_bwd_kernel(
         dx = (g - xhat * projection[None, :]) * rstd[None, :]
         dweight_row = tl.sum(dy * x * rstd[None, :], axis=1)
 
-    pixels = pixel_block * BLOCK_P + tl.arange(0, BLOCK_P)
-    dx_offsets = channels[:, None] * dx_stride_c + pixels[None, :]
-    tl.store(dx_ptr + batch * dx_stride_b + dx_offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    _store_tile(dx_ptr, dx_stride_b, dx_stride_c, dx, mask, batch, pixel_block, BLOCK_C, BLOCK_P)
 
     # This program's row of the partial-sum buffers (padding pixels hold dy = 0: no effect).
     row = (batch * tl.num_programs(0) + pixel_block) * C
+    channels = tl.arange(0, BLOCK_C)
     tl.store(dweight_partial_ptr + row + channels, dweight_row, mask=channels < C)
     if WITH_BIAS:
         tl.store(dbias_partial_ptr + row + channels, tl.sum(dy, axis=1), mask=channels < C)
