@@ -95,6 +95,16 @@ def _check_gate(x, dual, tol):
     _assert_close(["out", "dx"], got, _float64_truth(lambda t: reference.gated_gelu(t, dual), [x], cotangent), tol)
 
 
+def _assert_backward_is_deterministic(shape, dtype):
+    """Two backward calls on the same inputs give bitwise equal dx, dweight and dbias."""
+    x, weight, _ = _layer_norm_inputs(shape, True, dtype)
+    dy = torch.randn_like(x)
+    first = layer_norm2d_triton.layer_norm2d_bwd(dy, x, weight, True, EPS)
+    second = layer_norm2d_triton.layer_norm2d_bwd(dy, x, weight, True, EPS)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
 # ----------------------------------------------------------------------------- LayerNorm2d
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
@@ -131,12 +141,7 @@ def test_layer_norm2d_strided_inputs(layout):
 
 
 def test_layer_norm2d_parameter_gradients_are_deterministic():
-    x, weight, bias = _layer_norm_inputs((2, 48, 9, 11), True, torch.float32)
-    dy = torch.randn_like(x)
-    first = layer_norm2d_triton.layer_norm2d_bwd(dy, x, weight, True, EPS)
-    second = layer_norm2d_triton.layer_norm2d_bwd(dy, x, weight, True, EPS)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
+    _assert_backward_is_deterministic((2, 48, 9, 11), torch.float32)
 
 
 def test_layer_norm2d_empty_batch():
@@ -256,12 +261,7 @@ def test_gpu_bf16_activations_with_float32_parameters():
 
 @pytest.mark.gpu
 def test_gpu_results_are_identical_run_to_run():
-    x, weight, bias = _layer_norm_inputs((8, 96, 128, 128), True, torch.bfloat16)
-    dy = torch.randn_like(x)
-    first = layer_norm2d_triton.layer_norm2d_bwd(dy, x, weight, True, EPS)
-    second = layer_norm2d_triton.layer_norm2d_bwd(dy, x, weight, True, EPS)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
+    _assert_backward_is_deterministic((8, 96, 128, 128), torch.bfloat16)
 
 
 @pytest.mark.gpu
