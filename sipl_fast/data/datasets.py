@@ -121,7 +121,22 @@ def random_symmetry(images: Sequence[torch.Tensor], g: torch.Generator) -> list[
 
 
 # --------------------------------------------------------------------------- datasets
-class DegradedCrops(Dataset):
+class _VirtualEpochs(Dataset):
+    """``length`` samples per epoch (default: the source count, at least 1024) and the epoch
+    number that, with the seed and the index, seeds each sample."""
+
+    def __init__(self, sources: int, length: int | None):
+        self.length = length if length is not None else max(sources, 1024)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class DegradedCrops(_VirtualEpochs):
     """Random crops of clean images, each degraded by a random task of ``tasks``.
 
     ``images``: (3, H, W) tensors held in memory, or paths read on each access.
@@ -142,14 +157,7 @@ class DegradedCrops(Dataset):
                 _check_size(image, patch)
             elif min(image.shape[-2:]) < patch:
                 raise DataError(f"an image of {tuple(image.shape[-2:])} is smaller than the training patch {patch}")
-        self.length = length if length is not None else max(len(self.images), 1024)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.length
+        super().__init__(len(self.images), length)
 
     def __getitem__(self, index: int) -> dict:
         g = sample_generator(self.seed, self.epoch, index)
@@ -162,7 +170,7 @@ class DegradedCrops(Dataset):
         return {"lq": degraded, "gt": clean, "task": task}
 
 
-class PairedCrops(Dataset):
+class PairedCrops(_VirtualEpochs):
     """Aligned random crops of (degraded, clean) file pairs; the task is "paired"."""
 
     def __init__(self, pairs: Sequence[tuple[Path, Path]], patch: int, seed: int = 0, length: int | None = None):
@@ -171,14 +179,7 @@ class PairedCrops(Dataset):
             _check_size(degraded, patch)
             _check_size(clean, patch)
         self.tasks = ("paired",)
-        self.length = length if length is not None else max(len(self.pairs), 1024)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.length
+        super().__init__(len(self.pairs), length)
 
     def __getitem__(self, index: int) -> dict:
         g = sample_generator(self.seed, self.epoch, index)
