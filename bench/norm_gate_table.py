@@ -21,10 +21,7 @@ compile, so its cases stop when --compile-budget-s is spent (reported as skipped
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -35,6 +32,8 @@ if not torch.cuda.is_available():  # the triton provider runs on CPU only under 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from sipl_fast.ops import reference, torch_impl  # noqa: E402
+
+import table_harness as harness  # noqa: E402
 
 PROVIDERS = ("triton", "torch", "reference", "compile")
 MODES = ("fwd", "fwd+bwd")
@@ -140,54 +139,16 @@ def make_runner(site: Site, scenario: str, dtype: str, mode: str, provider: str,
     return run, inputs
 
 
-def time_ms(run, device: str) -> float:
-    if device == "cuda":
-        import triton.testing
-        return triton.testing.do_bench(run, warmup=5, rep=25, return_mode="median")
-    run()
-    samples = []
-    for _ in range(3):
-        start = time.perf_counter()
-        run()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
-
-
-def peak_mib(run, device: str) -> float | None:
-    """Memory allocated at the peak of one call, above what was allocated before it."""
-    if device != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    result = run()
-    torch.cuda.synchronize()
-    del result
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
-
-
-def copy_bandwidth_gbps(device: str) -> float | None:
-    if device != "cuda":
-        return None
-    import triton.testing
-    src = torch.empty(2**30, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=50, return_mode="median")
-    return 2 * src.numel() / ms / 1e6
-
-
 def measure(site: Site, scenario: str, dtype: str, mode: str, provider: str, device: str) -> dict:
     run, inputs = make_runner(site, scenario, dtype, mode, provider, device)
-    start = time.perf_counter()
-    run()  # compiles (torch.compile, Triton) and warms up
-    if device == "cuda":
-        torch.cuda.synchronize()
-    first_call_s = time.perf_counter() - start
-    ms = time_ms(run, device)
+    first_call_s = harness.first_call_s(run, device)
+    if device != "cuda":
+        run()  # this table's CPU timing has always begun with a second warm-up call
+    ms = harness.time_ms(run, device)
     return {
         "ms": ms,
         "GBps": min_bytes(site, inputs, mode) / ms / 1e6,
-        "peak_MiB": peak_mib(run, device) if mode != "fwd" else None,
+        "peak_MiB": harness.peak_mib(run, device) if mode != "fwd" else None,
         "first_call_s": first_call_s,
     }
 
@@ -209,7 +170,7 @@ def _format_row(row: dict, providers) -> str:
 def run_table(scenarios, dtypes, providers, compile_budget_s: float, device: str) -> dict:
     """Measure every (scenario, dtype, site, mode) row, printing each as it completes."""
     rows = []
-    compile_left = compile_budget_s
+    budget = harness.Budget(compile_seconds=compile_budget_s)
     print(f"{'':65}" + "".join(f"{p:>16}" for p in providers) + "  triton's speed-up vs")
     print(f"{'scenario':9} {'op':12} {'site':20} {'shape':18} {'dtype':5} {'mode':7}"
           + f"{'ms':>10}{'GB/s':>6}" * len(providers) + "  torch / ref / compile")
@@ -217,15 +178,9 @@ def run_table(scenarios, dtypes, providers, compile_budget_s: float, device: str
         for dtype in dtypes:
             for site in SITES:
                 for mode in MODES:
-                    results = {}
-                    for provider in providers:
-                        if provider == "compile" and (compile_left <= 0 or dtype != dtypes[0]):
-                            results[provider] = None  # over budget, or not the first dtype
-                            continue
-                        results[provider] = measure(site, scenario, dtype, mode, provider, device)
-                        if provider == "compile":
-                            compile_left -= results[provider]["first_call_s"]
-                            torch._dynamo.reset()
+                    results = budget.measure(
+                        providers, lambda provider: measure(site, scenario, dtype, mode, provider, device),
+                        skip=("compile",) if dtype != dtypes[0] else ())  # compile: the first dtype only
                     rows.append({"scenario": scenario, "dtype": dtype, "mode": mode,
                                  "shape": site_shape(site, scenario), "site": asdict(site), "results": results})
                     print(_format_row(rows[-1], providers), flush=True)
@@ -252,43 +207,23 @@ def totals(rows, providers) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("out", help="JSON file to write")
-    parser.add_argument("--dtypes", default="amp,fp32", help="comma list of " + ", ".join(DTYPES))
-    parser.add_argument("--providers", default=",".join(PROVIDERS))
-    parser.add_argument("--compile-budget-s", type=float, default=10.0,
-                        help="seconds of torch.compile compilation allowed (first dtype only)")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes on this machine's device (CPU ok)")
+    parser = harness.table_parser(__doc__.split("\n")[0], DTYPES, PROVIDERS, default_dtypes="amp,fp32",
+                                  compile_budget_s=10.0,
+                                  compile_help=harness.COMPILE_HELP + " (first dtype only)")
     args = parser.parse_args(argv)
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    providers = tuple(args.providers.split(","))
-    if device == "cpu":
-        if not args.smoke:
-            print("norm_gate_table: needs a CUDA device (use --smoke for a CPU check of the script)")
-            return 2
-        providers = tuple(p for p in providers if p != "compile")  # a CPU compile takes minutes
+    chosen = harness.choose_device("norm_gate_table", args)
+    if chosen is None:
+        return 2
+    device, providers, dtypes = chosen
     scenarios = ("smoke",) if args.smoke else ("train128", "infer512")
-    dtypes = tuple(args.dtypes.split(","))
-    if device == "cpu":
-        dtypes = tuple(d for d in dtypes if d == "fp32") or ("fp32",)  # the interpreter has no bf16
 
     started = time.perf_counter()
-    copy_gbps = copy_bandwidth_gbps(device)
+    copy_gbps = harness.copy_bandwidth_gbs(device)
     if copy_gbps:
         print(f"device-to-device copy bandwidth: {copy_gbps:.0f} GB/s (read + write)\n")
     report = run_table(scenarios, dtypes, providers, args.compile_budget_s, device)
-    report.update({
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "copy_GBps": copy_gbps,
-        "providers": providers,
-        "elapsed_s": time.perf_counter() - started,
-    })
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"\nwrote {args.out} in {report['elapsed_s']:.0f} s")
+    report.update({**harness.environment(device), "copy_GBps": copy_gbps})
+    harness.write_report(args.out, report, providers, started)
     return 0
 
 

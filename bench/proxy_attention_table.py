@@ -23,12 +23,10 @@ measurement is skipped once --budget-s is spent; skipped cells are reported as s
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -39,10 +37,13 @@ import sipl_fast  # noqa: E402
 from sipl_fast import ops  # noqa: E402
 from sipl_fast.ops import torch_impl  # noqa: E402
 
+import table_harness as harness  # noqa: E402
+
 PROVIDERS = ("triton", "torch", "compile", "reference")
 MODES = ("fwd", "fwd+bwd")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 TARGET_VS_TORCH, TARGET_VS_REFERENCE, TARGET_MATMUL_FRACTION = 1.5, 3.0, 0.5
+SPEEDUP_TARGETS = {"vs_torch_best": TARGET_VS_TORCH, "vs_reference": TARGET_VS_REFERENCE}  # fwd+bwd
 
 
 @dataclass(frozen=True)
@@ -104,41 +105,9 @@ def make_runner(shape: Shape, dtype: torch.dtype, mode: str, provider: str, devi
     """(a zero-argument callable running one call in ``mode``, the input tensors it uses)."""
     fn = attention_function(provider)
     inputs = make_inputs(shape, dtype, device, requires_grad=mode != "fwd")
-    if mode == "fwd":
-        def run():
-            with torch.no_grad():
-                return fn(*inputs, shape.heads)
-    else:
-        grad_out = torch.randn(shape.batch, shape.head_dim * shape.heads, *shape.q_hw, device=device, dtype=dtype)
-
-        def run():
-            return torch.autograd.grad(fn(*inputs, shape.heads), inputs, grad_out)
-    return run, inputs
-
-
-def time_ms(run, device: str) -> float:
-    if device == "cuda":
-        import triton.testing
-        return triton.testing.do_bench(run, warmup=5, rep=25, return_mode="median")
-    samples = []
-    for _ in range(3):
-        start = time.perf_counter()
-        run()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return sorted(samples)[1]
-
-
-def peak_mib(run, device: str) -> float | None:
-    """Memory allocated at the peak of one call above what was allocated before it (CUDA only)."""
-    if device != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    result = run()
-    torch.cuda.synchronize()
-    del result
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
+    out_shape = (shape.batch, shape.head_dim * shape.heads, *shape.q_hw)
+    grad_out = None if mode == "fwd" else torch.randn(out_shape, device=device, dtype=dtype)
+    return harness.runner(lambda: fn(*inputs, shape.heads), inputs, grad_out), inputs
 
 
 def matmul_tflops(device: str) -> float | None:
@@ -154,14 +123,11 @@ def matmul_tflops(device: str) -> float | None:
 
 def measure(shape: Shape, dtype: torch.dtype, mode: str, provider: str, device: str) -> dict:
     run, _ = make_runner(shape, dtype, mode, provider, device)
-    start = time.perf_counter()
-    run()  # compiles (torch.compile, Triton autotuning) and warms up
-    if device == "cuda":
-        torch.cuda.synchronize()
-    first_call_s = time.perf_counter() - start
-    ms = time_ms(run, device)
+    first_call_s = harness.first_call_s(run, device)
+    ms = harness.time_ms(run, device)
     flops = shape.forward_flops() * (1 if mode == "fwd" else 3.5)
-    return {"ms": ms, "TFLOPs": flops / ms / 1e9, "peak_MiB": peak_mib(run, device), "first_call_s": first_call_s}
+    return {"ms": ms, "TFLOPs": flops / ms / 1e9, "peak_MiB": harness.peak_mib(run, device),
+            "first_call_s": first_call_s}
 
 
 def speedups(results: dict) -> dict:
@@ -182,62 +148,35 @@ def _cell(result) -> str:
     return f"{result['ms']:9.3f}ms{result['TFLOPs']:5.0f}T{peak:>8}"
 
 
-def _ratio(value, target) -> str:
-    """'2.31x+' meets the target, '1.20x!' misses it, no mark where there is no target (fwd)."""
-    if value is None:
-        return f"{'-':>11}"
-    return f"{value:9.2f}x" + (" " if target is None else ("+" if value >= target else "!"))
-
-
 def format_row(row: dict, providers) -> str:
     ratios = row["speedups"]
     target_torch, target_ref = (TARGET_VS_TORCH, TARGET_VS_REFERENCE) if row["mode"] == "fwd+bwd" else (None, None)
     return (f"{row['shape']:20} {row['dtype']:5} {row['mode']:7}"
             + "".join(_cell(row["results"].get(p)) for p in providers)
-            + _ratio(ratios["vs_torch_best"], target_torch) + _ratio(ratios["vs_reference"], target_ref))
+            + harness.ratio_cell(ratios["vs_torch_best"], target_torch, 11)
+            + harness.ratio_cell(ratios["vs_reference"], target_ref, 11))
 
 
 def run_table(shapes, dtypes, providers, device: str, budget_s: float, compile_budget_s: float) -> list[dict]:
     """Measures every (shape, dtype, mode) row, printing each as it completes."""
-    started = time.perf_counter()
-    compile_left = compile_budget_s
+    budget = harness.Budget(budget_s, compile_budget_s)
     print(f"{'':34}" + "".join(f"{p:>24}" for p in providers) + f"{'triton speed-up vs':>22}")
     print(f"{'shape':20} {'dtype':5} {'mode':7}" + f"{'time  TFLOP/s  peak':>24}" * len(providers)
           + f"{'torch best':>11}{'reference':>11}")
-    rows = []
-    for dtype in dtypes:
-        for shape in shapes:
-            for mode in MODES:
-                results = {}
-                for provider in providers:
-                    over_budget = time.perf_counter() - started > budget_s
-                    if over_budget or (provider == "compile" and compile_left <= 0):
-                        results[provider] = None
-                        continue
-                    results[provider] = measure(shape, DTYPES[dtype], mode, provider, device)
-                    if provider == "compile":
-                        compile_left -= results[provider]["first_call_s"]
-                        torch._dynamo.reset()  # one static compile per case; keep the cache small
-                rows.append({"shape": shape.name, "dims": asdict(shape), "dtype": dtype, "mode": mode,
-                             "results": results, "speedups": speedups(results)})
-                print(format_row(rows[-1], providers), flush=True)
-    return rows
+    return harness.measure_rows(
+        shapes, dtypes, MODES, providers, budget, speedups, format_row,
+        lambda shape, dtype, mode, provider: measure(shape, DTYPES[dtype], mode, provider, device))
 
 
 def summary(rows: list[dict], matmul: float | None) -> dict:
     """The issue's targets: fwd+bwd speed-ups at every shape, forward rate vs the matmul rate."""
-    train = [r for r in rows if r["mode"] == "fwd+bwd"]
-    vs_torch = [r["speedups"]["vs_torch_best"] for r in train]
-    vs_reference = [r["speedups"]["vs_reference"] for r in train]
     case = next((r for r in rows if (r["shape"], r["dtype"], r["mode"]) == MATMUL_TARGET_CASE), None)
     forward = case["results"].get("triton") if case else None
     out = {
         "matmul_bf16_TFLOPs": matmul,
         "fwd_65536x4096_bf16_TFLOPs": forward["TFLOPs"] if forward else None,
         "fwd_fraction_of_matmul": forward["TFLOPs"] / matmul if forward and matmul else None,
-        "min_fwd_bwd_speedup_vs_torch_best": min((x for x in vs_torch if x), default=None),
-        "min_fwd_bwd_speedup_vs_reference": min((x for x in vs_reference if x), default=None),
-        "unmeasured_fwd_bwd_comparisons": sum(x is None for x in vs_torch + vs_reference),
+        **harness.fwd_bwd_speedups(rows, SPEEDUP_TARGETS),
     }
     print()
     if matmul:
@@ -246,39 +185,19 @@ def summary(rows: list[dict], matmul: float | None) -> dict:
         print(f"triton forward 65536x4096 bf16: {out['fwd_65536x4096_bf16_TFLOPs']:.0f} TFLOP/s = "
               f"{100 * out['fwd_fraction_of_matmul']:.0f}% of the matmul rate (target >= "
               f"{100 * TARGET_MATMUL_FRACTION:.0f}%)")
-    for key, target in (("min_fwd_bwd_speedup_vs_torch_best", TARGET_VS_TORCH),
-                        ("min_fwd_bwd_speedup_vs_reference", TARGET_VS_REFERENCE)):
-        if out[key] is not None:
-            print(f"{key}: {out[key]:.2f}x (target >= {target}x)")
-    if out["unmeasured_fwd_bwd_comparisons"]:
-        print(f"{out['unmeasured_fwd_bwd_comparisons']} fwd+bwd comparisons unmeasured (skipped cells)")
+    harness.print_speedup_targets(out, SPEEDUP_TARGETS)
     return out
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("out", help="JSON file to write")
-    parser.add_argument("--dtypes", default="bf16,fp32", help="comma list of " + ", ".join(DTYPES))
-    parser.add_argument("--providers", default=",".join(PROVIDERS))
-    parser.add_argument("--budget-s", type=float, default=80.0,
-                        help="skip the remaining measurements once this many seconds have passed")
-    parser.add_argument("--compile-budget-s", type=float, default=25.0,
-                        help="seconds of torch.compile compilation allowed")
-    parser.add_argument("--tf32", action="store_true",
-                        help="allow TF32 for fp32 matmuls (torch.backends.cuda.matmul.allow_tf32), all providers")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes on this machine's device (CPU ok)")
+    parser = harness.table_parser(__doc__.split("\n")[0], DTYPES, PROVIDERS, default_dtypes="bf16,fp32",
+                                  budget_s=80.0, compile_budget_s=25.0, tf32=True)
     args = parser.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    providers = tuple(args.providers.split(","))
-    dtypes = tuple(args.dtypes.split(","))
-    if device == "cpu":
-        if not args.smoke:
-            print("proxy_attention_table: needs a CUDA device (use --smoke for a CPU check of the script)")
-            return 2
-        providers = tuple(p for p in providers if p != "compile")  # a CPU compile takes minutes
-        dtypes = ("fp32",)  # the interpreter has no bf16
+    chosen = harness.choose_device("proxy_attention_table", args)
+    if chosen is None:
+        return 2
+    device, providers, dtypes = chosen
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
 
     started = time.perf_counter()
@@ -287,17 +206,11 @@ def main(argv=None) -> int:
     report = {
         "rows": rows,
         "summary": summary(rows, matmul),
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
+        **harness.environment(device),
         "allow_tf32": torch.backends.cuda.matmul.allow_tf32,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "providers": providers,
-        "elapsed_s": time.perf_counter() - started,
     }
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"\nwrote {args.out} in {report['elapsed_s']:.0f} s")
+    harness.write_report(args.out, report, providers, started)
     return 0
 
 

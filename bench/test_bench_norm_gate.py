@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import norm_gate_table as table
+import table_harness as harness
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -34,16 +35,7 @@ def test_norm_gate(benchmark, site, mode, provider):
     if not CUDA and provider in ("triton", "compile"):
         pytest.skip(f"{provider} is benchmarked on CUDA only")
     run, _ = table.make_runner(site, SCENARIO, DTYPE, mode, provider, DEVICE)
-
-    def run_synchronised():
-        result = run()
-        if CUDA:
-            torch.cuda.synchronize()
-        return result
-
+    run_synchronised = harness.synchronised(run, DEVICE)
     run_synchronised()  # compile and warm up outside the timed rounds
     benchmark.extra_info.update(scenario=SCENARIO, dtype=DTYPE, channels=site.channels, scale=site.scale)
-    if CUDA:
-        benchmark(run_synchronised)
-    else:  # a few fixed rounds instead of pytest-benchmark's one second of calibration per case
-        benchmark.pedantic(run_synchronised, rounds=5, iterations=1)
+    harness.benchmark_calls(benchmark, run_synchronised, DEVICE)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import proxy_attention_table as table
+import table_harness as harness
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -32,17 +33,11 @@ def test_proxy_attention(benchmark, shape, dtype, mode, provider):
     if not CUDA and provider in ("triton", "compile"):
         pytest.skip(f"{provider} is benchmarked on CUDA only")
     run, _ = table.make_runner(shape, table.DTYPES[dtype], mode, provider, DEVICE)
-
-    def run_synchronised():
-        result = run()
-        if CUDA:
-            torch.cuda.synchronize()
-        return result
-
+    run_synchronised = harness.synchronised(run, DEVICE)
     run_synchronised()  # compile, autotune and warm up outside the timed rounds
     n_q, n_kv = shape.tokens
     benchmark.extra_info.update(n_q=n_q, n_kv=n_kv, batch=shape.batch, heads=shape.heads, head_dim=shape.head_dim,
-                                dtype=dtype, peak_MiB=table.peak_mib(run, DEVICE))
+                                dtype=dtype, peak_MiB=harness.peak_mib(run, DEVICE))
     if CUDA:
         benchmark.pedantic(run_synchronised, rounds=10, iterations=1, warmup_rounds=1)
     else:  # a few fixed rounds instead of pytest-benchmark's one second of calibration per case

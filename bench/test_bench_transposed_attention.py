@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import table_harness as harness
 import transposed_attention_table as table
 from peak_memory import peak_extra_bytes
 
@@ -32,21 +33,12 @@ def test_transposed_attention(benchmark, shape, mode, provider):
     if not CUDA and provider == "triton":
         pytest.skip("triton is benchmarked on CUDA only (the CPU interpreter is a correctness tool)")
     run, _ = table.make_runner(shape, DTYPE, mode, provider, DEVICE)
-
-    def run_synchronised():
-        result = run()
-        if CUDA:
-            torch.cuda.synchronize()
-        return result
-
+    run_synchronised = harness.synchronised(run, DEVICE)
     run_synchronised()  # compile and warm up outside the timed rounds
     moved = table.TENSORS_MOVED[mode] * shape.stream_bytes(DTYPE)
     benchmark.extra_info.update(dtype=str(DTYPE), channels=shape.channels, heads=shape.heads, hw=shape.hw,
                                 bytes_moved=moved, peak_extra_MiB=peak_extra_bytes(run_synchronised, DEVICE) / 2**20)
-    if CUDA:
-        benchmark(run_synchronised)
-    else:  # a few fixed rounds instead of pytest-benchmark's calibration
-        benchmark.pedantic(run_synchronised, rounds=5, iterations=1)
+    harness.benchmark_calls(benchmark, run_synchronised, DEVICE)
     if benchmark.stats:
         benchmark.extra_info["GBs"] = moved / benchmark.stats.stats.median / 1e9
     if provider == "compile":

@@ -1,0 +1,221 @@
+"""What the op table scripts (bench/*_table.py) and their pytest-benchmark files share.
+
+Each table script measures one op for several providers (``triton``, ``torch``, ``compile``,
+``reference``) and writes a table and a JSON file. This module holds the common parts: the
+command line, the device choice (CUDA, or a ``--smoke`` check of the script on the CPU), timing
+(triton.testing.do_bench on CUDA), peak memory, the time budget with its skipped cells, the
+copy bandwidth, the speed-up targets and the JSON report.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict
+
+import torch
+
+from peak_memory import peak_extra_bytes
+
+COMPILE_HELP = "seconds of torch.compile compilation allowed"
+
+
+def table_parser(description: str, dtypes, providers, default_dtypes: str, compile_budget_s: float,
+                 compile_help: str = COMPILE_HELP, budget_s: float | None = None,
+                 tf32: bool = False) -> argparse.ArgumentParser:
+    """The command line: OUT.json, --dtypes, --providers, --compile-budget-s, --smoke; --budget-s
+    when ``budget_s`` is given (its default) and --tf32 when ``tf32``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("out", help="JSON file to write")
+    parser.add_argument("--dtypes", default=default_dtypes, help="comma list of " + ", ".join(dtypes))
+    parser.add_argument("--providers", default=",".join(providers))
+    if budget_s is not None:
+        parser.add_argument("--budget-s", type=float, default=budget_s,
+                            help="skip the remaining measurements once this many seconds have passed")
+    parser.add_argument("--compile-budget-s", type=float, default=compile_budget_s, help=compile_help)
+    if tf32:
+        parser.add_argument("--tf32", action="store_true",
+                            help="allow TF32 for fp32 matmuls (torch.backends.cuda.matmul.allow_tf32), all providers")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on this machine's device (CPU ok)")
+    return parser
+
+
+def choose_device(script: str, args: argparse.Namespace):
+    """(device, providers, dtypes) from the command line, or None: without CUDA only --smoke runs.
+
+    On the CPU torch.compile is left out (a CPU compile takes minutes) and only fp32 is
+    measured (the Triton interpreter has no bf16).
+    """
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    providers = tuple(args.providers.split(","))
+    dtypes = tuple(args.dtypes.split(","))
+    if device == "cpu":
+        if not args.smoke:
+            print(f"{script}: needs a CUDA device (use --smoke for a CPU check of the script)")
+            return None
+        providers = tuple(p for p in providers if p != "compile")
+        dtypes = ("fp32",)
+    return device, providers, dtypes
+
+
+def runner(call, inputs, grad_out=None):
+    """A zero-argument callable for the timers: ``call()`` under no_grad when ``grad_out`` is None
+    (mode fwd), else the gradients of ``inputs`` for ``grad_out`` (mode fwd+bwd)."""
+    if grad_out is None:
+        def run():
+            with torch.no_grad():
+                return call()
+    else:
+        def run():
+            return torch.autograd.grad(call(), inputs, grad_out)
+    return run
+
+
+def first_call_s(run, device: str) -> float:
+    """Seconds of one call of ``run``: the compile (torch.compile, Triton autotuning) and warm-up."""
+    start = time.perf_counter()
+    run()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def time_ms(run, device: str) -> float:
+    """Median milliseconds of a call: triton.testing.do_bench on CUDA, 3 calls on the CPU."""
+    if device == "cuda":
+        import triton.testing
+        return triton.testing.do_bench(run, warmup=5, rep=25, return_mode="median")
+    samples = []
+    for _ in range(3):
+        start = time.perf_counter()
+        run()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return sorted(samples)[1]
+
+
+def peak_mib(run, device: str) -> float | None:
+    """MiB allocated at the peak of one call above what was allocated before it (CUDA only)."""
+    return peak_extra_bytes(run, device) / 2**20 if device == "cuda" else None
+
+
+def copy_bandwidth_gbs(device: str) -> float | None:
+    """The card's device-to-device copy rate (y.copy_(x) of 1 GiB): bytes read plus written per second."""
+    if device != "cuda":
+        return None
+    import triton.testing
+    source = torch.empty(2**30, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    ms = triton.testing.do_bench(lambda: target.copy_(source), warmup=10, rep=50, return_mode="median")
+    return 2 * source.numel() / ms / 1e6
+
+
+class Budget:
+    """Skips measurements: all of them once ``seconds`` have passed since it was made, and the
+    ``compile`` provider's once ``compile_seconds`` of its first calls (compilation) are spent."""
+
+    def __init__(self, seconds: float = math.inf, compile_seconds: float = math.inf):
+        self.started = time.perf_counter()
+        self.seconds = seconds
+        self.compile_left = compile_seconds
+
+    def measure(self, providers, measure, skip=()) -> dict:
+        """{provider: measure(provider)} in ``providers`` order; None for a skipped provider
+        (over budget, or in ``skip``). ``measure`` returns a dict with "first_call_s"."""
+        results = {}
+        for provider in providers:
+            over_budget = time.perf_counter() - self.started > self.seconds
+            if over_budget or provider in skip or (provider == "compile" and self.compile_left <= 0):
+                results[provider] = None
+                continue
+            results[provider] = measure(provider)
+            if provider == "compile":
+                self.compile_left -= results[provider]["first_call_s"]
+                torch._dynamo.reset()  # one static compile per case; keep the cache small
+        return results
+
+
+def measure_rows(shapes, dtypes, modes, providers, budget: Budget, speedups, format_row, measure) -> list[dict]:
+    """Every (dtype, shape, mode) row, printed by ``format_row(row, providers)`` as it completes.
+
+    A row holds the shape's name and fields, the dtype's and mode's names, the results of
+    ``measure(shape, dtype, mode, provider)`` per provider (None where skipped) and ``speedups(results)``.
+    """
+    rows = []
+    for dtype in dtypes:
+        for shape in shapes:
+            for mode in modes:
+                results = budget.measure(providers, lambda provider: measure(shape, dtype, mode, provider))
+                rows.append({"shape": shape.name, "dims": asdict(shape), "dtype": dtype, "mode": mode,
+                             "results": results, "speedups": speedups(results)})
+                print(format_row(rows[-1], providers), flush=True)
+    return rows
+
+
+def fwd_bwd_speedups(rows: list[dict], names) -> dict:
+    """Per speed-up name (a key of each row's "speedups"): its minimum over the fwd+bwd rows,
+    as "min_fwd_bwd_speedup_<name>", then the count of unmeasured ones (skipped cells)."""
+    training = [row for row in rows if row["mode"] == "fwd+bwd"]
+    out, unmeasured = {}, 0
+    for name in names:
+        values = [row["speedups"][name] for row in training]
+        out[f"min_fwd_bwd_speedup_{name}"] = min((x for x in values if x), default=None)
+        unmeasured += sum(x is None for x in values)
+    out["unmeasured_fwd_bwd_comparisons"] = unmeasured
+    return out
+
+
+def print_speedup_targets(summary: dict, targets: dict) -> None:
+    """Each measured minimum of :func:`fwd_bwd_speedups` against its target, then the unmeasured count."""
+    for name, target in targets.items():
+        key = f"min_fwd_bwd_speedup_{name}"
+        if summary[key] is not None:
+            print(f"{key}: {summary[key]:.2f}x (target >= {target}x)")
+    if summary["unmeasured_fwd_bwd_comparisons"]:
+        print(f"{summary['unmeasured_fwd_bwd_comparisons']} fwd+bwd comparisons unmeasured (skipped cells)")
+
+
+def ratio_cell(value: float | None, target: float | None, width: int) -> str:
+    """A speed-up in ``width`` characters: '2.31x+' meets the target, '1.20x!' misses it, no mark
+    without a target, '-' when unmeasured."""
+    if value is None:
+        return f"{'-':>{width}}"
+    return f"{value:{width - 2}.2f}x" + (" " if target is None else ("+" if value >= target else "!"))
+
+
+def environment(device: str) -> dict:
+    """The report's record of where it ran."""
+    return {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+    }
+
+
+def write_report(path: str, report: dict, providers, started: float) -> None:
+    """Adds the providers and the seconds since ``started`` to ``report``, and writes it as JSON."""
+    report.update(providers=providers, elapsed_s=time.perf_counter() - started)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"\nwrote {path} in {report['elapsed_s']:.0f} s")
+
+
+# ---------------------------------------------------------------- the pytest-benchmark files
+
+def synchronised(run, device: str):
+    """``run`` followed, on CUDA, by a synchronise, so that a timer sees the kernels finish."""
+    def run_synchronised():
+        result = run()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return result
+    return run_synchronised
+
+
+def benchmark_calls(benchmark, run_synchronised, device: str) -> None:
+    """pytest-benchmark's calibrated rounds on CUDA; on the CPU 5 fixed rounds instead of its
+    second of calibration per case."""
+    if device == "cuda":
+        benchmark(run_synchronised)
+    else:
+        benchmark.pedantic(run_synchronised, rounds=5, iterations=1)
