@@ -41,9 +41,9 @@ Passes (every buffer is linear in tokens; there is no Nq x Nkv buffer anywhere):
    results are identical run to run.
 
 Precision. Accumulation is fp32. bf16/fp16 tiles feed tl.dot directly (P and dS are cast to
-the input dtype for their products, as in FlashAttention). fp32 inputs use IEEE fp32 dots
-unless the caller allows TF32 (``allow_tf32``, which the op reads from
-torch.backends.cuda.matmul.allow_tf32 at call time).
+the input dtype for their products, as in FlashAttention). fp32 inputs use 3xTF32 dots
+(fp32-level error on tensor cores) unless the caller allows TF32 (``allow_tf32``, which the
+op reads from torch.backends.cuda.matmul.allow_tf32 at call time); see _dot_precision.
 """
 from __future__ import annotations
 

@@ -204,12 +204,12 @@ class Refiner:
         lefts = _tile_starts(w, self.tile, self.overlap)
         if len(tops) == 1 and len(lefts) == 1:
             return self._refine_batch(x)
+        th, tw = min(self.tile, h), min(self.tile, w)  # every tile has this size (_tile_starts)
         output = torch.zeros_like(x)
         weight_sum = torch.zeros(1, 1, h, w, device=x.device, dtype=x.dtype)
         delta_sums = [torch.zeros(b, device=x.device) for _ in range(self.steps)]
         for top in tops:
             for left in lefts:
-                th, tw = min(self.tile, h), min(self.tile, w)
                 crop = x[..., top:top + th, left:left + tw]
                 refined, deltas = self._refine_batch(crop)
                 weight = (_ramp(th, self.overlap, top == 0, top + th == h, x.device, x.dtype)[:, None]
@@ -217,9 +217,9 @@ class Refiner:
                 output[..., top:top + th, left:left + tw] += refined * weight
                 weight_sum[..., top:top + th, left:left + tw] += weight
                 for total, d in zip(delta_sums, deltas):
-                    total += d * (th * tw)
-        area = sum(min(self.tile, h) * min(self.tile, w) for _ in tops for _ in lefts)
-        return output / weight_sum, [total / area for total in delta_sums]
+                    total += d
+        tiles = len(tops) * len(lefts)  # equal tiles: the image's delta is their mean
+        return output / weight_sum, [total / tiles for total in delta_sums]
 
 
 def _shared_state(model, device: torch.device):

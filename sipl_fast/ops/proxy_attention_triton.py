@@ -10,7 +10,7 @@ autograd sees one backward:
   num_heads) -> (dq, dk, dv, dtemperature)``.
 
 The kernels are in ``sipl_fast.kernels.proxy_attention``. fp32 inputs use TF32 dots only when
-``torch.backends.cuda.matmul.allow_tf32`` is True when the op runs (IEEE fp32 otherwise).
+``torch.backends.cuda.matmul.allow_tf32`` is True when the op runs (3xTF32 otherwise).
 """
 from __future__ import annotations
 
