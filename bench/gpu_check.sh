@@ -36,10 +36,11 @@ section build 150 $PY -m pip install --no-build-isolation --no-deps -q -e .
 section info 30 $PY -c "import json, sipl_fast; print(json.dumps(sipl_fast.info()))"
 # Parallel workers: most of the time is Triton and inductor compilation, which is CPU-bound.
 section gpu-tests 150 $PY -m pytest -q -m gpu -p no:cacheprovider -n 8 tests --durations=15 --junitxml="$OUT/gpu_tests.xml"
+section train-step 100 $PY bench/train_step_table.py --steps 5 --warmup 2 --json "$OUT/train_step.json"
+section refine 75 $PY bench/refine_table.py "$OUT/refine.json"
+section profile 70 $PY bench/profile_gpu.py --json "$OUT/profile.json"
 section proxy-attention 70 $PY bench/proxy_attention_table.py "$OUT/proxy_attention.json" --budget-s 50 --compile-budget-s 12
 section mdta 70 $PY bench/transposed_attention_table.py "$OUT/transposed_attention.json" --budget-s 50 --compile-budget-s 12
-section refine 75 $PY bench/refine_table.py "$OUT/refine.json"
-section train-step 60 $PY bench/train_step_table.py --steps 5 --warmup 2 --json "$OUT/train_step.json"
 section norm-gate 45 $PY bench/norm_gate_table.py "$OUT/norm_gate.json" --dtypes amp --compile-budget-s 5
 
 {
@@ -48,5 +49,5 @@ echo "=== summary"
 printf '%s\n' "${summary[@]}"
 grep -aE "^(FAILED|ERROR) " "$LOG" | head -40
 grep -aE "[0-9]+ (passed|failed)" "$LOG" | tail -2
-grep -aiE "target|speed-up|speedup|faster than|TFLOP/s|copy bandwidth|matmul|ms/step|peak" "$LOG" | grep -av "^ *#" | tail -70
+grep -aiE "target|speed-up|speedup|faster than|TFLOP/s|copy bandwidth|matmul|ms/step|peak|^== " "$LOG" | grep -av "^ *#" | tail -80
 } | tee -a "$LOG"

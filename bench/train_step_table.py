@@ -5,13 +5,15 @@
 On CUDA: the authors' configuration (base preset), 128 x 128 crops, batch 8, fp32 and bf16
 autocast. On CPU: the tiny preset, 64 x 64 crops, batch 2, fp32. "auto" is the backend
 sipl_fast picks by itself (triton on CUDA, torch on CPU); "reference" is the authors' eager
-math. The step is ``Trainer.train_step``: the no-grad plain pass and encoder on the clean
+math; "+graph" replays the whole step as a CUDA graph (``--cuda-graph``: the eager step at
+these sizes is bound by the CPU issuing kernels). The step is ``Trainer.train_step``: the no-grad plain pass and encoder on the clean
 batch, the privileged pass on the degraded batch, L1, backward, clipping, AdamW.
 Peak memory of one step (``peak_memory.peak_extra_bytes``): on CUDA the allocator's peak
 during the step beyond what was allocated before it (weights, gradients, optimizer state,
 which every backend holds alike), and the total peak; on the CPU the resident-set peak
 beyond the RSS before the step (rough: memory freed by earlier steps is reused without
-raising the RSS, so CPU numbers understate). Prints a table and JSON; takes well under 90 s on an H100.
+raising the RSS, so CPU numbers understate). A graph's memory pool stays allocated between
+replays, so for "+graph" rows only the total peak (the last two columns) is comparable. Prints a table and JSON; takes well under 90 s on an H100.
 """
 from __future__ import annotations
 
@@ -27,9 +29,9 @@ import torch
 
 import sipl_fast
 from peak_memory import peak_extra_bytes
-from sipl_fast.train import TrainOptions, Trainer
+from sipl_fast.train import GRAPH_WARMUP_STEPS, TrainOptions, Trainer
 
-BACKENDS = ("reference", "auto")
+PROVIDERS = {"cpu": ("reference", "auto"), "cuda": ("reference", "auto", "reference+graph", "auto+graph")}
 
 
 def default_shape(device: torch.device) -> dict:
@@ -38,10 +40,13 @@ def default_shape(device: torch.device) -> dict:
     return dict(preset="tiny", batch=2, patch=64)
 
 
-def make_step(backend: str, device: torch.device, preset: str, batch: int, patch: int, amp: bool):
-    """A zero-argument function running one training step with ``backend``; also returns the trainer."""
+def make_step(provider: str, device: torch.device, preset: str, batch: int, patch: int, amp: bool):
+    """A zero-argument function running one training step with ``provider`` (a backend, plus
+    "+graph" for --cuda-graph); also returns the trainer."""
+    backend, _, graph = provider.partition("+")
     options = TrainOptions(data="skimage", tasks="noise25", preset=preset, batch=batch, patch=patch, amp=amp,
-                           device=str(device), out=tempfile.mkdtemp(prefix="sipl_bench_"), progress=False)
+                           cuda_graph=graph == "graph", device=str(device),
+                           out=tempfile.mkdtemp(prefix="sipl_bench_"), progress=False)
     trainer = Trainer(options, log=lambda line: None)
     g = torch.Generator().manual_seed(0)
     gt = torch.rand(batch, 3, patch, patch, generator=g)
@@ -60,8 +65,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(backend: str, device: torch.device, amp: bool, steps: int, warmup: int, **shape) -> dict:
-    step, trainer = make_step(backend, device, amp=amp, **shape)
+def measure(provider: str, device: torch.device, amp: bool, steps: int, warmup: int, **shape) -> dict:
+    step, trainer = make_step(provider, device, amp=amp, **shape)
+    if trainer.cuda_graph:
+        warmup = max(warmup, GRAPH_WARMUP_STEPS + 1)  # the eager warm-up steps, then the capture
     for _ in range(warmup):          # autotuning, allocator warm-up
         step()
     _sync(device)
@@ -78,7 +85,7 @@ def measure(backend: str, device: torch.device, amp: bool, steps: int, warmup: i
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"backend": backend, "dtype": "bf16" if amp else "fp32", "ms_per_step": 1000 * seconds,
+    return {"backend": provider, "dtype": "bf16" if amp else "fp32", "ms_per_step": 1000 * seconds,
             "peak_extra_mib": extra, "peak_total_mib": total, "loss": float(loss), **shape}
 
 
@@ -94,12 +101,12 @@ def main(argv=None) -> int:
     dtypes = (args.dtypes or ("fp32,bf16" if device.type == "cuda" else "fp32")).split(",")
     shape = default_shape(device)
     rows = [measure(backend, device, dtype == "bf16", args.steps, args.warmup, **shape)
-            for dtype in dtypes for backend in BACKENDS]
+            for dtype in dtypes for backend in PROVIDERS[device.type]]
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"training step on {name}: {shape['preset']} preset, batch {shape['batch']}, "
           f"{shape['patch']}x{shape['patch']}, torch {torch.__version__}")
-    print(f"{'dtype':<6} {'backend':<10} {'ms/step':>9} {'speed-up':>9} {'extra MiB':>10} {'memory':>7} "
+    print(f"{'dtype':<6} {'provider':<16} {'ms/step':>9} {'speed-up':>9} {'extra MiB':>10} {'memory':>7} "
           f"{'total MiB':>10} {'memory':>7}")
     for row in rows:
         reference = next(r for r in rows if r["dtype"] == row["dtype"] and r["backend"] == "reference")
@@ -110,7 +117,7 @@ def main(argv=None) -> int:
             ratio = mine / theirs if mine is not None and theirs else None
             row[f"{kind}_memory_vs_reference"] = ratio
             cells += [f"{mine:.0f}" if mine is not None else "n/a", f"{ratio:.2f}x" if ratio else "n/a"]
-        print(f"{row['dtype']:<6} {row['backend']:<10} {row['ms_per_step']:>9.1f} "
+        print(f"{row['dtype']:<6} {row['backend']:<16} {row['ms_per_step']:>9.1f} "
               f"{row['speedup_vs_reference']:>8.2f}x {cells[0]:>10} {cells[1]:>7} {cells[2]:>10} {cells[3]:>7}")
     report = {"device": name, "date": date.today().isoformat(), "torch": torch.__version__, "results": rows}
     print(json.dumps(report))

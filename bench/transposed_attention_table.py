@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+# The triton provider is the kernels, also where the triton backend routes 16-bit MDTA to torch.
+os.environ.setdefault("SIPL_FAST_ALL_KERNELS", "1")
 if not torch.cuda.is_available():  # the triton provider runs on CPU only under the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

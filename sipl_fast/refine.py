@@ -178,7 +178,10 @@ class Refiner:
 
     def _refine_graphed(self, state, x: torch.Tensor):
         """Replay one captured step (static buffers of the state) ``steps`` times."""
-        key = (tuple(x.shape), x.dtype, state.current().data_ptr(), self.blend)
+        # The graph reads the weights in place, but dictionary-side values cached before the
+        # capture are baked in: a weight update (new version) must re-capture.
+        weights = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+        key = (tuple(x.shape), x.dtype, state.current().data_ptr(), self.blend, weights)
         if self._graph is None or self._graph[0] != key:
             current = state.current()
             warm = torch.cuda.Stream()

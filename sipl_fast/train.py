@@ -67,6 +67,7 @@ class TrainOptions:
     clip: float = 1.0               # max gradient norm; 0 turns clipping off
     ema: float = 0.0                # EMA decay (e.g. 0.999); 0 turns EMA off
     amp: bool = False               # bf16 autocast (CUDA only)
+    cuda_graph: bool = False        # replay the whole step as a CUDA graph (one CUDA process)
     random_proxy: bool = False      # the authors' use_random_proxy
     seed: int = 0
     out: str = "runs/sipl"
@@ -135,6 +136,40 @@ def pick_device(option: str | None) -> torch.device:
     return device
 
 
+GRAPH_WARMUP_STEPS = 2  # eager steps before the training step is captured (--cuda-graph)
+
+
+class CapturedStep:
+    """One training step captured in a CUDA graph, with static input buffers.
+
+    Replaying runs the plain pass, privileged pass, backward, clipping and AdamW update with
+    one launch: at SIPL's training sizes the eager step is bound by the CPU issuing thousands
+    of small kernels. The captured kernels read the weights, gradients, optimizer state and
+    learning rate in place, so every replay is a real step on the current weights.
+    """
+
+    def __init__(self, trainer: "Trainer", lq: torch.Tensor, gt: torch.Tensor):
+        self.lq, self.gt = lq.clone(), gt.clone()
+        self.graph = torch.cuda.CUDAGraph()
+        trainer.optimizer.zero_grad(set_to_none=True)  # gradients are allocated inside the graph
+        cache = trainer.model.dictionary_cache
+        enabled, cache.enabled = cache.enabled, False  # a value cached outside would never update
+        try:
+            with torch.cuda.graph(self.graph):
+                self.loss = trainer._optimizer_step(self.lq, self.gt)
+        finally:
+            cache.enabled = enabled
+
+    def matches(self, lq: torch.Tensor, gt: torch.Tensor) -> bool:
+        return lq.shape == self.lq.shape and gt.shape == self.gt.shape
+
+    def replay(self, lq: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+        self.lq.copy_(lq, non_blocking=True)
+        self.gt.copy_(gt, non_blocking=True)
+        self.graph.replay()
+        return self.loss.clone()
+
+
 @dataclass
 class LogEntry:
     step: int
@@ -154,6 +189,9 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)   # NCCL collectives use the current device
         self.dist = Distributed.from_environment(self.device.type)
+        self.cuda_graph = opts.cuda_graph
+        if self.cuda_graph and (self.device.type != "cuda" or self.dist.enabled):
+            raise OptionsError("--cuda-graph needs a single CUDA process (not the CPU, not torchrun)")
         self._log = log or (lambda line: tqdm.write(line))
         self.out = Path(opts.out)
         try:
@@ -185,9 +223,16 @@ class Trainer:
         if self.batches_per_epoch == 0:
             raise OptionsError(f"--batch {opts.batch} is larger than the {len(self.sampler)} samples per epoch")
 
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+        # A captured step reads the learning rate from device memory, where the scheduler
+        # writes it; capturable AdamW keeps its step counts there too.
+        lr = torch.tensor(opts.lr, device=self.device) if self.cuda_graph else opts.lr
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=opts.weight_decay,
+                                           capturable=self.cuda_graph)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, opts.steps, self.warmup))
+        self.scheduler.base_lrs = [float(lr) for lr in self.scheduler.base_lrs]  # no device sync per step
+        self._captured: CapturedStep | None = None
+        self._warm_steps = 0
         self.ema = ({k: v.detach().clone().float() for k, v in self.model.state_dict().items()}
                     if opts.ema > 0 else None)
         self.step = 0
@@ -209,11 +254,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.use_amp)
+        # A CUDA graph cannot keep autocast's cache of casted weights across replays.
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.use_amp, cache_enabled=not self.cuda_graph)
 
     def train_step(self, lq: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
         """One optimizer step on a batch; returns the (detached) L1 loss."""
         self.model.train()
+        loss = self._graphed_step(lq, gt) if self.cuda_graph else self._optimizer_step(lq, gt)
+        self.scheduler.step()
+        if self.ema is not None:
+            current = self.model.state_dict()
+            with torch.no_grad():
+                torch._foreach_lerp_(list(self.ema.values()), [current[k].float() for k in self.ema],
+                                     1.0 - self.options.ema)
+        return loss
+
+    def _optimizer_step(self, lq: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+        """Forward, backward, clipping and the AdamW update: everything a CUDA graph captures."""
         with torch.no_grad(), self._autocast():
             # SPEC 2.1: PI from the model's own plain pass on the clean image (stop-gradient).
             privileged = self.model.encode(self.model(gt))
@@ -225,13 +282,25 @@ class Trainer:
         if self.options.clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.options.clip)
         self.optimizer.step()
-        self.scheduler.step()
-        if self.ema is not None:
-            current = self.model.state_dict()
-            with torch.no_grad():
-                torch._foreach_lerp_(list(self.ema.values()), [current[k].float() for k in self.ema],
-                                     1.0 - self.options.ema)
         return loss.detach()
+
+    def _graphed_step(self, lq: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+        """The step replayed from a CUDA graph: the first GRAPH_WARMUP_STEPS run eagerly on a
+        side stream (optimizer state, Triton autotuning, cuDNN plans), then one is captured."""
+        if self._captured is not None and self._captured.matches(lq, gt):
+            return self._captured.replay(lq, gt)
+        if self._captured is None and self._warm_steps >= GRAPH_WARMUP_STEPS:
+            self._captured = CapturedStep(self, lq, gt)
+            return self._captured.replay(lq, gt)
+        # warm-up, or a batch of another shape (capturable AdamW also runs eagerly)
+        main = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            loss = self._optimizer_step(lq, gt)
+        main.wait_stream(side)
+        self._warm_steps += 1
+        return loss
 
     # ------------------------------------------------------------------ data
     def _batches(self, start_step: int):
@@ -286,7 +355,8 @@ class Trainer:
             stop = self.step == until or out_of_time
             if self.step % max(1, opts.log_every) == 0 or stop:
                 mean = self._mean_over_ranks(loss_sum / loss_count)
-                entry = LogEntry(self.step, mean, self.scheduler.get_last_lr()[0], time.perf_counter() - tick)
+                entry = LogEntry(self.step, mean, float(self.scheduler.get_last_lr()[0]),
+                                 time.perf_counter() - tick)
                 self.history.append(entry)
                 bar.set_postfix(loss=f"{mean:.4f}")
                 self.log(f"step {entry.step}/{opts.steps}  loss {entry.loss:.4f}  lr {entry.lr:.2e}  "
@@ -363,6 +433,25 @@ class Trainer:
         save_weights(self.out / WEIGHTS_NAME, weights, self.model.config, step=self.step,
                      weights="ema" if self.ema is not None else "raw", tasks=list(self.tasks))
 
+    def _this_runs_optimizer_settings(self, saved: dict) -> dict:
+        """The saved optimizer state with this run's learning-rate type and capturable flag, so
+        that a run with --cuda-graph resumes one without it and the other way round
+        (load_state_dict takes hyper-parameters from the file and places the step counts by them)."""
+        groups = []
+        for group, now in zip(saved["param_groups"], self.optimizer.param_groups):
+            group = dict(group, capturable=now["capturable"])
+            for key in ("lr", "initial_lr"):
+                if key in group:
+                    group[key] = float(group[key])
+            groups.append(group)
+        return dict(saved, param_groups=groups)
+
+    def _device_learning_rates(self) -> None:
+        """After loading: a captured step reads the learning rate from device memory."""
+        if self.cuda_graph:
+            for group in self.optimizer.param_groups:
+                group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
+
     def _load_resume_state(self) -> None:
         path = self.out / RESUME_NAME
         if not path.exists():
@@ -375,8 +464,10 @@ class Trainer:
                                   + ", ".join(changed))
         try:
             self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.optimizer.load_state_dict(self._this_runs_optimizer_settings(state["optimizer"]))
             self.scheduler.load_state_dict(state["scheduler"])
+            self.scheduler.base_lrs = [float(lr) for lr in self.scheduler.base_lrs]
+            self._device_learning_rates()
         except (RuntimeError, ValueError, KeyError) as exc:
             reason = str(exc).splitlines()[0]
             raise CheckpointError(f"{path}: resume state does not match the model ({reason})") from None

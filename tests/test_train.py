@@ -8,7 +8,8 @@ import torch
 
 from sipl_fast.checkpoint import CheckpointError, load_model, load_resume_state
 from sipl_fast.data.datasets import EvalSample
-from sipl_fast.train import TrainOptions, Trainer, evaluate, format_table, lr_factor, pick_device
+from sipl_fast.train import (GRAPH_WARMUP_STEPS, OptionsError, TrainOptions, Trainer, evaluate, format_table,
+                             lr_factor, pick_device)
 
 # CPU even where CUDA exists: exact (bitwise) resume is promised on the CPU.
 SMALL = dict(data="skimage", tasks="noise25,haze", preset="tiny", batch=2, patch=32, progress=False, log_every=1,
@@ -199,3 +200,58 @@ def test_cuda_bf16_training_learns(tmp_path):
     model, _ = load_model(tmp_path / "run", device="cuda")
     with torch.no_grad():
         assert torch.isfinite(model.refine(lq[:1], steps=2)).all()
+
+
+def test_cuda_graph_needs_a_cuda_device(tmp_path):
+    with pytest.raises(OptionsError, match="--cuda-graph needs a single CUDA process"):
+        Trainer(_options(tmp_path, cuda_graph=True))
+
+
+def _cuda_run(tmp_path, name, cuda_graph, steps, **overrides):
+    """A tiny CUDA trainer and the batches of its first ``steps`` steps (on the device)."""
+    trainer = Trainer(_options(tmp_path, name, steps=steps, warmup=2, lr=1e-3, device="cuda", batch=2, patch=32,
+                               cuda_graph=cuda_graph, **overrides))
+    batches = [(b["lq"].cuda(), b["gt"].cuda()) for b, _ in zip(trainer._batches(0), range(steps))]
+    return trainer, batches
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", [False, True])
+def test_cuda_graph_step_trains_like_the_eager_step(tmp_path, amp):
+    steps = GRAPH_WARMUP_STEPS + 4  # warm-up steps, the capture, then replays
+    eager, batches = _cuda_run(tmp_path, "eager", False, steps, amp=amp)
+    graphed, _ = _cuda_run(tmp_path, "graph", True, steps, amp=amp)
+    start = {k: v.clone() for k, v in eager.model.state_dict().items()}
+    for k, v in graphed.model.state_dict().items():
+        assert torch.equal(v, start[k])
+    eager_losses = [eager.train_step(lq, gt).item() for lq, gt in batches]
+    graph_losses = [graphed.train_step(lq, gt).item() for lq, gt in batches]
+    assert graphed._captured is not None
+    # the same math; capturable AdamW and kernel choices differ in rounding only
+    torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(eager_losses), rtol=2e-2 if amp else 1e-3,
+                               atol=0)
+    moved = torch.cat([(v.float() - start[k].float()).flatten() for k, v in eager.model.state_dict().items()])
+    apart = torch.cat([(v.float() - eager.model.state_dict()[k].float()).flatten()
+                       for k, v in graphed.model.state_dict().items()])
+    assert moved.norm() > 0
+    assert apart.norm() <= (0.05 if amp else 0.01) * moved.norm(), (apart.norm(), moved.norm())
+    assert graphed.optimizer.param_groups[0]["lr"].item() == pytest.approx(eager.optimizer.param_groups[0]["lr"])
+
+
+@pytest.mark.gpu
+def test_cuda_graph_runs_resume_each_other(tmp_path):
+    for first, second in ((True, False), (False, True)):
+        name = f"run_{first}"
+        trainer, batches = _cuda_run(tmp_path, name, first, 6, random_proxy=True)
+        for lq, gt in batches[:4]:
+            trainer.train_step(lq, gt)
+            trainer.step += 1
+        trainer.save()
+        resumed = Trainer(_options(tmp_path, name, steps=6, warmup=2, lr=1e-3, device="cuda", batch=2, patch=32,
+                                   cuda_graph=second, random_proxy=True, resume=True))
+        assert resumed.step == 4
+        assert resumed.optimizer.param_groups[0]["capturable"] == second
+        assert float(resumed.optimizer.param_groups[0]["lr"]) == pytest.approx(
+            float(trainer.optimizer.param_groups[0]["lr"]))
+        losses = [resumed.train_step(lq, gt).item() for lq, gt in batches[4:] * 3]
+        assert all(torch.isfinite(torch.tensor(losses))), losses

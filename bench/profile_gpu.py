@@ -1,0 +1,111 @@
+"""Where the GPU time goes: kernel-time breakdowns of the training step, refinement and the kernels.
+
+    python bench/profile_gpu.py [--json OUT.json] [--top 12]
+
+For each case: the wall time of one call, the summed time of the GPU kernels it launched
+(torch.profiler), their ratio (how busy the GPU was: well below 1 means the CPU issuing
+kernels is the bottleneck, and CUDA graphs pay), and the kernels with the most GPU time.
+Cases: the training step (base preset, 128x128, batch 8, bf16 autocast) on the reference
+and default backends, refinement with steps=2 at 512x512, and the MDTA and proxy-attention
+kernels (fwd+bwd) at their 512x512 shapes. CUDA only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+
+os.environ.setdefault("SIPL_FAST_ALL_KERNELS", "1")  # the kernels, not the torch routes
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import proxy_attention_table  # noqa: E402
+import transposed_attention_table  # noqa: E402
+from train_step_table import make_step  # noqa: E402
+
+from sipl_fast import SIPLPromptIR  # noqa: E402
+
+
+def kernel_breakdown(fn, warmup: int = 2) -> dict:
+    """Wall time of one call of ``fn``, its GPU kernels' total time and the kernels by time."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    by_name = defaultdict(lambda: [0.0, 0])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = by_name[event.name]
+            entry[0] += event.device_time / 1e3  # ms
+            entry[1] += 1
+    kernels = sorted(([name, ms, count] for name, (ms, count) in by_name.items()), key=lambda e: -e[1])
+    gpu = sum(ms for _, ms, _ in kernels)
+    return {"wall_ms": wall * 1e3, "gpu_ms": gpu, "busy": gpu / (wall * 1e3),
+            "launches": sum(count for _, _, count in kernels), "kernels": kernels}
+
+
+def cases():
+    device = torch.device("cuda")
+    shape = dict(preset="base", batch=8, patch=128)
+    for provider in ("reference", "auto"):
+        step, trainer = make_step(provider, device, amp=True, **shape)
+        yield f"train step bf16 {provider}", step
+        del step, trainer
+
+    torch.manual_seed(0)
+    model = SIPLPromptIR().eval().to(device)
+    with torch.no_grad():
+        for k in (1, 2, 3):
+            getattr(model, f"privileged_dictionary{k}").normal_()
+    x = torch.rand(1, 3, 512, 512, device=device)
+    yield "refine 512x512 steps=2", lambda: model.refine(x, steps=2)
+    del model
+
+    for dtype in (torch.bfloat16, torch.float32):
+        name = str(dtype).split(".")[-1]
+        mdta = transposed_attention_table.SHAPES[0]  # dec1 512x512
+        run, _ = transposed_attention_table.make_runner(mdta, dtype, "fwd", "triton", "cuda")
+        yield f"MDTA fwd {mdta.name} {name}", run
+        run, _ = transposed_attention_table.make_runner(mdta, dtype, "fwd+bwd", "triton", "cuda")
+        yield f"MDTA fwd+bwd {mdta.name} {name}", run
+        for proxy in proxy_attention_table.SHAPES[1:3]:  # p1_cross and cross_p1 at 512px
+            run, _ = proxy_attention_table.make_runner(proxy, dtype, "fwd+bwd", "triton", "cuda")
+            yield f"proxy fwd+bwd {proxy.name} {name}", run
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--top", type=int, default=12)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_gpu.py needs CUDA")
+        return 1
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": {}}
+    for name, fn in cases():
+        result = kernel_breakdown(fn)
+        report["cases"][name] = result
+        print(f"\n== {name}: wall {result['wall_ms']:.2f} ms, kernels {result['gpu_ms']:.2f} ms "
+              f"(GPU busy {100 * result['busy']:.0f}%), {result['launches']} launches", flush=True)
+        for kernel, ms, count in result["kernels"][:args.top]:
+            print(f"  {ms:9.3f} ms {count:6d}x  {kernel[:110]}")
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
