@@ -207,10 +207,11 @@ class SIPLPromptIR(nn.Module):
     def encode_all(self, x: torch.Tensor) -> Encoded:
         """Run the encoder; all four outputs (the decoder needs the skips too)."""
         self._check_image(x)
-        level1 = self.encoder_level1(self.patch_embed(x))
-        level2 = self.encoder_level2(self.down1_2(level1))
-        level3 = self.encoder_level3(self.down2_3(level2))
-        return Encoded(level1, level2, level3, self.latent(self.down3_4(level3)))
+        # Every stack's input is a new map of ours (inplace: see BlockStack).
+        level1 = self.encoder_level1(self.patch_embed(x), inplace=True)
+        level2 = self.encoder_level2(self.down1_2(level1), inplace=True)
+        level3 = self.encoder_level3(self.down2_3(level2), inplace=True)
+        return Encoded(level1, level2, level3, self.latent(self.down3_4(level3), inplace=True))
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Privileged features of x: (enc_level2, enc_level3, latent)."""
@@ -228,16 +229,17 @@ class SIPLPromptIR(nn.Module):
         feature = encoded.latent
         for k in (3, 2, 1):
             if k < 3:
-                feature = getattr(self, f"decoder_level{k + 1}")(feature)
+                feature = getattr(self, f"decoder_level{k + 1}")(feature, inplace=True)
             pi = None if privileged_features is None else privileged_features[k - 1]
             injection = getattr(self, f"cross_p{k}")
             feature = injection.fuse(injection.prepare_query(feature), self._proxy_keys(k, pi))
             feature = torch.cat([feature, getattr(self, f"prompt{k}")(feature)], dim=1)
-            feature = getattr(self, f"reduce_noise_level{k}")(getattr(self, f"noise_level{k}")(feature))
+            feature = getattr(self, f"reduce_noise_level{k}")(getattr(self, f"noise_level{k}")(feature, inplace=True))
             feature = torch.cat([getattr(self, f"up{k + 1}_{k}")(feature), skips[k]], dim=1)
             if k > 1:
                 feature = getattr(self, f"reduce_chan_level{k}")(feature)
-        feature = self.refinement(self.decoder_level1(feature))
+        feature = self.decoder_level1(feature, inplace=True)
+        feature = self.refinement(feature, inplace=True)
         return self.output(feature) + x
 
     # ------------------------------------------------------------------ proxies

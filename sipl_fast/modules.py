@@ -19,27 +19,60 @@ LAYERNORM_TYPES = ("WithBias", "BiasFree")
 
 
 # Elements of the widest intermediate per strip when a block runs without autograd (see
-# in_strips): about 8 MiB of float32 on the CPU, 128 MiB on a GPU.
-STRIP_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 25}
+# in_strips): 8 MiB of float32 on the CPU (cache-sized), 32 MiB on a GPU (large enough that
+# each strip's kernels still fill the card).
+STRIP_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 23}
+
+
+def strip_rows(x: torch.Tensor, widest_channels: int) -> int | None:
+    """Rows per strip for a strip-local fn whose widest intermediate has widest_channels per
+    pixel, or None where x goes whole (autograd on, or the image fits in one strip)."""
+    b, _, h, w = x.shape
+    rows = STRIP_ELEMENTS.get(x.device.type, STRIP_ELEMENTS["cuda"]) // max(1, b * widest_channels * w)
+    if torch.is_grad_enabled() or rows >= h:
+        return None
+    return max(rows, 1)
+
+
+def strip_bounds(height: int, rows: int):
+    """(lo, hi, top, bottom): output rows [top, bottom) of a strip, from input rows [lo, hi)
+    (a one-row halo above and below: exact for pixel-local and 3x3 layers)."""
+    for top in range(0, height, rows):
+        bottom = min(top + rows, height)
+        yield max(top - 1, 0), min(bottom + 1, height), top, bottom
 
 
 def in_strips(fn, x: torch.Tensor, out_channels: int, widest_channels: int) -> torch.Tensor:
     """fn(x) for a fn made of pixel-local and 3x3 layers, in horizontal strips when autograd is
-    off and its widest intermediate (widest_channels per pixel) would exceed STRIP_ELEMENTS.
-
-    Each strip carries a one-row halo above and below, so the result is exact; the
-    intermediates then never exist for the whole image at once.
-    """
-    b, _, h, w = x.shape
-    rows = STRIP_ELEMENTS.get(x.device.type, STRIP_ELEMENTS["cuda"]) // max(1, b * widest_channels * w)
-    if torch.is_grad_enabled() or rows >= h:
+    off and its widest intermediate (widest_channels per pixel) would exceed STRIP_ELEMENTS,
+    so that the intermediates never exist for the whole image at once."""
+    rows = strip_rows(x, widest_channels)
+    if rows is None:
         return fn(x)
-    rows = max(rows, 1)
+    b, _, h, w = x.shape
     out = torch.empty((b, out_channels, h, w), dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
-    for top in range(0, h, rows):
-        bottom = min(top + rows, h)
-        lo, hi = max(top - 1, 0), min(bottom + 1, h)
+    for lo, hi, top, bottom in strip_bounds(h, rows):
         out[..., top:bottom, :] = fn(x[..., lo:hi, :])[..., top - lo:bottom - lo, :]
+    return out
+
+
+def add_in_strips(fn, x: torch.Tensor, widest_channels: int, inplace: bool) -> torch.Tensor:
+    """x + fn(x) for a strip-local fn, as in_strips; with ``inplace`` (autograd off, x owned by
+    the caller) the sum overwrites x, each strip written back only after the next strip has
+    read its halo row from the original x, so no second copy of x is needed."""
+    rows = strip_rows(x, widest_channels)
+    if rows is None:
+        if inplace and not torch.is_grad_enabled():
+            return x.add_(fn(x))
+        return x + fn(x)
+    out = x if inplace else torch.empty_like(x)
+    pending = None  # the previous strip's sum, not yet written
+    for lo, hi, top, bottom in strip_bounds(x.shape[-2], rows):
+        value = fn(x[..., lo:hi, :])[..., top - lo:bottom - lo, :] + x[..., top:bottom, :]
+        if pending is not None:
+            out[..., pending[0]:pending[1], :] = pending[2]
+        pending = (top, bottom, value)
+    out[..., pending[0]:pending[1], :] = pending[2]
     return out
 
 
@@ -109,6 +142,10 @@ class GatedFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return in_strips(self._dense, x, x.shape[1], self.project_in.out_channels)
 
+    def add_to(self, x: torch.Tensor, norm: nn.Module, inplace: bool = False) -> torch.Tensor:
+        """x + ffn(norm(x)), in strips without autograd (in place on x with ``inplace``)."""
+        return add_in_strips(lambda part: self._dense(norm(part)), x, self.project_in.out_channels, inplace)
+
 
 class TransposedAttention(nn.Module):
     """MDTA: channel attention with a c_h x c_h attention matrix per head."""
@@ -129,6 +166,58 @@ class TransposedAttention(nn.Module):
         q, k, v = in_strips(self._project, x, width, width).chunk(3, dim=1)
         return self.project_out(ops.transposed_attention(q, k, v, self.temperature, self.num_heads))
 
+    def add_to(self, x: torch.Tensor, norm: nn.Module, inplace: bool = False) -> torch.Tensor:
+        """x + attn(norm(x)). Without autograd, on an image wider than a strip, streamed in two
+        passes over strips of x so that q, k and v never exist whole: the first accumulates
+        the Gram matrix and the row norms of q and k (the attention matrix needs only those),
+        the second projects v, mixes it and adds the result (in place on x with ``inplace``)."""
+        dim = x.shape[1]
+        rows = strip_rows(x, 2 * dim)
+        if rows is None:  # one piece (never strips of the attention itself: it is global)
+            branch = self(norm(x))
+            return x.add_(branch) if inplace and not torch.is_grad_enabled() else x + branch
+        attn = self._attention_matrix(x, norm, rows)
+        return add_in_strips(lambda part: self._mix_values(attn, norm(part)), x, dim, inplace)
+
+    def _projected_channels(self, x: torch.Tensor, first: int, count: int) -> torch.Tensor:
+        """Channels [first, first + count) of qkv_dwconv(qkv(x)), computing only those."""
+        def part(conv: nn.Conv2d) -> tuple:
+            bias = conv.bias[first:first + count] if conv.bias is not None else None
+            return conv.weight[first:first + count], bias
+        weight, bias = part(self.qkv)
+        projected = F.conv2d(x, weight, bias)
+        weight, bias = part(self.qkv_dwconv)
+        return F.conv2d(projected, weight, bias, padding=1, groups=count)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, heads * c, H, W) -> (B, heads, c, H*W)."""
+        b, channels = t.shape[:2]
+        return t.reshape(b, self.num_heads, channels // self.num_heads, -1)
+
+    def _attention_matrix(self, x: torch.Tensor, norm: nn.Module, rows: int) -> torch.Tensor:
+        """softmax(temperature * cos(q_i, k_j)) per head from strips of x: F.normalize's eps."""
+        b, dim, h, _ = x.shape
+        accumulate = torch.float64 if x.dtype == torch.float64 else torch.float32
+        c = dim // self.num_heads
+        gram = torch.zeros(b, self.num_heads, c, c, device=x.device, dtype=accumulate)
+        sq_q = torch.zeros(b, self.num_heads, c, device=x.device, dtype=accumulate)
+        sq_k = torch.zeros_like(sq_q)
+        for lo, hi, top, bottom in strip_bounds(h, rows):
+            qk = self._projected_channels(norm(x[..., lo:hi, :]), 0, 2 * dim)[..., top - lo:bottom - lo, :]
+            q, k = (self._heads(t).to(accumulate) for t in qk.chunk(2, dim=1))
+            gram += q @ k.transpose(-2, -1)
+            sq_q += q.square().sum(-1)
+            sq_k += k.square().sum(-1)
+        eps = 1e-12  # F.normalize: x / max(|x|, eps)
+        cos = gram / (sq_q.sqrt().clamp_min(eps)[..., :, None] * sq_k.sqrt().clamp_min(eps)[..., None, :])
+        return torch.softmax(self.temperature.to(accumulate) * cos, dim=-1)
+
+    def _mix_values(self, attn: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
+        dim = normed.shape[1]
+        v = self._projected_channels(normed, 2 * dim, dim)
+        mixed = (attn.to(v.dtype) @ self._heads(v)).reshape(v.shape)
+        return self.project_out(mixed.contiguous(memory_format=memory_format_of(v)))
+
 
 class TransformerBlock(nn.Module):
     """Restormer block: x + MDTA(LN(x)), then + GDFN(LN(x))."""
@@ -140,15 +229,29 @@ class TransformerBlock(nn.Module):
         self.norm2 = ChannelNorm(dim, layernorm_type)
         self.ffn = GatedFFN(dim, ffn_expansion_factor, bias, dual=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.ffn(self.norm2(x))
+    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """``inplace`` (honoured only without autograd): x is the caller's to overwrite."""
+        if torch.is_grad_enabled():
+            x = x + self.attn(self.norm1(x))
+            return x + self.ffn(self.norm2(x))
+        x = self.attn.add_to(x, self.norm1, inplace)
+        return self.ffn.add_to(x, self.norm2, inplace=True)  # x is now ours either way
+
+
+class BlockStack(nn.Sequential):
+    """Transformer blocks in sequence. Without autograd only the first block allocates a new
+    map (none with ``inplace``); the rest update it in place."""
+
+    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        for index, block in enumerate(self):
+            x = block(x, inplace=inplace or index > 0)
+        return x
 
 
 def transformer_stack(depth: int, dim: int, num_heads: int, ffn_expansion_factor: float, bias: bool,
                       layernorm_type: str) -> nn.Sequential:
-    return nn.Sequential(*[TransformerBlock(dim, num_heads, ffn_expansion_factor, bias, layernorm_type)
-                           for _ in range(depth)])
+    return BlockStack(*[TransformerBlock(dim, num_heads, ffn_expansion_factor, bias, layernorm_type)
+                        for _ in range(depth)])
 
 
 class OverlapPatchEmbed(nn.Module):
@@ -275,7 +378,7 @@ class ProxyFusionBlock(nn.Module):
             y = torch.cat([y, query.stable.expand(y.shape[0], -1, -1, -1)], dim=1)
         elif self.feat_dim < self.prompt_dim:
             y = self.reduce_channel(y)
-        return y + self.ffn(self.norm2(y))
+        return self.ffn.add_to(y, self.norm2, inplace=True)  # y is new here
 
     def forward(self, x_q: torch.Tensor, x_kv: torch.Tensor) -> torch.Tensor:
         return self.fuse(self.prepare_query(x_q), self.prepare_keys(x_kv))

@@ -1,0 +1,108 @@
+"""Strip-wise inference of the blocks (sipl_fast.modules): exact, in place only where allowed."""
+import pytest
+import torch
+
+from sipl_fast import modules
+from sipl_fast.modules import (BlockStack, ChannelNorm, GatedFFN, TransformerBlock, TransposedAttention,
+                               add_in_strips, in_strips, strip_bounds)
+
+
+@pytest.fixture
+def small_strips(monkeypatch):
+    """A strip budget of a few rows for the test images (the default only strips large images)."""
+    monkeypatch.setitem(modules.STRIP_ELEMENTS, "cpu", 3000)
+
+
+def _randomised(module: torch.nn.Module) -> torch.nn.Module:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * 0.5 + (1.0 if p.dim() == 1 else 0.0))
+    return module.double()
+
+
+@pytest.mark.parametrize("height,rows", [(13, 1), (13, 4), (7, 7), (9, 20)])
+def test_strip_bounds_cover_each_row_once_with_halos(height, rows):
+    covered = []
+    for lo, hi, top, bottom in strip_bounds(height, rows):
+        assert lo == max(top - 1, 0) and hi == min(bottom + 1, height) and 0 < bottom - top <= rows
+        covered += range(top, bottom)
+    assert covered == list(range(height))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_add_in_strips_is_exact_and_overwrites_only_when_told(small_strips, inplace):
+    conv = _randomised(torch.nn.Conv2d(5, 5, 3, padding=1))
+    x = torch.randn(2, 5, 23, 11, dtype=torch.float64)
+    expected = x + conv(x)
+    original = x.clone()
+    with torch.no_grad():
+        assert modules.strip_rows(x, 40) < x.shape[-2]  # really in strips
+        result = add_in_strips(conv, x, widest_channels=40, inplace=inplace)
+    torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-12)
+    assert (result.data_ptr() == x.data_ptr()) == inplace
+    if not inplace:
+        assert torch.equal(x, original)
+
+
+def test_in_strips_equals_the_whole_map(small_strips):
+    ffn = _randomised(GatedFFN(6, 2.66, bias=True, dual=True))
+    x = torch.randn(1, 6, 31, 9, dtype=torch.float64)
+    expected = ffn._dense(x)
+    with torch.no_grad():
+        torch.testing.assert_close(in_strips(ffn._dense, x, 6, ffn.project_in.out_channels), expected)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_streamed_transposed_attention_equals_the_dense_branch(small_strips, heads):
+    """Two passes over strips (Gram statistics, then values) give x + MDTA(LN(x)) exactly;
+    near-constant channels and a zero channel exercise F.normalize's eps."""
+    attn = _randomised(TransposedAttention(8, heads, bias=True))
+    norm = _randomised(ChannelNorm(8, "WithBias"))
+    with torch.no_grad():
+        attn.temperature.copy_(torch.tensor([3.0, 50.0][:heads]).reshape(-1, 1, 1))
+    x = torch.randn(2, 8, 29, 10, dtype=torch.float64)
+    x[:, 3] = 0.25 + 1e-7 * x[:, 3]
+    expected = x + attn(norm(x))
+    calls = []
+    original = attn._projected_channels
+
+    def counting(part, first, count):
+        calls.append((part.shape[-2], first, count))
+        return original(part, first, count)
+    attn._projected_channels = counting
+    with torch.no_grad():
+        copy = x.clone()
+        streamed = attn.add_to(copy, norm, inplace=False)
+        assert torch.equal(copy, x)
+        in_place = attn.add_to(copy, norm, inplace=True)
+    assert in_place.data_ptr() == copy.data_ptr()
+    assert {c[1:] for c in calls} == {(0, 16), (16, 8)} and max(c[0] for c in calls) < x.shape[-2]
+    torch.testing.assert_close(streamed, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(in_place, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_block_stack_keeps_its_input_unless_told(small_strips):
+    stack = _randomised(BlockStack(*[TransformerBlock(8, 2, 2.66, False, "WithBias") for _ in range(3)]))
+    x = torch.randn(1, 8, 21, 12, dtype=torch.float64)
+    expected = stack(x)  # autograd on: the plain formulation
+    original = x.clone()
+    with torch.no_grad():
+        kept = stack(x)
+        assert torch.equal(x, original)
+        overwritten = stack(x, inplace=True)
+    assert overwritten.data_ptr() == x.data_ptr()
+    torch.testing.assert_close(kept, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(overwritten, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.gpu
+def test_cuda_streamed_block_equals_the_dense_block(monkeypatch):
+    monkeypatch.setitem(modules.STRIP_ELEMENTS, "cuda", 96 * 2 * 512 * 40)  # about 40 rows per strip
+    block = _randomised(TransformerBlock(96, 1, 2.66, False, "WithBias")).float().cuda()
+    x = torch.randn(1, 96, 200, 512, device="cuda")
+    expected = block(x).detach()  # autograd on: the kernels on the whole map
+    with torch.no_grad():
+        streamed = block(x.clone(), inplace=True)
+    error = (streamed - expected).norm() / expected.norm()
+    assert error <= 1e-4, error
