@@ -6,7 +6,7 @@
 #   bash bench/gpu_check.sh            # on the GPU machine, from the repository root
 #
 # Sections run in priority order, each with a time limit, under one overall deadline
-# (DEADLINE_S, default 470 s), so one slow part cannot starve the rest. The summary at the end
+# (DEADLINE_S, default 420 s), so one slow part cannot starve the rest. The summary at the end
 # lists every section's status and the headline lines of each table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +16,7 @@ LOG="$OUT/gpu_check.log"
 : > "$LOG"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 PY=${PYTHON:-python3}
-DEADLINE=$(( $(date +%s) + ${DEADLINE_S:-470} ))
+DEADLINE=$(( $(date +%s) + ${DEADLINE_S:-420} ))
 summary=()
 
 section() {  # section NAME LIMIT_SECONDS COMMAND...
@@ -39,8 +39,8 @@ section gpu-tests 150 $PY -m pytest -q -m gpu -p no:cacheprovider -n 8 tests --d
 section train-step 100 $PY bench/train_step_table.py --steps 5 --warmup 2 --json "$OUT/train_step.json"
 section refine 75 $PY bench/refine_table.py "$OUT/refine.json"
 section profile 70 $PY bench/profile_gpu.py --json "$OUT/profile.json"
-section proxy-attention 70 $PY bench/proxy_attention_table.py "$OUT/proxy_attention.json" --budget-s 50 --compile-budget-s 12
 section mdta 70 $PY bench/transposed_attention_table.py "$OUT/transposed_attention.json" --budget-s 50 --compile-budget-s 12
+section proxy-attention 70 $PY bench/proxy_attention_table.py "$OUT/proxy_attention.json" --budget-s 50 --compile-budget-s 12
 section norm-gate 45 $PY bench/norm_gate_table.py "$OUT/norm_gate.json" --dtypes amp --compile-budget-s 5
 
 {
