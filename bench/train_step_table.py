@@ -8,12 +8,12 @@ sipl_fast picks by itself (triton on CUDA, torch on CPU); "reference" is the aut
 math; "+graph" replays the whole step as a CUDA graph (``--cuda-graph``: the eager step at
 these sizes is bound by the CPU issuing kernels). The step is ``Trainer.train_step``: the no-grad plain pass and encoder on the clean
 batch, the privileged pass on the degraded batch, L1, backward, clipping, AdamW.
-Peak memory of one step (``peak_memory.peak_extra_bytes``): on CUDA the allocator's peak
-during the step beyond what was allocated before it (weights, gradients, optimizer state,
-which every backend holds alike), and the total peak; on the CPU the resident-set peak
-beyond the RSS before the step (rough: memory freed by earlier steps is reused without
-raising the RSS, so CPU numbers understate). A graph's memory pool stays allocated between
-replays, so for "+graph" rows only the total peak (the last two columns) is comparable. Prints a table and JSON; takes well under 90 s on an H100.
+Peak memory: on CUDA the allocator's peak over the whole measurement (warm-up, the capture
+for "+graph", the timed steps), in total and beyond what was allocated before the first step
+(the weights and the batch); a graph's private pool is allocated while it is captured, so the
+peak covers it. On the CPU the resident-set peak of one step beyond the RSS before it (rough:
+memory freed by earlier steps is reused without raising the RSS, so CPU numbers understate).
+Prints a table and JSON; takes about a minute on an H100.
 """
 from __future__ import annotations
 
@@ -69,7 +69,11 @@ def measure(provider: str, device: torch.device, amp: bool, steps: int, warmup: 
     step, trainer = make_step(provider, device, amp=amp, **shape)
     if trainer.cuda_graph:
         warmup = max(warmup, GRAPH_WARMUP_STEPS + 1)  # the eager warm-up steps, then the capture
-    for _ in range(warmup):          # autotuning, allocator warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        resident = torch.cuda.memory_allocated(device)
+    for _ in range(warmup):          # autotuning, allocator warm-up, optimizer state, capture
         step()
     _sync(device)
     start = time.perf_counter()
@@ -78,9 +82,10 @@ def measure(provider: str, device: torch.device, amp: bool, steps: int, warmup: 
     _sync(device)
     seconds = (time.perf_counter() - start) / steps
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    extra = peak_extra_bytes(step, device) / 2**20
-    total = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        total = torch.cuda.max_memory_allocated(device) / 2**20
+        extra = total - resident / 2**20
+    else:
+        total, extra = None, peak_extra_bytes(step, device) / 2**20
     del step, trainer                # the LR schedule's closure makes a reference cycle: collect it
     gc.collect()
     if device.type == "cuda":

@@ -120,10 +120,13 @@ def test_layer_norm2d_large_mean_is_stable(with_bias):
     _check_layer_norm(_layer_norm_inputs((2, 48, 5, 7), with_bias, torch.float32, offset=300.0, spread=1.0), 1e-4)
 
 
-def test_layer_norm2d_half_input_float_params_promotes_like_torch():
-    """bf16/fp16 activations with float32 parameters (autocast) give a float32 output, as in torch."""
+def test_layer_norm2d_half_input_float_params_keeps_the_input_dtype():
+    """fp16 activations with float32 parameters (autocast) give an fp16 output on the torch and
+    triton backends (no float32 copy of the map); the reference promotes, as the authors' code."""
     inputs = _layer_norm_inputs((2, 20, 5, 7), True, torch.float16, param_dtype=torch.float32)
     with sipl_fast.use_backend("torch"):
+        assert ops.layer_norm2d(*inputs).dtype == torch.float16
+    with sipl_fast.use_backend("reference"):
         assert ops.layer_norm2d(*inputs).dtype == torch.float32
     _check_layer_norm(inputs, TOLERANCE[torch.float16])  # dx is float16
 

@@ -120,6 +120,32 @@ def test_layer_norm_and_gate_match_float64(backend):
         with sipl_fast.use_backend(backend):
             got = ops.gated_gelu(h32, dual)
         assert (got.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+        g = torch.randn_like(expected)
+        (grad32,) = torch.autograd.grad((got * g.float()).sum(), h32)
+        (grad64,) = torch.autograd.grad((expected * g).sum(), h64)
+        assert (grad32.double() - grad64).abs().max() <= 1e-5 * grad64.abs().max()
+
+
+@pytest.mark.parametrize("dual", [False, True])
+def test_torch_gate_keeps_only_its_input_and_is_accurate_in_bf16(dual):
+    """The torch backend's gate saves x alone for the backward (autograd of the plain
+    expression also keeps gelu(a)); in bf16 its errors stay within 2x the reference's."""
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        with sipl_fast.use_backend("torch"):
+            ops.gated_gelu(x * 1.0, dual)
+    assert sum(saved) == x.numel()
+    g = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    truth = torch.autograd.grad((reference.gated_gelu(x, dual) * g).sum(), x)[0]
+    errors = {}
+    for backend in ("torch", "reference"):
+        x16 = x.detach().bfloat16().requires_grad_()
+        with sipl_fast.use_backend(backend):
+            out = ops.gated_gelu(x16, dual)
+        grad = torch.autograd.grad((out * g.bfloat16()).sum(), x16)[0]
+        errors[backend] = (grad.double() - truth).abs().max()
+    assert errors["torch"] <= 2 * errors["reference"] + 1e-3 * truth.abs().max()
 
 
 def test_bad_inputs_raise_one_clear_error():
@@ -180,3 +206,51 @@ def test_info_reports_the_build():
     for key in ("extension_loaded", "cuda_kernels_compiled", "arch_list", "triton_available", "backends"):
         assert key in report
     assert report["backends"] == ["reference", "torch", "triton"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("bias,channels_last", [(True, False), (False, True)])
+def test_pointwise_depthwise_matches_float64_and_keeps_only_its_input(backend, bias, channels_last):
+    torch.manual_seed(0)
+    x64 = torch.randn(2, 6, 7, 9, dtype=torch.float64)
+    if channels_last:
+        x64 = x64.contiguous(memory_format=torch.channels_last)
+    params64 = [torch.randn(10, 6, 1, 1, dtype=torch.float64), torch.randn(10, dtype=torch.float64) if bias else None,
+                torch.randn(10, 1, 3, 3, dtype=torch.float64), torch.randn(10, dtype=torch.float64) if bias else None]
+    inputs64 = [t.requires_grad_() if t is not None else None for t in [x64, *params64]]
+    inputs32 = [t.detach().float().requires_grad_() if t is not None else None for t in inputs64]
+    expected = reference.pointwise_depthwise(*inputs64)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with sipl_fast.use_backend(backend):
+            got = ops.pointwise_depthwise(*inputs32)
+    if backend == "torch":  # x and the weights; no 1x1 output
+        assert all(t.numel() <= x64.numel() for t in saved) and sum(t.numel() == x64.numel() for t in saved) == 1
+    assert (got.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+    g = torch.randn_like(expected)
+    wanted = [t for t in inputs64 if t is not None]
+    given = [t for t in inputs32 if t is not None]
+    for a, b in zip(torch.autograd.grad((got * g.float()).sum(), given), torch.autograd.grad((expected * g).sum(), wanted)):
+        assert a.dtype == torch.float32
+        assert (a.double() - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+def test_pointwise_depthwise_under_autocast_gives_parameter_dtype_gradients():
+    x = torch.randn(1, 4, 6, 6, requires_grad=True)
+    weights = [torch.randn(8, 4, 1, 1, requires_grad=True), None, torch.randn(8, 1, 3, 3, requires_grad=True),
+               torch.randn(8, requires_grad=True)]
+    with torch.autocast("cpu", dtype=torch.bfloat16), sipl_fast.use_backend("torch"):
+        out = ops.pointwise_depthwise(x, *weights)
+    assert out.dtype == torch.bfloat16
+    grads = torch.autograd.grad(out.float().sum(), [x, weights[0], weights[2], weights[3]])
+    assert all(g.dtype == torch.float32 for g in grads)
+    with torch.autocast("cpu", dtype=torch.bfloat16), sipl_fast.use_backend("reference"):
+        expected = torch.autograd.grad(ops.pointwise_depthwise(x, *weights).float().sum(),
+                                       [x, weights[0], weights[2], weights[3]])
+    for a, b in zip(grads, expected):
+        assert (a - b).abs().max() <= 2e-2 * b.abs().max()
+
+
+def test_pointwise_depthwise_rejects_bad_weights():
+    with pytest.raises(ValueError, match="pointwise_depthwise: weights must be"):
+        ops.pointwise_depthwise(torch.randn(1, 4, 5, 5), torch.randn(8, 3, 1, 1), None, torch.randn(8, 1, 3, 3), None)

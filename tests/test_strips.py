@@ -4,7 +4,7 @@ import torch
 
 from sipl_fast import modules
 from sipl_fast.modules import (BlockStack, ChannelNorm, GatedFFN, TransformerBlock, TransposedAttention,
-                               add_in_strips, in_strips, strip_bounds)
+                               _split_gram, add_in_strips, in_strips, strip_bounds)
 
 
 @pytest.fixture
@@ -43,6 +43,12 @@ def test_add_in_strips_is_exact_and_overwrites_only_when_told(small_strips, inpl
     assert (result.data_ptr() == x.data_ptr()) == inplace
     if not inplace:
         assert torch.equal(x, original)
+
+
+@pytest.mark.parametrize("pixels", [7, 64, 100])
+def test_split_gram_equals_one_product(pixels):
+    q, k = torch.randn(2, 3, 5, pixels, dtype=torch.float64), torch.randn(2, 3, 5, pixels, dtype=torch.float64)
+    torch.testing.assert_close(_split_gram(q, k, piece=16), q @ k.transpose(-2, -1), rtol=1e-12, atol=1e-12)
 
 
 def test_in_strips_equals_the_whole_map(small_strips):
@@ -99,10 +105,11 @@ def test_block_stack_keeps_its_input_unless_told(small_strips):
 @pytest.mark.gpu
 def test_cuda_streamed_block_equals_the_dense_block(monkeypatch):
     monkeypatch.setitem(modules.STRIP_ELEMENTS, "cuda", 96 * 2 * 512 * 40)  # about 40 rows per strip
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # TF32 convolutions differ by ~1e-4
     block = _randomised(TransformerBlock(96, 1, 2.66, False, "WithBias")).float().cuda()
     x = torch.randn(1, 96, 200, 512, device="cuda")
     expected = block(x).detach()  # autograd on: the kernels on the whole map
     with torch.no_grad():
         streamed = block(x.clone(), inplace=True)
     error = (streamed - expected).norm() / expected.norm()
-    assert error <= 1e-4, error
+    assert error <= 1e-5, error

@@ -217,25 +217,41 @@ def _cuda_run(tmp_path, name, cuda_graph, steps, **overrides):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("amp", [False, True])
-def test_cuda_graph_step_trains_like_the_eager_step(tmp_path, amp):
+def test_cuda_graph_replays_the_eager_step(tmp_path, monkeypatch, amp):
+    """The captured step computes what the same step run eagerly computes: two trainers with
+    the same (capturable) optimizer, one stepping eagerly, one warming up, capturing and
+    replaying; deterministic cuDNN and no TF32, so only the replay differs."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     steps = GRAPH_WARMUP_STEPS + 4  # warm-up steps, the capture, then replays
-    eager, batches = _cuda_run(tmp_path, "eager", False, steps, amp=amp)
+    eager, batches = _cuda_run(tmp_path, "eager", True, steps, amp=amp)
     graphed, _ = _cuda_run(tmp_path, "graph", True, steps, amp=amp)
-    start = {k: v.clone() for k, v in eager.model.state_dict().items()}
-    for k, v in graphed.model.state_dict().items():
-        assert torch.equal(v, start[k])
-    eager_losses = [eager.train_step(lq, gt).item() for lq, gt in batches]
+    start = {k: v.float().clone() for k, v in eager.model.state_dict().items()}
+    eager_losses = []
+    for lq, gt in batches:
+        eager.model.train()
+        eager_losses.append(eager._optimizer_step(lq, gt).item())
+        eager.scheduler.step()
     graph_losses = [graphed.train_step(lq, gt).item() for lq, gt in batches]
-    assert graphed._captured is not None
-    # the same math; capturable AdamW and kernel choices differ in rounding only
-    torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(eager_losses), rtol=2e-2 if amp else 1e-3,
-                               atol=0)
-    moved = torch.cat([(v.float() - start[k].float()).flatten() for k, v in eager.model.state_dict().items()])
-    apart = torch.cat([(v.float() - eager.model.state_dict()[k].float()).flatten()
-                       for k, v in graphed.model.state_dict().items()])
-    assert moved.norm() > 0
-    assert apart.norm() <= (0.05 if amp else 0.01) * moved.norm(), (apart.norm(), moved.norm())
-    assert graphed.optimizer.param_groups[0]["lr"].item() == pytest.approx(eager.optimizer.param_groups[0]["lr"])
+    assert graphed._captured is not None and eager._captured is None
+    torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(eager_losses), rtol=1e-4, atol=0)
+    # AdamW moves every weight by about lr whatever its gradient's size, so a rounding-level
+    # difference in a near-zero gradient would show as a whole step: compare movements in norm.
+    mine, theirs = graphed.model.state_dict(), eager.model.state_dict()
+    moved = torch.cat([(theirs[k].float() - start[k]).flatten() for k in start])
+    apart = torch.cat([(mine[k].float() - theirs[k].float()).flatten() for k in start])
+    assert moved.norm() > 0 and apart.norm() <= 1e-3 * moved.norm(), (apart.norm(), moved.norm())
+    assert graphed.optimizer.param_groups[0]["lr"].item() == pytest.approx(eager.optimizer.param_groups[0]["lr"].item())
+
+
+@pytest.mark.gpu
+def test_cuda_graph_training_learns_like_plain_training(tmp_path):
+    steps = GRAPH_WARMUP_STEPS + 8
+    plain, batches = _cuda_run(tmp_path, "plain", False, steps, tasks="noise50")
+    graphed, _ = _cuda_run(tmp_path, "graph", True, steps, tasks="noise50")
+    plain_losses = [plain.train_step(lq, gt).item() for lq, gt in batches]
+    graph_losses = [graphed.train_step(lq, gt).item() for lq, gt in batches]
+    torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(plain_losses), rtol=5e-2, atol=0)
 
 
 @pytest.mark.gpu

@@ -15,7 +15,8 @@ import torch
 from ..backends import resolve_backend, triton_interpreter
 from . import reference, torch_impl
 
-__all__ = ["proxy_attention", "transposed_attention", "layer_norm2d", "gated_gelu", "backend_module"]
+__all__ = ["proxy_attention", "transposed_attention", "layer_norm2d", "gated_gelu", "pointwise_depthwise",
+           "backend_module"]
 
 # Triton modules are imported on first use: importing triton costs a second and is not
 # needed by the reference and torch backends.
@@ -39,6 +40,10 @@ _TORCH_FORMULATION_ON_CUDA = {
 }
 
 
+# Ops without a Triton kernel: the triton backend runs their torch formulation everywhere.
+_NO_KERNEL = ("pointwise_depthwise",)
+
+
 def _prefers_torch_on_cuda(op: str, dtype: torch.dtype | None) -> bool:
     rule = _TORCH_FORMULATION_ON_CUDA.get(op)
     return rule is not None and rule(dtype) and os.environ.get("SIPL_FAST_ALL_KERNELS", "0") != "1"
@@ -50,7 +55,7 @@ def backend_module(op: str, device: torch.device, dtype: torch.dtype | None = No
     backend = resolve_backend(device)
     if backend == "reference":
         return reference
-    if backend == "torch" or (device.type == "cuda" and _prefers_torch_on_cuda(op, dtype)):
+    if backend == "torch" or op in _NO_KERNEL or (device.type == "cuda" and _prefers_torch_on_cuda(op, dtype)):
         return torch_impl
     if device.type != "cuda" and not triton_interpreter():
         raise RuntimeError(
@@ -173,6 +178,25 @@ def gated_gelu(x: torch.Tensor, dual: bool = False) -> torch.Tensor:
         raise ValueError(f"gated_gelu: x must be a floating (B, 2h, H, W) tensor, got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     return backend_module("gated_gelu", x.device, x.dtype).gated_gelu(x, dual)
+
+
+def pointwise_depthwise(x: torch.Tensor, pointwise: torch.Tensor, pointwise_bias: torch.Tensor | None,
+                        depthwise: torch.Tensor, depthwise_bias: torch.Tensor | None) -> torch.Tensor:
+    """depthwise3x3(conv1x1(x)), the projection in front of every attention and gate.
+
+    pointwise: (hidden, C, 1, 1); depthwise: (hidden, 1, 3, 3), padding 1. The torch and
+    triton backends keep only x for the backward and recompute the 1x1 output there (one
+    GEMM): it is the widest map of a block, and the depthwise backward needs it.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"pointwise_depthwise: x must be a floating (B, C, H, W) tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    hidden = pointwise.shape[0]
+    if pointwise.shape[1:] != (x.shape[1], 1, 1) or depthwise.shape != (hidden, 1, 3, 3):
+        raise ValueError(f"pointwise_depthwise: weights must be ({hidden}, {x.shape[1]}, 1, 1) and "
+                         f"({hidden}, 1, 3, 3), got {tuple(pointwise.shape)} and {tuple(depthwise.shape)}")
+    return backend_module("pointwise_depthwise", x.device, x.dtype).pointwise_depthwise(
+        x, pointwise, pointwise_bias, depthwise, depthwise_bias)
 
 
 _preload_triton_modules()

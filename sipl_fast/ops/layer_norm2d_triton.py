@@ -6,8 +6,9 @@ registered on the forward op. The kernels (sipl_fast.kernels.layer_norm2d) read 
 pass and recompute the per-pixel statistics in the backward, so only x and the weight are
 saved.
 
-Dtypes follow the other backends: the output has the promoted dtype of x, weight and bias
-(x in bf16 with a float32 weight gives float32, as ``weight * y + bias`` does in torch).
+Dtypes follow the torch backend (torch_impl.layer_norm_dtype): a 16-bit x (autocast, float32
+parameters) gives an output of x's dtype, so no float32 copy of the map is made or kept;
+otherwise the promoted dtype of x, weight and bias.
 Each gradient has its input's dtype. A tensor whose H*W planes are not contiguous (e.g.
 channels_last) is copied once to contiguous; channel slices of a larger tensor are used in place.
 """
@@ -18,6 +19,7 @@ from typing import Optional
 import torch
 
 from ..kernels.layer_norm2d import layer_norm2d_backward, layer_norm2d_forward
+from . import torch_impl
 
 __all__ = ["layer_norm2d", "layer_norm2d_fwd", "layer_norm2d_bwd"]
 
@@ -30,8 +32,7 @@ def _with_contiguous_planes(t: torch.Tensor) -> torch.Tensor:
 
 
 def _output_dtype(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.dtype:
-    dtype = torch.promote_types(x.dtype, weight.dtype)
-    return dtype if bias is None else torch.promote_types(dtype, bias.dtype)
+    return torch_impl.layer_norm_dtype(x, weight, bias)
 
 
 @torch.library.custom_op("sipl_fast::layer_norm2d_fwd", mutates_args=())

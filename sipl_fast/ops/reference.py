@@ -60,3 +60,8 @@ def gated_gelu(x, dual: bool) -> torch.Tensor:
     if dual:
         return F.gelu(x2) * x1 + F.gelu(x1) * x2
     return F.gelu(x1) * x2
+
+
+def pointwise_depthwise(x, pointwise, pointwise_bias, depthwise, depthwise_bias) -> torch.Tensor:
+    hidden = F.conv2d(x, pointwise, pointwise_bias)
+    return F.conv2d(hidden, depthwise, depthwise_bias, padding=1, groups=depthwise.shape[0])

@@ -8,13 +8,17 @@
   written (they are as large as the activations; the c_h x c_h matrix is tiny).
 - Both read NCHW and channels-last storage through views and answer in the input's layout
   (channels-last makes oneDNN's CPU convolutions several times faster).
+- The 1x1-then-depthwise projections keep only their input for the backward and recompute
+  the 1x1 output (one GEMM) there; the gate keeps only its input for the backward (autograd of the plain expression also keeps
+  gelu(a), as large as a) and LayerNorm2d normalises 16-bit maps in their own precision, so
+  training under autocast holds no float32 copy of the residual stream.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .reference import gated_gelu  # noqa: F401  (already the plain elementwise form)
+from . import reference
 
 # torch.nn.functional.normalize divides by max(||x||, eps) with this eps.
 NORMALIZE_EPS = 1e-12
@@ -80,6 +84,15 @@ def transposed_attention(q, k, v, temperature, num_heads: int) -> torch.Tensor:
     return _image(v.transpose(-2, -1) @ attn.transpose(-2, -1), height, width, channels_last)
 
 
+def layer_norm_dtype(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype:
+    """LayerNorm2d's output dtype (torch and triton backends): a 16-bit x keeps its dtype,
+    otherwise the promoted dtype of x and the parameters (the reference always promotes)."""
+    if x.element_size() == 2:
+        return x.dtype
+    dtype = torch.promote_types(x.dtype, weight.dtype)
+    return dtype if bias is None else torch.promote_types(dtype, bias.dtype)
+
+
 def layer_norm2d(x, weight, bias, eps: float) -> torch.Tensor:
     if bias is None:  # BiasFree: not centred, so not F.layer_norm; mean pass, then one product
         centred_var = (x - x.mean(1, keepdim=True)).square().mean(1, keepdim=True)
@@ -88,9 +101,97 @@ def layer_norm2d(x, weight, bias, eps: float) -> torch.Tensor:
     # (statistics and affine in one pass; a fused backward) runs in place on channels-last
     # storage, and costs one transposing copy each way for NCHW, which is still several times
     # faster than the separate passes of the reference formulation.
-    # F.layer_norm wants one dtype; mixed inputs (bf16 activations, float32 parameters under
-    # autocast) give the promoted dtype, as the reference formulation does.
-    dtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), bias.dtype)
+    # F.layer_norm wants one dtype. A 16-bit map (autocast) is normalised in its own dtype
+    # (statistics in float32 inside the kernel): promoting it to the float32 parameters, as
+    # the reference formulation does, would keep a float32 copy of it for the backward; the
+    # consumers are convolutions that autocast runs in 16 bits anyway.
+    # (Autocast would cast to float32 inside F.layer_norm, which it runs in float32: off here.)
+    dtype = layer_norm_dtype(x, weight, bias)
     x = x.to(dtype)
-    out = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight.to(dtype), bias.to(dtype), eps).permute(0, 3, 1, 2)
+    with torch.autocast(x.device.type, enabled=False):
+        out = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight.to(dtype), bias.to(dtype), eps)
+    out = out.permute(0, 3, 1, 2)
     return out if _channels_innermost(x) else out.contiguous()
+
+
+_SQRT_HALF = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+def _gelu_and_slope(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """gelu(t) = t Phi(t) (the erf form, F.gelu's default) and its derivative, in float32 or wider."""
+    t = t.float() if t.element_size() < 4 else t
+    cdf = 0.5 * (1.0 + torch.erf(t * _SQRT_HALF))
+    return t * cdf, cdf + t * torch.exp(-0.5 * t * t) * _INV_SQRT_2PI
+
+
+class _GatedGelu(torch.autograd.Function):
+    """gelu(a) * b (dual: + gelu(b) * a) for x = [a, b] on the channel axis; saves only x."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dual: bool) -> torch.Tensor:
+        ctx.dual = dual
+        ctx.save_for_backward(x)
+        return reference.gated_gelu(x, dual)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        a, b = x.chunk(2, dim=1)
+        gelu_a, slope_a = _gelu_and_slope(a)
+        if ctx.dual:
+            gelu_b, slope_b = _gelu_and_slope(b)
+            grad_a, grad_b = grad * (gelu_b + slope_a * b), grad * (slope_b * a + gelu_a)
+        else:
+            grad_a, grad_b = grad * slope_a * b, grad * gelu_a
+        return torch.cat([grad_a, grad_b], dim=1).to(x.dtype), None
+
+
+def gated_gelu(x: torch.Tensor, dual: bool) -> torch.Tensor:
+    if not torch.is_grad_enabled() or not x.requires_grad:
+        return reference.gated_gelu(x, dual)
+    return _GatedGelu.apply(x, dual)
+
+
+class _PointwiseDepthwise(torch.autograd.Function):
+    """depthwise3x3(conv1x1(x)) saving x alone: the 1x1 output, the widest map of a block, is
+    recomputed in the backward (a GEMM) instead of kept, and the depthwise convolution is not
+    run again (aten.convolution_backward takes its input directly)."""
+
+    @staticmethod
+    def forward(ctx, x, pointwise, pointwise_bias, depthwise, depthwise_bias):
+        hidden = F.conv2d(x, pointwise, pointwise_bias)  # autocast, when on, picks the dtype
+        ctx.compute_dtype = hidden.dtype
+        ctx.depthwise_bias = depthwise_bias is not None
+        ctx.save_for_backward(x, pointwise, pointwise_bias, depthwise)
+        return F.conv2d(hidden, depthwise, depthwise_bias, padding=1, groups=depthwise.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, pointwise, pointwise_bias, depthwise = ctx.saved_tensors
+        dtype, needs = ctx.compute_dtype, ctx.needs_input_grad
+        cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+        x16, pointwise16, depthwise16 = cast(x), cast(pointwise), cast(depthwise)
+        with torch.autocast(x.device.type, enabled=False):
+            hidden = F.conv2d(x16, pointwise16, cast(pointwise_bias))
+            channels = depthwise.shape[0]
+            grad_hidden, grad_depthwise, grad_depthwise_bias = torch.ops.aten.convolution_backward(
+                grad.to(dtype), hidden, depthwise16, [channels] if ctx.depthwise_bias else None,
+                [1, 1], [1, 1], [1, 1], False, [0, 0], channels, [any(needs[:3]), needs[3], needs[4]])
+            del hidden
+            grad_x = grad_pointwise = grad_pointwise_bias = None
+            if grad_hidden is not None:
+                grad_x, grad_pointwise, grad_pointwise_bias = torch.ops.aten.convolution_backward(
+                    grad_hidden, x16, pointwise16, [pointwise.shape[0]] if pointwise_bias is not None else None,
+                    [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [needs[0], needs[1], needs[2]])
+        like = lambda g, t: None if g is None or t is None else g.to(t.dtype)  # noqa: E731
+        return (like(grad_x, x), like(grad_pointwise, pointwise), like(grad_pointwise_bias, pointwise_bias),
+                like(grad_depthwise, depthwise), like(grad_depthwise_bias, depthwise))
+
+
+def pointwise_depthwise(x, pointwise, pointwise_bias, depthwise, depthwise_bias) -> torch.Tensor:
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad
+                                              for t in (x, pointwise, pointwise_bias, depthwise, depthwise_bias)):
+        return reference.pointwise_depthwise(x, pointwise, pointwise_bias, depthwise, depthwise_bias)
+    return _PointwiseDepthwise.apply(x, pointwise, pointwise_bias, depthwise, depthwise_bias)
