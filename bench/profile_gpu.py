@@ -88,12 +88,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", default=None)
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--only", default="", help="comma list: profile only cases whose name contains one")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_gpu.py needs CUDA")
         return 1
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": {}}
+    wanted = [w for w in args.only.split(",") if w]
     for name, fn in cases():
+        if wanted and not any(w in name for w in wanted):
+            continue
         result = kernel_breakdown(fn)
         report["cases"][name] = result
         print(f"\n== {name}: wall {result['wall_ms']:.2f} ms, kernels {result['gpu_ms']:.2f} ms "

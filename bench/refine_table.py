@@ -1,5 +1,6 @@
 """Refinement with steps=2 of the full model: the authors' loop on the reference backend vs
-sipl_fast's Refiner (default backend; "+graph": a step captured in a CUDA graph and replayed),
+sipl_fast's Refiner (default backend; "+graph": a step captured in a CUDA graph and replayed;
+"+nhwc": on channels-last activations),
 time and peak memory beyond the resident weights.
 
     python bench/refine_table.py OUT.json                 # CUDA: 512x512 and 1280x720
@@ -29,7 +30,8 @@ from peak_memory import peak_extra_bytes
 
 CASES = {
     "cuda": [((512, 512), "reference", 1), ((512, 512), "torch", 2), ((512, 512), "sipl_fast", 3),
-             ((512, 512), "sipl_fast+graph", 3), ((720, 1280), "sipl_fast", 2)],
+             ((512, 512), "sipl_fast+graph", 3), ((512, 512), "sipl_fast+graph+nhwc", 3),
+             ((720, 1280), "sipl_fast", 2)],
     "cpu": [((128, 128), "reference", 3), ((128, 128), "sipl_fast", 3),
             ((256, 256), "reference", 1), ((256, 256), "sipl_fast", 1)],
 }
@@ -60,8 +62,8 @@ def _runner(model, x, provider: str):
         def run():
             with sipl_fast.use_backend("torch"):
                 return model.refine(x, steps=2)
-    elif provider == "sipl_fast+graph":  # one Refiner kept: its first call captures, later ones replay
-        refiner = Refiner(model, steps=2, cuda_graph=True)
+    elif provider.startswith("sipl_fast+graph"):  # one Refiner kept: its first call captures, later ones replay
+        refiner = Refiner(model, steps=2, cuda_graph=True, channels_last=provider.endswith("+nhwc"))
 
         def run():
             return refiner(x)

@@ -6,7 +6,8 @@ On CUDA: the authors' configuration (base preset), 128 x 128 crops, batch 8, fp3
 autocast. On CPU: the tiny preset, 64 x 64 crops, batch 2, fp32. "auto" is the backend
 sipl_fast picks by itself (triton on CUDA, torch on CPU); "reference" is the authors' eager
 math; "+graph" replays the whole step as a CUDA graph (``--cuda-graph``: the eager step at
-these sizes is bound by the CPU issuing kernels). The step is ``Trainer.train_step``: the no-grad plain pass and encoder on the clean
+these sizes is bound by the CPU issuing kernels); "+nhwc" trains on channels-last activations
+(``--channels-last``: cuDNN's depthwise convolutions instead of ATen's NCHW kernels). The step is ``Trainer.train_step``: the no-grad plain pass and encoder on the clean
 batch, the privileged pass on the degraded batch, L1, backward, clipping, AdamW.
 Peak memory: on CUDA the allocator's peak over the whole measurement (warm-up, the capture
 for "+graph", the timed steps), in total and beyond what was allocated before the first step
@@ -31,7 +32,8 @@ import sipl_fast
 from peak_memory import peak_extra_bytes
 from sipl_fast.train import GRAPH_WARMUP_STEPS, TrainOptions, Trainer
 
-PROVIDERS = {"cpu": ("reference", "auto"), "cuda": ("reference", "auto", "reference+graph", "auto+graph")}
+PROVIDERS = {"cpu": ("reference", "auto"),
+             "cuda": ("reference", "auto", "reference+graph", "auto+graph", "auto+graph+nhwc")}
 
 
 def default_shape(device: torch.device) -> dict:
@@ -43,9 +45,9 @@ def default_shape(device: torch.device) -> dict:
 def make_step(provider: str, device: torch.device, preset: str, batch: int, patch: int, amp: bool):
     """A zero-argument function running one training step with ``provider`` (a backend, plus
     "+graph" for --cuda-graph); also returns the trainer."""
-    backend, _, graph = provider.partition("+")
+    backend, *extras = provider.split("+")
     options = TrainOptions(data="skimage", tasks="noise25", preset=preset, batch=batch, patch=patch, amp=amp,
-                           cuda_graph=graph == "graph", device=str(device),
+                           cuda_graph="graph" in extras, channels_last="nhwc" in extras, device=str(device),
                            out=tempfile.mkdtemp(prefix="sipl_bench_"), progress=False)
     trainer = Trainer(options, log=lambda line: None)
     g = torch.Generator().manual_seed(0)

@@ -68,6 +68,7 @@ class TrainOptions:
     ema: float = 0.0                # EMA decay (e.g. 0.999); 0 turns EMA off
     amp: bool = False               # bf16 autocast (CUDA only)
     cuda_graph: bool = False        # replay the whole step as a CUDA graph (one CUDA process)
+    channels_last: bool = False     # NHWC activations (cuDNN then runs the depthwise convolutions)
     random_proxy: bool = False      # the authors' use_random_proxy
     seed: int = 0
     out: str = "runs/sipl"
@@ -206,6 +207,10 @@ class Trainer:
 
         torch.manual_seed(opts.seed)              # identical initial weights on every rank
         self.model = SIPLPromptIR.from_preset(opts.preset, use_random_proxy=opts.random_proxy).to(self.device)
+        self.memory_format = torch.channels_last if opts.channels_last else torch.contiguous_format
+        for parameter in self.model.parameters():  # the convolution weights follow the activations
+            if parameter.dim() == 4:
+                parameter.data = parameter.data.contiguous(memory_format=self.memory_format)
         self.patch = opts.patch or self.model.config["train_patch"]
         if self.patch % 8 or self.patch < 8:
             raise OptionsError(f"--patch must be a positive multiple of 8, got {self.patch}")
@@ -260,6 +265,7 @@ class Trainer:
     def train_step(self, lq: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
         """One optimizer step on a batch; returns the (detached) L1 loss."""
         self.model.train()
+        lq, gt = (t.contiguous(memory_format=self.memory_format) for t in (lq, gt))  # the layout propagates
         loss = self._graphed_step(lq, gt) if self.cuda_graph else self._optimizer_step(lq, gt)
         self.scheduler.step()
         if self.ema is not None:

@@ -213,3 +213,5 @@ def test_cuda_refine_and_graph_replay_equal_the_authors_loop():
     again = graphed(torch.flip(x, dims=[0]))  # replays the captured step on new contents
     assert _relative_error(first, expected) <= 1e-3
     assert _relative_error(again, torch.flip(expected, dims=[0])) <= 1e-3
+    nhwc = Refiner(model, steps=2, cuda_graph=True, channels_last=True)
+    assert _relative_error(nhwc(x), expected) <= 1e-3
