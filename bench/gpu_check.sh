@@ -4,6 +4,7 @@
 # One call, about 8 minutes on an H100/H200. Logs and JSON go to $OUT (default bench/results/run).
 #
 #   bash bench/gpu_check.sh            # on the GPU machine, from the repository root
+#   SECTIONS="device build gpu-tests refine" bash bench/gpu_check.sh   # some sections only
 #
 # Sections run in priority order, each with a time limit, under one overall deadline
 # (DEADLINE_S, default 420 s), so one slow part cannot starve the rest. The summary at the end
@@ -21,6 +22,7 @@ summary=()
 
 section() {  # section NAME LIMIT_SECONDS COMMAND...
     local name=$1 limit=$2; shift 2
+    if [[ -n "${SECTIONS:-}" && " $SECTIONS " != *" $name "* ]]; then return 0; fi
     local start=$(date +%s)
     local left=$(( DEADLINE - start ))
     if (( left < 15 )); then summary+=("$(printf '%-16s skipped (deadline)' "$name")"); return 0; fi
@@ -38,7 +40,7 @@ section info 30 $PY -c "import json, sipl_fast; print(json.dumps(sipl_fast.info(
 section gpu-tests 150 $PY -m pytest -q -m gpu -p no:cacheprovider -n 8 tests --durations=15 --junitxml="$OUT/gpu_tests.xml"
 section train-step 100 $PY bench/train_step_table.py --steps 5 --warmup 2 --json "$OUT/train_step.json"
 section refine 75 $PY bench/refine_table.py "$OUT/refine.json"
-section profile 70 $PY bench/profile_gpu.py --json "$OUT/profile.json"
+section profile 70 $PY bench/profile_gpu.py --json "$OUT/profile.json" --only "${PROFILE_ONLY:-}"
 section mdta 70 $PY bench/transposed_attention_table.py "$OUT/transposed_attention.json" --budget-s 50 --compile-budget-s 12
 section proxy-attention 70 $PY bench/proxy_attention_table.py "$OUT/proxy_attention.json" --budget-s 50 --compile-budget-s 12
 section norm-gate 45 $PY bench/norm_gate_table.py "$OUT/norm_gate.json" --dtypes amp --compile-budget-s 5
