@@ -14,7 +14,7 @@ for "+graph", the timed steps), in total and beyond what was allocated before th
 (the weights and the batch); a graph's private pool is allocated while it is captured, so the
 peak covers it. On the CPU the resident-set peak of one step beyond the RSS before it (rough:
 memory freed by earlier steps is reused without raising the RSS, so CPU numbers understate).
-Prints a table and JSON; takes about a minute on an H100.
+Prints a table and JSON; takes about two minutes on an H100 (ten configurations).
 """
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ they are computed.
 """
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -19,9 +20,14 @@ LAYERNORM_TYPES = ("WithBias", "BiasFree")
 
 
 # Elements of the widest intermediate per strip when a block runs without autograd (see
-# in_strips): 8 MiB of float32 on the CPU (cache-sized), 32 MiB on a GPU (large enough that
-# each strip's kernels still fill the card).
+# in_strips): 8 MiB of float32 on the CPU (cache-sized), 32 MiB on a GPU. Smaller strips
+# mean less memory and more, smaller kernels: on an H200 a 512x512 refinement held 0.22x
+# the reference loop's peak memory with 32 MiB strips, but issued ~9x the kernels of an
+# unstripped pass (bench/results/h200_2026-11-27_session2.md). SIPL_FAST_STRIP_ELEMENTS
+# sets both (e.g. 33554432 for 128 MiB strips on a GPU with memory to spare).
 STRIP_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 23}
+if os.environ.get("SIPL_FAST_STRIP_ELEMENTS"):
+    STRIP_ELEMENTS = dict.fromkeys(STRIP_ELEMENTS, int(os.environ["SIPL_FAST_STRIP_ELEMENTS"]))
 
 
 def strip_rows(x: torch.Tensor, widest_channels: int) -> int | None:
