@@ -27,6 +27,7 @@ plain pass, step t the output of t iterations of the authors' self-refinement lo
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import os
 import time
@@ -493,8 +494,15 @@ def train(options: TrainOptions, log: Callable[[str], None] | None = None) -> Tr
     trainer = Trainer(options, log)
     try:
         trainer.run()
+        if trainer.dist.enabled:
+            # Rank 0 is still writing the checkpoint when the others leave save(); a rank that
+            # tore its gloo group down meanwhile was seen to abort ("terminate called without
+            # an active exception") on a loaded 2-core machine. Leave together.
+            dist.barrier()
     finally:
         if trainer.dist.enabled and dist.is_initialized():
+            trainer.network = trainer.model  # DDP's reducer goes while its group still exists
+            gc.collect()
             dist.destroy_process_group()
     return trainer
 
