@@ -222,7 +222,9 @@ def test_missing_data_folder_is_one_error(checkpoint, tmp_path, capsys):
 
 @pytest.mark.parametrize("flags, message", [(["--tasks", "fog"], "--tasks: unknown"),
                                             (["--patch", "12"], "--patch must be a positive multiple of 8"),
-                                            (["--steps", "0"], "--steps and --batch must be positive")])
+                                            (["--steps", "0"], "--steps and --batch must be positive"),
+                                            (["--cuda-graph", "--device", "cpu"],
+                                             "--cuda-graph needs a single CUDA process")])
 def test_train_option_errors_are_one_line(tmp_path, capsys, flags, message):
     code = main(["train", "--out", str(tmp_path / "run"), "--no-progress", *flags])
     assert code == 1
