@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
@@ -123,11 +122,8 @@ def matmul_tflops(device: str) -> float | None:
 
 def measure(shape: Shape, dtype: torch.dtype, mode: str, provider: str, device: str) -> dict:
     run, _ = make_runner(shape, dtype, mode, provider, device)
-    first_call_s = harness.first_call_s(run, device)
-    ms = harness.time_ms(run, device)
     flops = shape.forward_flops() * (1 if mode == "fwd" else 3.5)
-    return {"ms": ms, "TFLOPs": flops / ms / 1e9, "peak_MiB": harness.peak_mib(run, device),
-            "first_call_s": first_call_s}
+    return harness.measured(run, device, "TFLOPs", flops / 1e9)
 
 
 def speedups(results: dict) -> dict:
@@ -142,10 +138,7 @@ def speedups(results: dict) -> dict:
 
 
 def _cell(result) -> str:
-    if result is None:
-        return f"{'skipped':>24}"
-    peak = "" if result["peak_MiB"] is None else f"{result['peak_MiB']:7.0f}M"
-    return f"{result['ms']:9.3f}ms{result['TFLOPs']:5.0f}T{peak:>8}"
+    return harness.cell_text(result, "TFLOPs", "T", 5, 24)
 
 
 def format_row(row: dict, providers) -> str:
@@ -190,28 +183,10 @@ def summary(rows: list[dict], matmul: float | None) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = harness.table_parser(__doc__.split("\n")[0], DTYPES, PROVIDERS, default_dtypes="bf16,fp32",
-                                  budget_s=80.0, compile_budget_s=25.0, tf32=True)
-    args = parser.parse_args(argv)
-    torch.backends.cuda.matmul.allow_tf32 = args.tf32
-    chosen = harness.choose_device("proxy_attention_table", args)
-    if chosen is None:
-        return 2
-    device, providers, dtypes = chosen
-    shapes = SMOKE_SHAPES if args.smoke else SHAPES
-
-    started = time.perf_counter()
-    matmul = matmul_tflops(device)
-    rows = run_table(shapes, dtypes, providers, device, args.budget_s, args.compile_budget_s)
-    report = {
-        "rows": rows,
-        "summary": summary(rows, matmul),
-        **harness.environment(device),
-        "allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-    }
-    harness.write_report(args.out, report, providers, started)
-    return 0
+    return harness.attention_table_main(
+        argv, doc=__doc__, script="proxy_attention_table", dtypes=DTYPES, providers=PROVIDERS, shapes=SHAPES,
+        smoke_shapes=SMOKE_SHAPES, budget_s=80.0, compile_budget_s=25.0, card_rate=matmul_tflops,
+        run_table=run_table, summary=summary)
 
 
 if __name__ == "__main__":

@@ -99,6 +99,22 @@ def peak_mib(run, device: str) -> float | None:
     return peak_extra_bytes(run, device) / 2**20 if device == "cuda" else None
 
 
+def measured(run, device: str, rate_key: str, rate_per_ms: float) -> dict:
+    """One table cell: first-call seconds, median ms, the rate (``rate_per_ms`` / ms, stored
+    under ``rate_key``) and the peak memory above the inputs."""
+    first_call = first_call_s(run, device)
+    ms = time_ms(run, device)
+    return {"ms": ms, rate_key: rate_per_ms / ms, "peak_MiB": peak_mib(run, device), "first_call_s": first_call}
+
+
+def cell_text(result: dict | None, rate_key: str, unit: str, rate_width: int, width: int) -> str:
+    """A cell of the printed table: time, rate and peak, or "skipped"."""
+    if result is None:
+        return f"{'skipped':>{width}}"
+    peak = "" if result["peak_MiB"] is None else f"{result['peak_MiB']:7.0f}M"
+    return f"{result['ms']:9.3f}ms{result[rate_key]:{rate_width}.0f}{unit}{peak:>8}"
+
+
 def copy_bandwidth_gbs(device: str) -> float | None:
     """The card's device-to-device copy rate (y.copy_(x) of 1 GiB): bytes read plus written per second."""
     if device != "cuda":
@@ -181,6 +197,35 @@ def ratio_cell(value: float | None, target: float | None, width: int) -> str:
     if value is None:
         return f"{'-':>{width}}"
     return f"{value:{width - 2}.2f}x" + (" " if target is None else ("+" if value >= target else "!"))
+
+
+def attention_table_main(argv, *, doc: str, script: str, dtypes, providers, shapes, smoke_shapes,
+                         budget_s: float, compile_budget_s: float, card_rate, run_table, summary,
+                         extra_report=lambda args: {}) -> int:
+    """main() of the attention tables: command line, device, the card's own rate (``card_rate``:
+    matmul TFLOP/s or copy GB/s, measured first), the table, its ``summary(rows, rate)``, the report."""
+    parser = table_parser(doc.split("\n")[0], dtypes, providers, default_dtypes="bf16,fp32",
+                          budget_s=budget_s, compile_budget_s=compile_budget_s, tf32=True)
+    args = parser.parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    chosen = choose_device(script, args)
+    if chosen is None:
+        return 2
+    device, providers, dtypes = chosen
+    started = time.perf_counter()
+    rate = card_rate(device)
+    rows = run_table(smoke_shapes if args.smoke else shapes, dtypes, providers, device, args.budget_s,
+                     args.compile_budget_s)
+    report = {
+        "rows": rows,
+        "summary": summary(rows, rate),
+        **environment(device),
+        "allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        **extra_report(args),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    write_report(args.out, report, providers, started)
+    return 0
 
 
 def environment(device: str) -> dict:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
@@ -111,11 +110,8 @@ def make_runner(shape: Shape, dtype: torch.dtype, mode: str, provider: str, devi
 
 def measure(shape: Shape, dtype: torch.dtype, mode: str, provider: str, device: str) -> dict:
     run, _ = make_runner(shape, dtype, mode, provider, device)
-    first_call_s = harness.first_call_s(run, device)
-    ms = harness.time_ms(run, device)
     moved = TENSORS_MOVED[mode] * shape.stream_bytes(dtype)
-    peak = harness.peak_mib(run, device)
-    return {"ms": ms, "GBs": moved / ms / 1e6, "peak_MiB": peak, "first_call_s": first_call_s}
+    return harness.measured(run, device, "GBs", moved / 1e6)
 
 
 def speedups(results: dict) -> dict:
@@ -127,10 +123,7 @@ def speedups(results: dict) -> dict:
 
 
 def _cell(result) -> str:
-    if result is None:
-        return f"{'skipped':>25}"
-    peak = "" if result["peak_MiB"] is None else f"{result['peak_MiB']:7.0f}M"
-    return f"{result['ms']:9.3f}ms{result['GBs']:6.0f}G{peak:>8}"
+    return harness.cell_text(result, "GBs", "G", 6, 25)
 
 
 def format_row(row: dict, providers) -> str:
@@ -177,29 +170,11 @@ def summary(rows: list[dict], copy_gbs: float | None) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = harness.table_parser(__doc__.split("\n")[0], DTYPES, PROVIDERS, default_dtypes="bf16,fp32",
-                                  budget_s=85.0, compile_budget_s=30.0, tf32=True)
-    args = parser.parse_args(argv)
-    torch.backends.cuda.matmul.allow_tf32 = args.tf32
-    chosen = harness.choose_device("transposed_attention_table", args)
-    if chosen is None:
-        return 2
-    device, providers, dtypes = chosen
-    shapes = SMOKE_SHAPES if args.smoke else SHAPES
-
-    started = time.perf_counter()
-    copy_gbs = harness.copy_bandwidth_gbs(device)
-    rows = run_table(shapes, dtypes, providers, device, args.budget_s, args.compile_budget_s)
-    report = {
-        "rows": rows,
-        "summary": summary(rows, copy_gbs),
-        **harness.environment(device),
-        "allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-        "fp32_triton_precision": "tf32" if args.tf32 else "3xTF32",
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-    }
-    harness.write_report(args.out, report, providers, started)
-    return 0
+    return harness.attention_table_main(
+        argv, doc=__doc__, script="transposed_attention_table", dtypes=DTYPES, providers=PROVIDERS, shapes=SHAPES,
+        smoke_shapes=SMOKE_SHAPES, budget_s=85.0, compile_budget_s=30.0, card_rate=harness.copy_bandwidth_gbs,
+        run_table=run_table, summary=summary,
+        extra_report=lambda args: {"fp32_triton_precision": "tf32" if args.tf32 else "3xTF32"})
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
+from .ops import torch_impl
 
 LAYERNORM_TYPES = ("WithBias", "BiasFree")
 
@@ -62,15 +63,18 @@ def in_strips(fn, x: torch.Tensor, out_channels: int, widest_channels: int) -> t
     return out
 
 
+def _residual(x: torch.Tensor, branch: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """x + branch, into x when the caller owns x and autograd is off."""
+    return x.add_(branch) if inplace and not torch.is_grad_enabled() else x + branch
+
+
 def add_in_strips(fn, x: torch.Tensor, widest_channels: int, inplace: bool) -> torch.Tensor:
     """x + fn(x) for a strip-local fn, as in_strips; with ``inplace`` (autograd off, x owned by
     the caller) the sum overwrites x, each strip written back only after the next strip has
     read its halo row from the original x, so no second copy of x is needed."""
     rows = strip_rows(x, widest_channels)
     if rows is None:
-        if inplace and not torch.is_grad_enabled():
-            return x.add_(fn(x))
-        return x + fn(x)
+        return _residual(x, fn(x), inplace)
     out = x if inplace else torch.empty_like(x)
     pending = None  # the previous strip's sum, not yet written
     for lo, hi, top, bottom in strip_bounds(x.shape[-2], rows):
@@ -186,20 +190,16 @@ class TransposedAttention(nn.Module):
         dim = x.shape[1]
         rows = strip_rows(x, 2 * dim)
         if rows is None:  # one piece (never strips of the attention itself: it is global)
-            branch = self(norm(x))
-            return x.add_(branch) if inplace and not torch.is_grad_enabled() else x + branch
+            return _residual(x, self(norm(x)), inplace)
         attn = self._attention_matrix(x, norm, rows)
         return add_in_strips(lambda part: self._mix_values(attn, norm(part)), x, dim, inplace)
 
     def _projected_channels(self, x: torch.Tensor, first: int, count: int) -> torch.Tensor:
         """Channels [first, first + count) of qkv_dwconv(qkv(x)), computing only those."""
-        def part(conv: nn.Conv2d) -> tuple:
-            bias = conv.bias[first:first + count] if conv.bias is not None else None
-            return conv.weight[first:first + count], bias
-        weight, bias = part(self.qkv)
-        projected = F.conv2d(x, weight, bias)
-        weight, bias = part(self.qkv_dwconv)
-        return F.conv2d(projected, weight, bias, padding=1, groups=count)
+        part = slice(first, first + count)
+        bias = lambda conv: conv.bias[part] if conv.bias is not None else None  # noqa: E731
+        return ops.pointwise_depthwise(x, self.qkv.weight[part], bias(self.qkv),
+                                       self.qkv_dwconv.weight[part], bias(self.qkv_dwconv))
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         """(B, heads * c, H, W) -> (B, heads, c, H*W)."""
@@ -217,10 +217,10 @@ class TransposedAttention(nn.Module):
         for lo, hi, top, bottom in strip_bounds(h, rows):
             qk = self._projected_channels(norm(x[..., lo:hi, :]), 0, 2 * dim)[..., top - lo:bottom - lo, :]
             q, k = (self._heads(t).to(accumulate) for t in qk.chunk(2, dim=1))
-            gram += _split_gram(q, k)
+            gram += torch_impl.gram(q, k)
             sq_q += q.square().sum(-1)
             sq_k += k.square().sum(-1)
-        eps = 1e-12  # F.normalize: x / max(|x|, eps)
+        eps = torch_impl.NORMALIZE_EPS  # F.normalize: x / max(|x|, eps)
         cos = gram / (sq_q.sqrt().clamp_min(eps)[..., :, None] * sq_k.sqrt().clamp_min(eps)[..., None, :])
         return torch.softmax(self.temperature.to(accumulate) * cos, dim=-1)
 
@@ -229,24 +229,6 @@ class TransposedAttention(nn.Module):
         v = self._projected_channels(normed, 2 * dim, dim)
         mixed = (attn.to(v.dtype) @ self._heads(v)).reshape(v.shape)
         return self.project_out(mixed.contiguous(memory_format=memory_format_of(v)))
-
-
-def _split_gram(q: torch.Tensor, k: torch.Tensor, piece: int = 4096) -> torch.Tensor:
-    """q k^T over the last axis (c x n times n x c), as a batch of products over pieces of n.
-
-    One c x c product with n in the tens of thousands gives a GEMM of a few output tiles
-    that leaves most of a GPU idle (98 ms of a 512x512 refinement on an H200); one product
-    per piece of the pixels fills it, and the pieces' sum costs a few c x c additions."""
-    n = q.shape[-1]
-    pieces = n // piece
-    if pieces < 2:
-        return q @ k.transpose(-2, -1)
-    even = pieces * piece
-    split = lambda t: t[..., :even].unflatten(-1, (pieces, piece)).transpose(-3, -2)  # (..., pieces, c, piece)
-    gram = (split(q) @ split(k).transpose(-2, -1)).sum(-3)
-    if even < n:
-        gram += q[..., even:] @ k[..., even:].transpose(-2, -1)
-    return gram
 
 
 class TransformerBlock(nn.Module):

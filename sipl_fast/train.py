@@ -229,14 +229,12 @@ class Trainer:
         if self.batches_per_epoch == 0:
             raise OptionsError(f"--batch {opts.batch} is larger than the {len(self.sampler)} samples per epoch")
 
-        # A captured step reads the learning rate from device memory, where the scheduler
-        # writes it; capturable AdamW keeps its step counts there too.
-        lr = torch.tensor(opts.lr, device=self.device) if self.cuda_graph else opts.lr
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=opts.weight_decay,
+        # capturable AdamW keeps its step counts in device memory (a captured step needs that)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay,
                                            capturable=self.cuda_graph)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, opts.steps, self.warmup))
-        self.scheduler.base_lrs = [float(lr) for lr in self.scheduler.base_lrs]  # no device sync per step
+        self._settle_learning_rates()
         self._captured: CapturedStep | None = None
         self._warm_steps = 0
         self.ema = ({k: v.detach().clone().float() for k, v in self.model.state_dict().items()}
@@ -453,8 +451,11 @@ class Trainer:
             groups.append(group)
         return dict(saved, param_groups=groups)
 
-    def _device_learning_rates(self) -> None:
-        """After loading: a captured step reads the learning rate from device memory."""
+    def _settle_learning_rates(self) -> None:
+        """Learning rates as this run keeps them (after construction and after loading): the
+        scheduler's bases as floats (no device sync per step) and, for a captured step, each
+        group's rate in device memory, which the scheduler then overwrites in place."""
+        self.scheduler.base_lrs = [float(lr) for lr in self.scheduler.base_lrs]
         if self.cuda_graph:
             for group in self.optimizer.param_groups:
                 group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
@@ -473,8 +474,7 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(self._this_runs_optimizer_settings(state["optimizer"]))
             self.scheduler.load_state_dict(state["scheduler"])
-            self.scheduler.base_lrs = [float(lr) for lr in self.scheduler.base_lrs]
-            self._device_learning_rates()
+            self._settle_learning_rates()
         except (RuntimeError, ValueError, KeyError) as exc:
             reason = str(exc).splitlines()[0]
             raise CheckpointError(f"{path}: resume state does not match the model ({reason})") from None

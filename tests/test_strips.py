@@ -4,7 +4,8 @@ import torch
 
 from sipl_fast import modules
 from sipl_fast.modules import (BlockStack, ChannelNorm, GatedFFN, TransformerBlock, TransposedAttention,
-                               _split_gram, add_in_strips, in_strips, strip_bounds)
+                               add_in_strips, in_strips, strip_bounds)
+from sipl_fast.ops.torch_impl import gram as _split_gram
 
 
 @pytest.fixture

@@ -20,6 +20,15 @@ def _options(tmp_path, name="run", **overrides):
     return TrainOptions(**{**SMALL, "out": str(tmp_path / name), **overrides})
 
 
+def _assert_trained_alike(mine: dict, theirs: dict, start: dict) -> None:
+    """Two trainings from the same ``start`` moved the weights alike. AdamW moves each weight by
+    about lr whatever its gradient's size, so a rounding-level difference in a near-zero
+    gradient can show as a whole step: compare the movements in norm, not weight by weight."""
+    moved = torch.cat([(theirs[k].float() - start[k].float()).flatten() for k in start])
+    apart = torch.cat([(mine[k].float() - theirs[k].float()).flatten() for k in start])
+    assert moved.norm() > 0 and apart.norm() <= 1e-3 * moved.norm(), (apart.norm(), moved.norm())
+
+
 def test_learning_rate_schedule():
     factors = [lr_factor(s, total=100, warmup=10) for s in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
@@ -133,14 +142,10 @@ def test_ddp_two_cpu_processes_write_one_checkpoint(tmp_path):
     # 2 ranks x batch 2 see the same samples as one process with batch 4 (the sampler deals the
     # shuffled indices round-robin), and DDP averages the gradients: the same training, up to
     # the order of float additions.
-    # AdamW moves each weight by about lr whatever its gradient's size, so a rounding-level
-    # difference in a near-zero gradient can show as a whole step: compare movements in norm.
     single = Trainer(_options(tmp_path, "single", tasks="noise25,rain", steps=3, batch=4))
     start = {k: v.clone() for k, v in single.model.state_dict().items()}
     single.run()
-    moved = torch.cat([(v - start[k]).flatten() for k, v in single.model.state_dict().items()])
-    apart = torch.cat([(state["model"][k] - v).flatten() for k, v in single.model.state_dict().items()])
-    assert apart.norm() <= 1e-3 * moved.norm(), (apart.norm(), moved.norm())
+    _assert_trained_alike(state["model"], single.model.state_dict(), start)
 
 
 def test_time_limit_stops_early_and_saves(tmp_path):
@@ -230,7 +235,7 @@ def test_cuda_graph_replays_the_eager_step(tmp_path, monkeypatch, amp):
     steps = GRAPH_WARMUP_STEPS + 4  # warm-up steps, the capture, then replays
     eager, batches = _cuda_run(tmp_path, "eager", True, steps, amp=amp)
     graphed, _ = _cuda_run(tmp_path, "graph", True, steps, amp=amp)
-    start = {k: v.float().clone() for k, v in eager.model.state_dict().items()}
+    start = {k: v.clone() for k, v in eager.model.state_dict().items()}
     eager_losses = []
     for lq, gt in batches:
         eager.model.train()
@@ -239,12 +244,7 @@ def test_cuda_graph_replays_the_eager_step(tmp_path, monkeypatch, amp):
     graph_losses = [graphed.train_step(lq, gt).item() for lq, gt in batches]
     assert graphed._captured is not None and eager._captured is None
     torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(eager_losses), rtol=1e-4, atol=0)
-    # AdamW moves every weight by about lr whatever its gradient's size, so a rounding-level
-    # difference in a near-zero gradient would show as a whole step: compare movements in norm.
-    mine, theirs = graphed.model.state_dict(), eager.model.state_dict()
-    moved = torch.cat([(theirs[k].float() - start[k]).flatten() for k in start])
-    apart = torch.cat([(mine[k].float() - theirs[k].float()).flatten() for k in start])
-    assert moved.norm() > 0 and apart.norm() <= 1e-3 * moved.norm(), (apart.norm(), moved.norm())
+    _assert_trained_alike(graphed.model.state_dict(), eager.model.state_dict(), start)
     assert graphed.optimizer.param_groups[0]["lr"].item() == pytest.approx(eager.optimizer.param_groups[0]["lr"].item())
 
 
@@ -256,11 +256,7 @@ def test_channels_last_training_matches_nchw_training(tmp_path):
     for lq, gt in batches:
         torch.testing.assert_close(nhwc.train_step(lq, gt), nchw.train_step(lq, gt), rtol=1e-4, atol=1e-6)
     assert nhwc.model.patch_embed.proj.weight.is_contiguous(memory_format=torch.channels_last)
-    # AdamW moves each weight by about lr whatever its gradient: compare movements in norm
-    mine, theirs = nhwc.model.state_dict(), nchw.model.state_dict()
-    moved = torch.cat([(theirs[k] - start[k]).flatten() for k in start])
-    apart = torch.cat([(mine[k] - theirs[k]).flatten() for k in start])
-    assert apart.norm() <= 1e-3 * moved.norm(), (apart.norm(), moved.norm())
+    _assert_trained_alike(nhwc.model.state_dict(), nchw.model.state_dict(), start)
 
 
 @pytest.mark.gpu

@@ -150,6 +150,13 @@ def transposed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         q, k, v, temperature, num_heads)
 
 
+def _check_map(op: str, x, layout: str = "(B, C, H, W)", fits=lambda t: True) -> None:
+    """One ValueError unless x is a floating 4-D tensor that ``fits``."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point() or not fits(x):
+        raise ValueError(f"{op}: x must be a floating {layout} tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+
+
 def layer_norm2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
     """Per-pixel LayerNorm over the channels of x (B, C, H, W), the backbone's norm.
 
@@ -157,9 +164,7 @@ def layer_norm2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     ("BiasFree", as the authors define it): x / sqrt(var_c + eps) * weight; the mean is
     subtracted inside the variance only.
     """
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
-        raise ValueError(f"layer_norm2d: x must be a floating (B, C, H, W) tensor, got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    _check_map("layer_norm2d", x)
     channels = x.shape[1]
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and (p.shape != (channels,) or p.device != x.device):
@@ -174,9 +179,7 @@ def gated_gelu(x: torch.Tensor, dual: bool = False) -> torch.Tensor:
     dual=False (GDFN): gelu(x1) * x2. dual=True (DualGate FFN): gelu(x2) * x1 + gelu(x1) * x2.
     gelu is the exact (erf) form. Returns (B, h, H, W).
     """
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point() or x.shape[1] % 2:
-        raise ValueError(f"gated_gelu: x must be a floating (B, 2h, H, W) tensor, got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    _check_map("gated_gelu", x, "(B, 2h, H, W)", lambda t: t.shape[1] % 2 == 0)
     return backend_module("gated_gelu", x.device, x.dtype).gated_gelu(x, dual)
 
 
@@ -188,9 +191,7 @@ def pointwise_depthwise(x: torch.Tensor, pointwise: torch.Tensor, pointwise_bias
     triton backends keep only x for the backward and recompute the 1x1 output there (one
     GEMM): it is the widest map of a block, and the depthwise backward needs it.
     """
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
-        raise ValueError(f"pointwise_depthwise: x must be a floating (B, C, H, W) tensor, got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    _check_map("pointwise_depthwise", x)
     hidden = pointwise.shape[0]
     if pointwise.shape[1:] != (x.shape[1], 1, 1) or depthwise.shape != (hidden, 1, 3, 3):
         raise ValueError(f"pointwise_depthwise: weights must be ({hidden}, {x.shape[1]}, 1, 1) and "
