@@ -5,9 +5,9 @@
 For each case: the wall time of one call, the summed time of the GPU kernels it launched
 (torch.profiler), their ratio (how busy the GPU was: well below 1 means the CPU issuing
 kernels is the bottleneck, and CUDA graphs pay), and the kernels with the most GPU time.
-Cases: the training step (base preset, 128x128, batch 8, bf16 autocast) on the reference
-and default backends, refinement with steps=2 at 512x512, and the MDTA and proxy-attention
-kernels (fwd+bwd) at their 512x512 shapes. CUDA only.
+Cases: the training step (base preset, 128x128, batch 8, bf16 autocast) with the providers of
+train_step_table.py, refinement with steps=2 at 512x512 (also with the depthwise kernels,
+"dwk"), and the MDTA and proxy-attention kernels (fwd+bwd) at their 512x512 shapes. CUDA only.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import proxy_attention_table  # noqa: E402
 import transposed_attention_table  # noqa: E402
 from train_step_table import make_step  # noqa: E402
 
-from sipl_fast import SIPLPromptIR  # noqa: E402
+from sipl_fast import SIPLPromptIR, ops  # noqa: E402
 
 
 def kernel_breakdown(fn, warmup: int = 3) -> dict:
@@ -69,32 +69,39 @@ def _default_routing(fn):
 
 
 def cases():
+    """(name, make): make() builds the case and returns the function to profile (only cases
+    that are profiled get built)."""
     device = torch.device("cuda")
     shape = dict(preset="base", batch=8, patch=128)
-    for provider in ("reference", "auto", "auto+graph", "auto+graph+nhwc"):
-        step, trainer = make_step(provider, device, amp=True, **shape)
-        yield f"train step bf16 {provider}", _default_routing(step)
-        del step, trainer
+    for provider in ("reference", "auto", "auto+graph", "auto+graph+nhwc", "auto+graph+dwk"):
+        yield f"train step bf16 {provider}", lambda provider=provider: _default_routing(
+            make_step(provider, device, amp=True, **shape)[0])
 
-    torch.manual_seed(0)
-    model = SIPLPromptIR().eval().to(device)
-    with torch.no_grad():
-        for k in (1, 2, 3):
-            getattr(model, f"privileged_dictionary{k}").normal_()
-    x = torch.rand(1, 3, 512, 512, device=device)
-    yield "refine 512x512 steps=2", _default_routing(lambda: model.refine(x, steps=2))
-    del model
+    def refinement(forced=()):
+        torch.manual_seed(0)
+        model = SIPLPromptIR().eval().to(device)
+        with torch.no_grad():
+            for k in (1, 2, 3):
+                getattr(model, f"privileged_dictionary{k}").normal_()
+        x = torch.rand(1, 3, 512, 512, device=device)
+
+        def run():
+            with ops.kernels_forced(*forced):
+                return model.refine(x, steps=2)
+        return _default_routing(run)
+
+    yield "refine 512x512 steps=2", refinement
+    yield "refine 512x512 steps=2 dwk", lambda: refinement(("pointwise_depthwise",))
 
     for dtype in (torch.bfloat16, torch.float32):
         name = str(dtype).split(".")[-1]
         mdta = transposed_attention_table.SHAPES[0]  # dec1 512x512
-        run, _ = transposed_attention_table.make_runner(mdta, dtype, "fwd", "triton", "cuda")
-        yield f"MDTA fwd {mdta.name} {name}", run
-        run, _ = transposed_attention_table.make_runner(mdta, dtype, "fwd+bwd", "triton", "cuda")
-        yield f"MDTA fwd+bwd {mdta.name} {name}", run
+        for mode in ("fwd", "fwd+bwd"):
+            yield f"MDTA {mode} {mdta.name} {name}", lambda mode=mode, dtype=dtype: \
+                transposed_attention_table.make_runner(mdta, dtype, mode, "triton", "cuda")[0]
         for proxy in proxy_attention_table.SHAPES[1:3]:  # p1_cross and cross_p1 at 512px
-            run, _ = proxy_attention_table.make_runner(proxy, dtype, "fwd+bwd", "triton", "cuda")
-            yield f"proxy fwd+bwd {proxy.name} {name}", run
+            yield f"proxy fwd+bwd {proxy.name} {name}", lambda proxy=proxy, dtype=dtype: \
+                proxy_attention_table.make_runner(proxy, dtype, "fwd+bwd", "triton", "cuda")[0]
 
 
 def main(argv=None) -> int:
@@ -108,10 +115,10 @@ def main(argv=None) -> int:
         return 1
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": {}}
     wanted = [w for w in args.only.split(",") if w]
-    for name, fn in cases():
+    for name, make in cases():
         if wanted and not any(w in name for w in wanted):
             continue
-        result = kernel_breakdown(fn)
+        result = kernel_breakdown(make())
         report["cases"][name] = result
         print(f"\n== {name}: wall {result['wall_ms']:.2f} ms, kernels {result['gpu_ms']:.2f} ms "
               f"(GPU busy {100 * result['busy']:.0f}%), {result['launches']} launches", flush=True)

@@ -1,7 +1,7 @@
 """Refinement with steps=2 of the full model: the authors' loop on the reference backend vs
 sipl_fast's Refiner (default backend; "+graph": a step captured in a CUDA graph and replayed;
-"+nhwc": on channels-last activations),
-time and peak memory beyond the resident weights.
+"+nhwc": on channels-last activations; "+dwk": the depthwise convolutions by sipl_fast's
+Triton kernels, ``ops.kernels_forced``), time and peak memory beyond the resident weights.
 
     python bench/refine_table.py OUT.json                 # CUDA: 512x512 and 1280x720
     python bench/refine_table.py OUT.json --device cpu    # CPU: 128x128 and 256x256
@@ -15,6 +15,7 @@ blocks are then returned to the system when freed and the RSS follows live memor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -23,7 +24,7 @@ import time
 import torch
 
 import sipl_fast
-from sipl_fast import SIPLPromptIR
+from sipl_fast import SIPLPromptIR, ops
 from sipl_fast.refine import Refiner, authors_loop
 
 from peak_memory import peak_extra_bytes
@@ -31,6 +32,7 @@ from peak_memory import peak_extra_bytes
 CASES = {
     "cuda": [((512, 512), "reference", 1), ((512, 512), "torch", 2), ((512, 512), "sipl_fast", 3),
              ((512, 512), "sipl_fast+graph", 3), ((512, 512), "sipl_fast+graph+nhwc", 3),
+             ((512, 512), "sipl_fast+dwk", 3), ((512, 512), "sipl_fast+graph+dwk", 3),
              ((720, 1280), "sipl_fast", 2)],
     "cpu": [((128, 128), "reference", 3), ((128, 128), "sipl_fast", 3),
             ((256, 256), "reference", 1), ((256, 256), "sipl_fast", 1)],
@@ -58,18 +60,19 @@ def _runner(model, x, provider: str):
         def run():
             with sipl_fast.use_backend("reference"):
                 return authors_loop(model, x, steps=2)
-    elif provider == "torch":
-        def run():
-            with sipl_fast.use_backend("torch"):
-                return model.refine(x, steps=2)
-    elif provider.startswith("sipl_fast+graph"):  # one Refiner kept: its first call captures, later ones replay
-        refiner = Refiner(model, steps=2, cuda_graph=True, channels_last=provider.endswith("+nhwc"))
-
-        def run():
-            return refiner(x)
+        return run
+    name, *extras = provider.split("+")
+    backend = "torch" if name == "torch" else None
+    forced = ("pointwise_depthwise",) if "dwk" in extras else ()
+    options = dict(steps=2, channels_last=True if "nhwc" in extras else None)  # None: the device default
+    if "graph" in extras:  # one Refiner kept: its first call captures, later ones replay
+        refiner = Refiner(model, cuda_graph=True, **options)
     else:
-        def run():
-            return model.refine(x, steps=2)
+        refiner = lambda image: model.refine(image, **options)  # noqa: E731 - as a user calls it
+
+    def run():
+        with sipl_fast.use_backend(backend) if backend else contextlib.nullcontext(), ops.kernels_forced(*forced):
+            return refiner(x)
     return run
 
 

@@ -7,8 +7,11 @@ autocast. On CPU: the tiny preset, 64 x 64 crops, batch 2, fp32. "auto" is the b
 sipl_fast picks by itself (triton on CUDA, torch on CPU); "reference" is the authors' eager
 math; "+graph" replays the whole step as a CUDA graph (``--cuda-graph``: the eager step at
 these sizes is bound by the CPU issuing kernels); "+nhwc" trains on channels-last activations
-(``--channels-last``: cuDNN's depthwise convolutions instead of ATen's NCHW kernels). The step is ``Trainer.train_step``: the no-grad plain pass and encoder on the clean
-batch, the privileged pass on the degraded batch, L1, backward, clipping, AdamW.
+(``--channels-last``: cuDNN's depthwise convolutions instead of ATen's NCHW kernels); "+dwk"
+runs the depthwise convolutions with sipl_fast's Triton kernels (``ops.kernels_forced``; ATen's
+stay the default until this is measured). The step is ``Trainer.train_step``: the no-grad plain
+pass and encoder on the clean batch, the privileged pass on the degraded batch, L1, backward,
+clipping, AdamW.
 Peak memory: on CUDA the allocator's peak over the whole measurement (warm-up, the capture
 for "+graph", the timed steps), in total and beyond what was allocated before the first step
 (the weights and the batch); a graph's private pool is allocated while it is captured, so the
@@ -29,11 +32,12 @@ from datetime import date
 import torch
 
 import sipl_fast
+from sipl_fast import ops
 from peak_memory import peak_extra_bytes
 from sipl_fast.train import GRAPH_WARMUP_STEPS, TrainOptions, Trainer
 
 PROVIDERS = {"cpu": ("reference", "auto"),
-             "cuda": ("reference", "auto", "reference+graph", "auto+graph", "auto+graph+nhwc")}
+             "cuda": ("reference", "auto", "reference+graph", "auto+graph", "auto+graph+nhwc", "auto+graph+dwk")}
 
 
 def default_shape(device: torch.device) -> dict:
@@ -44,7 +48,7 @@ def default_shape(device: torch.device) -> dict:
 
 def make_step(provider: str, device: torch.device, preset: str, batch: int, patch: int, amp: bool):
     """A zero-argument function running one training step with ``provider`` (a backend, plus
-    "+graph" for --cuda-graph); also returns the trainer."""
+    "+graph", "+nhwc", "+dwk" as in the module docstring); also returns the trainer."""
     backend, *extras = provider.split("+")
     options = TrainOptions(data="skimage", tasks="noise25", preset=preset, batch=batch, patch=patch, amp=amp,
                            cuda_graph="graph" in extras, channels_last="nhwc" in extras, device=str(device),
@@ -55,8 +59,10 @@ def make_step(provider: str, device: torch.device, preset: str, batch: int, patc
     lq = (gt + 0.1 * torch.randn(gt.shape, generator=g)).clamp(0, 1)
     gt, lq = gt.to(device), lq.to(device)
 
+    forced = ("pointwise_depthwise",) if "dwk" in extras else ()
+
     def step():
-        with sipl_fast.use_backend(backend):
+        with sipl_fast.use_backend(backend), ops.kernels_forced(*forced):
             return trainer.train_step(lq, gt)
 
     return step, trainer
@@ -101,14 +107,22 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--dtypes", default=None, help="fp32,bf16 on CUDA (default), fp32 on CPU")
+    parser.add_argument("--providers", default=None,
+                        help="comma-separated subset of the device's providers (reference is always run)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtypes = (args.dtypes or ("fp32,bf16" if device.type == "cuda" else "fp32")).split(",")
     shape = default_shape(device)
+    providers = PROVIDERS[device.type]
+    if args.providers:
+        unknown = set(args.providers.split(",")) - set(providers)
+        if unknown:
+            parser.error(f"--providers: unknown {sorted(unknown)}; on {device.type}: {', '.join(providers)}")
+        providers = [p for p in providers if p == "reference" or p in args.providers.split(",")]
     rows = [measure(backend, device, dtype == "bf16", args.steps, args.warmup, **shape)
-            for dtype in dtypes for backend in PROVIDERS[device.type]]
+            for dtype in dtypes for backend in providers]
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"training step on {name}: {shape['preset']} preset, batch {shape['batch']}, "

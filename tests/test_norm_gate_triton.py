@@ -8,8 +8,6 @@ Tests marked ``gpu`` run the SIPL shapes on CUDA in float32 and bfloat16.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -19,53 +17,9 @@ import sipl_fast
 from sipl_fast import ops
 from sipl_fast.ops import gated_gelu_triton, layer_norm2d_triton, reference
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-EPS = 1e-5
-# Max error allowed, relative to max(|expected|, 1), per storage dtype (interpreter tests).
-TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 1.6e-2}
+from kernel_checks import (DEVICE, EPS, TOLERANCE, assert_close, bf16_rule, float64_truth, on_kernels,
+                           outputs_and_grads)
 
-
-def _outputs_and_grads(fn, inputs, cotangent):
-    """[fn(*inputs), d<cotangent, out>/d(each tensor input)] with the inputs as fresh leaves."""
-    leaves = [None if t is None else t.detach().requires_grad_() for t in inputs]
-    out = fn(*leaves)
-    grads = torch.autograd.grad(out, [t for t in leaves if t is not None], cotangent.to(out.dtype))
-    return [out.detach(), *grads]
-
-
-def _float64_truth(reference_fn, inputs, cotangent):
-    """The reference math on float64 copies of the (already rounded) inputs."""
-    return _outputs_and_grads(reference_fn, [None if t is None else t.double() for t in inputs],
-                              cotangent.double())
-
-
-def _max_errors(got, expected):
-    return [(g.double() - e).abs().max().item() if g.numel() else 0.0 for g, e in zip(got, expected)]
-
-
-def _assert_close(names, got, expected, tol):
-    assert [g.shape for g in got] == [e.shape for e in expected]
-    for name, g, e, err in zip(names, got, expected, _max_errors(got, expected)):
-        assert torch.isfinite(g).all(), f"{name} is not finite"
-        scale = max(e.abs().max().item() if e.numel() else 0.0, 1.0)
-        assert err <= tol * scale, f"{name}: max error {err:.3g} > {tol:.1g} * {scale:.3g}"
-
-
-def _triton(op):
-    """op on the triton backend, kernels forced (on CUDA the dispatch otherwise prefers the
-    torch formulation for these ops, see sipl_fast.ops._TORCH_FORMULATION_ON_CUDA)."""
-    def run(*args):
-        previous = os.environ.get("SIPL_FAST_ALL_KERNELS")
-        os.environ["SIPL_FAST_ALL_KERNELS"] = "1"
-        try:
-            with sipl_fast.use_backend("triton"):
-                return op(*args)
-        finally:
-            if previous is None:
-                del os.environ["SIPL_FAST_ALL_KERNELS"]
-            else:
-                os.environ["SIPL_FAST_ALL_KERNELS"] = previous
-    return run
 
 
 def _layer_norm_inputs(shape, with_bias, dtype, param_dtype=None, offset=0.5, spread=2.0):
@@ -82,17 +36,17 @@ def _check_layer_norm(inputs, tol):
     out_dtype = layer_norm2d_triton._output_dtype(*inputs)
     cotangent = torch.randn(inputs[0].shape, device=DEVICE).to(out_dtype)
     layer_norm = lambda x, w, b: ops.layer_norm2d(x, w, b, EPS)  # noqa: E731
-    got = _outputs_and_grads(_triton(layer_norm), inputs, cotangent)
+    got = outputs_and_grads(on_kernels(layer_norm), inputs, cotangent)
     assert got[0].dtype == out_dtype
-    _assert_close(names, got, _float64_truth(lambda x, w, b: reference.layer_norm2d(x, w, b, EPS),
+    assert_close(names, got, float64_truth(lambda x, w, b: reference.layer_norm2d(x, w, b, EPS),
                                              inputs, cotangent), tol)
 
 
 def _check_gate(x, dual, tol):
     cotangent = torch.randn(x.shape[0], x.shape[1] // 2, *x.shape[2:], device=DEVICE).to(x.dtype)
-    got = _outputs_and_grads(_triton(lambda t: ops.gated_gelu(t, dual)), [x], cotangent)
+    got = outputs_and_grads(on_kernels(lambda t: ops.gated_gelu(t, dual)), [x], cotangent)
     assert got[0].dtype == x.dtype
-    _assert_close(["out", "dx"], got, _float64_truth(lambda t: reference.gated_gelu(t, dual), [x], cotangent), tol)
+    assert_close(["out", "dx"], got, float64_truth(lambda t: reference.gated_gelu(t, dual), [x], cotangent), tol)
 
 
 def _assert_backward_is_deterministic(shape, dtype):
@@ -151,7 +105,7 @@ def test_layer_norm2d_empty_batch():
     x, weight, bias = _layer_norm_inputs((0, 6, 3, 3), True, torch.float32)
     x.requires_grad_()
     weight.requires_grad_()
-    out = _triton(ops.layer_norm2d)(x, weight, bias)
+    out = on_kernels(ops.layer_norm2d)(x, weight, bias)
     out.sum().backward()
     assert out.shape == x.shape and torch.equal(weight.grad, torch.zeros_like(weight))
 
@@ -208,18 +162,6 @@ def test_random_shapes_match_float64(batch, channels, height, width, with_bias, 
 
 # ----------------------------------------------------------------------------- GPU: SIPL shapes
 
-def _bf16_rule(run, reference_fn, inputs, names):
-    """FlashAttention's rule: triton's error vs float64 <= 2x that of the reference run in bf16."""
-    out_dtype = reference_fn(*inputs).dtype
-    cotangent = torch.randn(reference_fn(*inputs).shape, device=DEVICE).to(out_dtype)
-    truth = _float64_truth(reference_fn, inputs, cotangent)
-    ours = _max_errors(_outputs_and_grads(run, inputs, cotangent), truth)
-    theirs = _max_errors(_outputs_and_grads(reference_fn, inputs, cotangent), truth)
-    for name, mine, base, t in zip(names, ours, theirs, truth):
-        floor = 1e-6 * max(t.abs().max().item(), 1.0)
-        assert mine <= 2 * base + floor, f"{name}: triton {mine:.3g} vs torch-bf16 {base:.3g}"
-
-
 # (B, C, H, W): enc1 and dec1/refinement at a 128x128 batch-8 training step and 512x512 inference,
 # the latent level, and the 704-channel prompt-fusion block.
 GPU_LAYER_NORM_SHAPES = [(8, 48, 128, 128), (8, 96, 128, 128), (1, 48, 512, 512), (1, 96, 512, 512),
@@ -238,7 +180,7 @@ def test_gpu_layer_norm2d_sipl_shapes(shape, dtype):
     if dtype == torch.float32:
         _check_layer_norm(inputs, 1e-4)
     else:
-        _bf16_rule(_triton(layer_norm), lambda x, w, b: reference.layer_norm2d(x, w, b, EPS), inputs,
+        bf16_rule(on_kernels(layer_norm), lambda x, w, b: reference.layer_norm2d(x, w, b, EPS), inputs,
                    ["out", "dx", "dweight", "dbias"])
 
 
@@ -251,7 +193,7 @@ def test_gpu_gated_gelu_sipl_shapes(shape, dtype):
     if dtype == torch.float32:
         _check_gate(x, dual, 1e-5)
     else:
-        _bf16_rule(_triton(lambda t: ops.gated_gelu(t, dual)), lambda t: reference.gated_gelu(t, dual), [x],
+        bf16_rule(on_kernels(lambda t: ops.gated_gelu(t, dual)), lambda t: reference.gated_gelu(t, dual), [x],
                    ["out", "dx"])
 
 

@@ -201,6 +201,28 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
         ops.transposed_attention(q, q, q, torch.ones(1, 1, 1), 1)
 
 
+def test_cuda_routes_and_forced_kernels(monkeypatch):
+    """On CUDA the triton backend runs the torch formulation where its kernel lost or is
+    unmeasured; kernels_forced and SIPL_FAST_KERNELS pick the named ops' kernels (no GPU needed:
+    only the dispatch is asked)."""
+    from sipl_fast.ops import pointwise_depthwise_triton, torch_impl
+    monkeypatch.delenv("SIPL_FAST_ALL_KERNELS", raising=False)
+    monkeypatch.delenv("SIPL_FAST_KERNELS", raising=False)
+    cuda = torch.device("cuda")
+    route = lambda op: ops.backend_module(op, cuda, torch.float32)  # noqa: E731
+    with sipl_fast.use_backend("triton"):
+        assert route("pointwise_depthwise") is torch_impl and route("layer_norm2d") is torch_impl
+        with ops.kernels_forced("pointwise_depthwise"):
+            assert route("pointwise_depthwise") is pointwise_depthwise_triton
+            assert route("layer_norm2d") is torch_impl
+        assert route("pointwise_depthwise") is torch_impl
+        monkeypatch.setenv("SIPL_FAST_KERNELS", "layer_norm2d,pointwise_depthwise")
+        assert route("pointwise_depthwise") is pointwise_depthwise_triton
+    with pytest.raises(ValueError, match="no kernels for \\['conv2d'\\]"):
+        with ops.kernels_forced("conv2d"):
+            pass
+
+
 def test_info_reports_the_build():
     report = sipl_fast.info()
     for key in ("extension_loaded", "cuda_kernels_compiled", "arch_list", "triton_available", "backends"):

@@ -6,9 +6,11 @@ choose). Every backend computes the same math; only speed and memory differ.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
+from typing import Iterator
 
 import torch
 
@@ -16,7 +18,7 @@ from ..backends import resolve_backend, triton_interpreter
 from . import reference, torch_impl
 
 __all__ = ["proxy_attention", "transposed_attention", "layer_norm2d", "gated_gelu", "pointwise_depthwise",
-           "backend_module"]
+           "backend_module", "kernels_forced"]
 
 # Triton modules are imported on first use: importing triton costs a second and is not
 # needed by the reference and torch backends.
@@ -25,6 +27,7 @@ _TRITON_MODULES = {
     "transposed_attention": "sipl_fast.ops.transposed_attention_triton",
     "layer_norm2d": "sipl_fast.ops.layer_norm2d_triton",
     "gated_gelu": "sipl_fast.ops.gated_gelu_triton",
+    "pointwise_depthwise": "sipl_fast.ops.pointwise_depthwise_triton",
 }
 
 
@@ -32,21 +35,41 @@ _TRITON_MODULES = {
 # formulation, the triton backend runs the torch formulation on CUDA instead. LayerNorm2d
 # and the feed-forward gates ran at 0.3-0.9x of torch at most SIPL sites; MDTA in 16-bit
 # needed software pipelining off to be exact and deterministic and is then no faster than
-# cuBLAS. SIPL_FAST_ALL_KERNELS=1 runs every kernel anyway (kernel tests, benchmarks).
+# cuBLAS. The depthwise 3x3 kernels of pointwise_depthwise have not run on a GPU yet: ATen's
+# kernels stay the default until bench/depthwise_table.py has measured them.
+# SIPL_FAST_ALL_KERNELS=1 runs every kernel anyway (kernel tests, benchmarks);
+# SIPL_FAST_KERNELS=op[,op...] or ``with ops.kernels_forced(op, ...)`` runs the named ops' kernels.
 _TORCH_FORMULATION_ON_CUDA = {
     "layer_norm2d": lambda dtype: True,
     "gated_gelu": lambda dtype: True,
     "transposed_attention": lambda dtype: dtype in (torch.float16, torch.bfloat16),
+    "pointwise_depthwise": lambda dtype: True,
 }
 
 
-# Ops without a Triton kernel: the triton backend runs their torch formulation everywhere.
-_NO_KERNEL = ("pointwise_depthwise",)
+_FORCED_KERNELS: set[str] = set()
+
+
+@contextlib.contextmanager
+def kernels_forced(*names: str) -> Iterator[None]:
+    """Within the block, the triton backend runs the kernels of the named ops on CUDA even where
+    it would run their torch formulation (benchmarks comparing the two inside one process)."""
+    unknown = set(names) - set(_TRITON_MODULES)
+    if unknown:
+        raise ValueError(f"kernels_forced: no kernels for {sorted(unknown)}; ops with kernels: {sorted(_TRITON_MODULES)}")
+    added = set(names) - _FORCED_KERNELS
+    _FORCED_KERNELS.update(added)
+    try:
+        yield
+    finally:
+        _FORCED_KERNELS.difference_update(added)
 
 
 def _prefers_torch_on_cuda(op: str, dtype: torch.dtype | None) -> bool:
     rule = _TORCH_FORMULATION_ON_CUDA.get(op)
-    return rule is not None and rule(dtype) and os.environ.get("SIPL_FAST_ALL_KERNELS", "0") != "1"
+    forced = (op in _FORCED_KERNELS or os.environ.get("SIPL_FAST_ALL_KERNELS", "0") == "1"
+              or op in os.environ.get("SIPL_FAST_KERNELS", "").split(","))
+    return rule is not None and rule(dtype) and not forced
 
 
 def backend_module(op: str, device: torch.device, dtype: torch.dtype | None = None):
@@ -55,7 +78,7 @@ def backend_module(op: str, device: torch.device, dtype: torch.dtype | None = No
     backend = resolve_backend(device)
     if backend == "reference":
         return reference
-    if backend == "torch" or op in _NO_KERNEL or (device.type == "cuda" and _prefers_torch_on_cuda(op, dtype)):
+    if backend == "torch" or (device.type == "cuda" and _prefers_torch_on_cuda(op, dtype)):
         return torch_impl
     if device.type != "cuda" and not triton_interpreter():
         raise RuntimeError(
@@ -189,7 +212,8 @@ def pointwise_depthwise(x: torch.Tensor, pointwise: torch.Tensor, pointwise_bias
 
     pointwise: (hidden, C, 1, 1); depthwise: (hidden, 1, 3, 3), padding 1. The torch and
     triton backends keep only x for the backward and recompute the 1x1 output there (one
-    GEMM): it is the widest map of a block, and the depthwise backward needs it.
+    GEMM): it is the widest map of a block, and the depthwise backward needs it. The triton
+    backend runs the depthwise convolution with its own kernels (NCHW maps).
     """
     _check_map("pointwise_depthwise", x)
     hidden = pointwise.shape[0]

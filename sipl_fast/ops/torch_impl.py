@@ -29,7 +29,7 @@ def inverse_norm(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=dim, keepdim=True).clamp_min(NORMALIZE_EPS).reciprocal()
 
 
-def _channels_innermost(x: torch.Tensor) -> bool:
+def channels_innermost(x: torch.Tensor) -> bool:
     """Channels-last storage (or a channel slice of it): per-pixel channel vectors are contiguous."""
     return x.stride(1) == 1 and x.shape[1] > 1
 
@@ -39,7 +39,7 @@ def _rows(x: torch.Tensor, num_heads: int, batch: int | None = None) -> torch.Te
     channels-last storage alike; a batch-1 side is broadcast (expand), never copied."""
     b, c, h, w = x.shape
     x = x.expand(batch or b, c, h, w)
-    if _channels_innermost(x):
+    if channels_innermost(x):
         return x.permute(0, 2, 3, 1).reshape(x.shape[0], h * w, num_heads, c // num_heads).permute(0, 2, 3, 1)
     return x.reshape(x.shape[0], num_heads, c // num_heads, h * w)
 
@@ -63,7 +63,7 @@ def _tokens(x: torch.Tensor, num_heads: int) -> torch.Tensor:
 def proxy_attention(q, k, v, temperature, num_heads: int) -> torch.Tensor:
     batch = max(q.shape[0], k.shape[0])
     height, width = q.shape[-2:]
-    channels_last = _channels_innermost(q)
+    channels_last = channels_innermost(q)
     q, k, v = (_tokens(t, num_heads) for t in (q, k, v))
     q = q * (inverse_norm(q) * temperature.reshape(1, num_heads, 1, 1).to(q.dtype))
     k = k * inverse_norm(k)
@@ -95,7 +95,7 @@ def gram(q: torch.Tensor, k: torch.Tensor, piece: int = 4096) -> torch.Tensor:
 
 def transposed_attention(q, k, v, temperature, num_heads: int) -> torch.Tensor:
     height, width = q.shape[-2:]
-    channels_last = _channels_innermost(q)
+    channels_last = channels_innermost(q)
     q, k, v = (_rows(t, num_heads) for t in (q, k, v))
     gram_qk = gram(q, k)
     scale = inverse_norm(q) * inverse_norm(k).transpose(-2, -1) * temperature.reshape(1, num_heads, 1, 1)
@@ -131,7 +131,7 @@ def layer_norm2d(x, weight, bias, eps: float) -> torch.Tensor:
     with torch.autocast(x.device.type, enabled=False):
         out = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight.to(dtype), bias.to(dtype), eps)
     out = out.permute(0, 3, 1, 2)
-    return out if _channels_innermost(x) else out.contiguous()
+    return out if channels_innermost(x) else out.contiguous()
 
 
 _SQRT_HALF = 0.7071067811865476
@@ -173,18 +173,38 @@ def gated_gelu(x: torch.Tensor, dual: bool) -> torch.Tensor:
     return _GatedGelu.apply(x, dual)
 
 
+class TorchDepthwise:
+    """The depthwise 3x3 convolution (padding 1) of pointwise_depthwise, by ATen: the forward
+    and the backward that _PointwiseDepthwise calls (the triton backend supplies its own)."""
+
+    @staticmethod
+    def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.conv2d(hidden, weight, bias, padding=1, groups=weight.shape[0])
+
+    @staticmethod
+    def backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, has_bias: bool,
+                 needs: tuple[bool, bool, bool]):
+        """(d hidden, d weight, d bias), each None where not needed, in hidden's dtype."""
+        channels = weight.shape[0]
+        return torch.ops.aten.convolution_backward(
+            grad.to(hidden.dtype), hidden, weight.to(hidden.dtype), [channels] if has_bias else None,
+            [1, 1], [1, 1], [1, 1], False, [0, 0], channels, list(needs))
+
+
 class _PointwiseDepthwise(torch.autograd.Function):
     """depthwise3x3(conv1x1(x)) saving x alone: the 1x1 output, the widest map of a block, is
     recomputed in the backward (a GEMM) instead of kept, and the depthwise convolution is not
-    run again (aten.convolution_backward takes its input directly)."""
+    run again (its backward takes its input directly). ``depthwise`` computes the depthwise
+    convolution and its backward (TorchDepthwise, or the triton backend's kernels)."""
 
     @staticmethod
-    def forward(ctx, x, pointwise, pointwise_bias, depthwise, depthwise_bias):
+    def forward(ctx, x, pointwise, pointwise_bias, depthwise, depthwise_bias, depthwise_impl):
         hidden = F.conv2d(x, pointwise, pointwise_bias)  # autocast, when on, picks the dtype
         ctx.compute_dtype = hidden.dtype
         ctx.depthwise_bias = depthwise_bias is not None
+        ctx.depthwise_impl = depthwise_impl
         ctx.save_for_backward(x, pointwise, pointwise_bias, depthwise)
-        return F.conv2d(hidden, depthwise, depthwise_bias, padding=1, groups=depthwise.shape[0])
+        return depthwise_impl.forward(hidden, depthwise, depthwise_bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -192,26 +212,29 @@ class _PointwiseDepthwise(torch.autograd.Function):
         x, pointwise, pointwise_bias, depthwise = ctx.saved_tensors
         dtype, needs = ctx.compute_dtype, ctx.needs_input_grad
         cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-        x16, pointwise16, depthwise16 = cast(x), cast(pointwise), cast(depthwise)
+        x16, pointwise16 = cast(x), cast(pointwise)
         with torch.autocast(x.device.type, enabled=False):
             hidden = F.conv2d(x16, pointwise16, cast(pointwise_bias))
-            channels = depthwise.shape[0]
-            grad_hidden, grad_depthwise, grad_depthwise_bias = torch.ops.aten.convolution_backward(
-                grad.to(dtype), hidden, depthwise16, [channels] if ctx.depthwise_bias else None,
-                [1, 1], [1, 1], [1, 1], False, [0, 0], channels, [any(needs[:3]), needs[3], needs[4]])
+            grad_hidden, grad_depthwise, grad_depthwise_bias = ctx.depthwise_impl.backward(
+                grad, hidden, depthwise, ctx.depthwise_bias, (any(needs[:3]), needs[3], needs[4]))
             del hidden
             grad_x = grad_pointwise = grad_pointwise_bias = None
             if grad_hidden is not None:
                 grad_x, grad_pointwise, grad_pointwise_bias = torch.ops.aten.convolution_backward(
-                    grad_hidden, x16, pointwise16, [pointwise.shape[0]] if pointwise_bias is not None else None,
+                    grad_hidden.to(dtype), x16, pointwise16,
+                    [pointwise.shape[0]] if pointwise_bias is not None else None,
                     [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [needs[0], needs[1], needs[2]])
         like = lambda g, t: None if g is None or t is None else g.to(t.dtype)  # noqa: E731
         return (like(grad_x, x), like(grad_pointwise, pointwise), like(grad_pointwise_bias, pointwise_bias),
-                like(grad_depthwise, depthwise), like(grad_depthwise_bias, depthwise))
+                like(grad_depthwise, depthwise), like(grad_depthwise_bias, depthwise), None)
 
 
-def pointwise_depthwise(x, pointwise, pointwise_bias, depthwise, depthwise_bias) -> torch.Tensor:
-    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad
-                                              for t in (x, pointwise, pointwise_bias, depthwise, depthwise_bias)):
-        return reference.pointwise_depthwise(x, pointwise, pointwise_bias, depthwise, depthwise_bias)
-    return _PointwiseDepthwise.apply(x, pointwise, pointwise_bias, depthwise, depthwise_bias)
+def needs_autograd(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def pointwise_depthwise(x, pointwise, pointwise_bias, depthwise, depthwise_bias,
+                        depthwise_impl=TorchDepthwise) -> torch.Tensor:
+    if needs_autograd(x, pointwise, pointwise_bias, depthwise, depthwise_bias):
+        return _PointwiseDepthwise.apply(x, pointwise, pointwise_bias, depthwise, depthwise_bias, depthwise_impl)
+    return depthwise_impl.forward(F.conv2d(x, pointwise, pointwise_bias), depthwise, depthwise_bias)

@@ -1,15 +1,17 @@
-"""Does fusing LayerNorm2d and the FFN gate into Triton kernels pay? One table and a JSON file.
+"""Do sipl_fast's Triton kernels for the per-pixel ops around the attentions pay? LayerNorm2d,
+the FFN gates and the projection depthwise3x3(conv1x1(x)); one table and a JSON file.
 
-    python bench/norm_gate_table.py OUT.json [--dtypes amp,fp32] [--compile-budget-s 25]
-    python bench/norm_gate_table.py OUT.json --smoke      # tiny shapes on CPU: checks the script
+    python bench/pixel_ops_table.py OUT.json [--dtypes amp,fp32] [--compile-budget-s 25] [--ops pointwise_depthwise]
+    python bench/pixel_ops_table.py OUT.json --smoke      # tiny shapes on CPU: checks the script
 
-Providers: ``triton`` (sipl_fast's fused kernels), ``torch`` (sipl_fast.ops.torch_impl),
+Providers: ``triton`` (sipl_fast's kernels), ``torch`` (sipl_fast.ops.torch_impl),
 ``reference`` (the authors' eager math) and ``compile`` (torch.compile of the reference, one
 static compile per case). Modes: forward, and forward + backward (every input gradient).
-Shapes: every LayerNorm2d / gate site of SIPLPromptIR's plain pass that carries real traffic,
-for a 128x128 batch-8 training step (``train128``) and a 512x512 batch-1 inference (``infer512``).
-Dtypes: ``amp`` is bf16 activations with float32 norm parameters (the model under bf16
-autocast), ``bf16`` all bf16, ``fp32`` all float32.
+Shapes: every LayerNorm2d / gate / projection site of SIPLPromptIR's plain pass that carries
+real traffic, for a 128x128 batch-8 training step (``train128``) and a 512x512 batch-1
+inference (``infer512``).
+Dtypes: ``amp`` is bf16 activations with float32 parameters (the model under bf16 autocast;
+the projection runs under torch.autocast), ``bf16`` all bf16, ``fp32`` all float32.
 
 Each row gives per provider the median time (triton.testing.do_bench, L2 flushed between
 reps) and the effective bandwidth (the bytes the op must move at least, over the time), then
@@ -48,11 +50,12 @@ EPS = 1e-5
 
 @dataclass(frozen=True)
 class Site:
-    op: str        # "layer_norm2d", "gated_gelu" (GDFN) or "dual_gate" (DualGate FFN)
+    op: str        # "layer_norm2d", "gated_gelu" (GDFN), "dual_gate" (DualGate FFN) or "pointwise_depthwise"
     name: str      # where it runs in SIPLPromptIR
-    channels: int  # input channels: C for the norm, 2h for the gates
+    channels: int  # input channels: C for the norm and the projection, 2h for the gates
     scale: int     # resolution divisor: 1 is full resolution
     calls: int     # calls per plain forward pass of the default model (SPEC 1.4)
+    hidden: int = 0  # the projection's output channels
 
 
 # Norm sites: two per transformer block, two per Proxy-Fusion injection block at the stream's
@@ -71,20 +74,33 @@ SITES = (
     Site("gated_gelu", "enc3+dec3", 2 * 510, 4, 12),
     Site("gated_gelu", "latent", 2 * 1021, 8, 8),
     Site("dual_gate", "cross_p1", 2 * 192, 2, 1),
+    # Projections: the MDTA's qkv (C -> 3C) and the GDFN's input (C -> 2 int(2.66 C)) per block.
+    Site("pointwise_depthwise", "enc1 qkv", 48, 1, 4, hidden=144),
+    Site("pointwise_depthwise", "enc1 ffn", 48, 1, 4, hidden=254),
+    Site("pointwise_depthwise", "dec1+refinement qkv", 96, 1, 8, hidden=288),
+    Site("pointwise_depthwise", "dec1+refinement ffn", 96, 1, 8, hidden=510),
+    Site("pointwise_depthwise", "enc2+dec2 ffn", 96, 2, 12, hidden=510),
+    Site("pointwise_depthwise", "enc3+dec3 ffn", 192, 4, 12, hidden=1020),
 )
+OPS = ("layer_norm2d", "gated_gelu", "dual_gate", "pointwise_depthwise")
 
 
 def _triton_module(op: str):
-    from sipl_fast.ops import gated_gelu_triton, layer_norm2d_triton
-    return layer_norm2d_triton if op == "layer_norm2d" else gated_gelu_triton
+    from sipl_fast.ops import gated_gelu_triton, layer_norm2d_triton, pointwise_depthwise_triton
+    return {"layer_norm2d": layer_norm2d_triton,
+            "pointwise_depthwise": pointwise_depthwise_triton}.get(op, gated_gelu_triton)
 
 
-def op_function(site: Site, provider: str):
+def op_function(site: Site, provider: str, dtype: str):
     """The op as provider computes it, taking the tensors made by :func:`make_inputs`."""
     module = {"torch": torch_impl, "reference": reference, "compile": reference}.get(provider)
     module = module or _triton_module(site.op)
     if site.op == "layer_norm2d":
         fn = lambda x, weight, bias: module.layer_norm2d(x, weight, bias, EPS)  # noqa: E731
+    elif site.op == "pointwise_depthwise":
+        def fn(*tensors):
+            with torch.autocast(tensors[0].device.type, torch.bfloat16, enabled=dtype == "amp"):
+                return module.pointwise_depthwise(*tensors)
     else:
         dual = site.op == "dual_gate"
         fn = lambda x: module.gated_gelu(x, dual)  # noqa: E731
@@ -105,13 +121,22 @@ def make_inputs(site: Site, scenario: str, dtype: str, device: str, requires_gra
     if site.op == "layer_norm2d":
         tensors += [torch.randn(site.channels, device=device, dtype=parameter) + 1,
                     torch.randn(site.channels, device=device, dtype=parameter)]
+    elif site.op == "pointwise_depthwise":
+        tensors += [torch.randn(site.hidden, site.channels, 1, 1, device=device, dtype=parameter) / site.channels ** 0.5,
+                    torch.randn(site.hidden, device=device, dtype=parameter),
+                    torch.randn(site.hidden, 1, 3, 3, device=device, dtype=parameter) / 3,
+                    torch.randn(site.hidden, device=device, dtype=parameter)]
     return [t.requires_grad_(requires_grad) for t in tensors]
 
 
 def min_bytes(site: Site, inputs, mode: str) -> int:
     """Bytes the op must read and write at least (parameters and partial sums neglected)."""
     x = inputs[0]
-    if site.op == "layer_norm2d":
+    if site.op == "pointwise_depthwise":  # as one fused op would: read x, write out (and back)
+        out_bytes = x.numel() // site.channels * site.hidden * x.itemsize
+        forward = x.numel() * x.itemsize + out_bytes                  # read x, write out
+        backward = 2 * x.numel() * x.itemsize + out_bytes             # read x, dout; write dx
+    elif site.op == "layer_norm2d":
         out_size = torch.promote_types(x.dtype, inputs[1].dtype).itemsize
         forward = x.numel() * (x.itemsize + out_size)                 # read x, write y
         backward = x.numel() * (2 * x.itemsize + out_size)            # read x, dy; write dx
@@ -123,7 +148,7 @@ def min_bytes(site: Site, inputs, mode: str) -> int:
 
 def make_runner(site: Site, scenario: str, dtype: str, mode: str, provider: str, device: str):
     """(a zero-argument callable running one op call in ``mode``, the inputs it uses)."""
-    fn = op_function(site, provider)
+    fn = op_function(site, provider, dtype)
     inputs = make_inputs(site, scenario, dtype, device, requires_grad=mode != "fwd")
     if mode == "fwd":
         def run():
@@ -167,7 +192,7 @@ def _format_row(row: dict, providers) -> str:
             + ("  peak MiB " + "/".join(f"{v:.0f}" for v in peaks) if peaks else ""))
 
 
-def run_table(scenarios, dtypes, providers, compile_budget_s: float, device: str) -> dict:
+def run_table(scenarios, dtypes, providers, compile_budget_s: float, device: str, ops=OPS) -> dict:
     """Measure every (scenario, dtype, site, mode) row, printing each as it completes."""
     rows = []
     budget = harness.Budget(compile_seconds=compile_budget_s)
@@ -176,7 +201,7 @@ def run_table(scenarios, dtypes, providers, compile_budget_s: float, device: str
           + f"{'ms':>10}{'GB/s':>6}" * len(providers) + "  torch / ref / compile")
     for scenario in scenarios:
         for dtype in dtypes:
-            for site in SITES:
+            for site in (site for site in SITES if site.op in ops):
                 for mode in MODES:
                     results = budget.measure(
                         providers, lambda provider: measure(site, scenario, dtype, mode, provider, device),
@@ -210,8 +235,9 @@ def main(argv=None) -> int:
     parser = harness.table_parser(__doc__.split("\n")[0], DTYPES, PROVIDERS, default_dtypes="amp,fp32",
                                   compile_budget_s=10.0,
                                   compile_help=harness.COMPILE_HELP + " (first dtype only)")
+    parser.add_argument("--ops", default=None, help=f"comma-separated subset of {', '.join(OPS)}")
     args = parser.parse_args(argv)
-    chosen = harness.choose_device("norm_gate_table", args)
+    chosen = harness.choose_device("pixel_ops_table", args)
     if chosen is None:
         return 2
     device, providers, dtypes = chosen
@@ -221,7 +247,10 @@ def main(argv=None) -> int:
     copy_gbps = harness.copy_bandwidth_gbs(device)
     if copy_gbps:
         print(f"device-to-device copy bandwidth: {copy_gbps:.0f} GB/s (read + write)\n")
-    report = run_table(scenarios, dtypes, providers, args.compile_budget_s, device)
+    ops = tuple(args.ops.split(",")) if args.ops else OPS
+    if set(ops) - set(OPS):
+        parser.error(f"--ops: unknown {sorted(set(ops) - set(OPS))}; choose from {', '.join(OPS)}")
+    report = run_table(scenarios, dtypes, providers, args.compile_budget_s, device, ops)
     report.update({**harness.environment(device), "copy_GBps": copy_gbps})
     harness.write_report(args.out, report, providers, started)
     return 0

@@ -1,0 +1,69 @@
+"""Checks shared by the tests of the elementwise and stencil kernels (LayerNorm2d, the gates,
+the depthwise convolution): outputs and every gradient against the float64 reference math."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+import sipl_fast
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EPS = 1e-5
+# Max error allowed, relative to max(|expected|, 1), per storage dtype (interpreter tests).
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 1.6e-2}
+
+
+def outputs_and_grads(fn, inputs, cotangent):
+    """[fn(*inputs), d<cotangent, out>/d(each tensor input)] with the inputs as fresh leaves."""
+    leaves = [None if t is None else t.detach().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, [t for t in leaves if t is not None], cotangent.to(out.dtype))
+    return [out.detach(), *grads]
+
+
+def float64_truth(reference_fn, inputs, cotangent):
+    """The reference math on float64 copies of the (already rounded) inputs."""
+    return outputs_and_grads(reference_fn, [None if t is None else t.double() for t in inputs],
+                              cotangent.double())
+
+
+def max_errors(got, expected):
+    return [(g.double() - e).abs().max().item() if g.numel() else 0.0 for g, e in zip(got, expected)]
+
+
+def assert_close(names, got, expected, tol):
+    assert [g.shape for g in got] == [e.shape for e in expected]
+    for name, g, e, err in zip(names, got, expected, max_errors(got, expected)):
+        assert torch.isfinite(g).all(), f"{name} is not finite"
+        scale = max(e.abs().max().item() if e.numel() else 0.0, 1.0)
+        assert err <= tol * scale, f"{name}: max error {err:.3g} > {tol:.1g} * {scale:.3g}"
+
+
+def on_kernels(op):
+    """op on the triton backend, kernels forced (on CUDA the dispatch otherwise prefers the
+    torch formulation for these ops, see sipl_fast.ops._TORCH_FORMULATION_ON_CUDA)."""
+    def run(*args):
+        previous = os.environ.get("SIPL_FAST_ALL_KERNELS")
+        os.environ["SIPL_FAST_ALL_KERNELS"] = "1"
+        try:
+            with sipl_fast.use_backend("triton"):
+                return op(*args)
+        finally:
+            if previous is None:
+                del os.environ["SIPL_FAST_ALL_KERNELS"]
+            else:
+                os.environ["SIPL_FAST_ALL_KERNELS"] = previous
+    return run
+
+
+def bf16_rule(run, reference_fn, inputs, names):
+    """FlashAttention's rule: triton's error vs float64 <= 2x that of the reference run in bf16."""
+    out_dtype = reference_fn(*inputs).dtype
+    cotangent = torch.randn(reference_fn(*inputs).shape, device=DEVICE).to(out_dtype)
+    truth = float64_truth(reference_fn, inputs, cotangent)
+    ours = max_errors(outputs_and_grads(run, inputs, cotangent), truth)
+    theirs = max_errors(outputs_and_grads(reference_fn, inputs, cotangent), truth)
+    for name, mine, base, t in zip(names, ours, theirs, truth):
+        floor = 1e-6 * max(t.abs().max().item(), 1.0)
+        assert mine <= 2 * base + floor, f"{name}: triton {mine:.3g} vs torch-bf16 {base:.3g}"

@@ -1,0 +1,180 @@
+"""The triton backend of pointwise_depthwise (its depthwise 3x3 kernels) against float64.
+
+On the CPU the kernels run under TRITON_INTERPRET=1 (conftest.py): planes up to 16 x 32 in one
+tile, larger ones in several; the kernel-level tests also force blocks of 2 planes x 4 x 8, so
+that blocks end in masked tails on every axis (planes of two images in one block). Planes of one pixel and one row test the padding alone. Every gradient (x, both weights, both biases) is checked,
+with and without biases, in float64, float32 and float16, on strided inputs (strips, channel
+slices). Tests marked ``gpu`` run SIPL's shapes on CUDA in float32 and bfloat16.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sipl_fast
+from sipl_fast import ops
+from sipl_fast.kernels.depthwise3x3 import depthwise3x3, depthwise3x3_weight_grad
+from sipl_fast.ops import pointwise_depthwise_triton, reference
+
+from kernel_checks import DEVICE, TOLERANCE, assert_close, bf16_rule, float64_truth, on_kernels, outputs_and_grads
+
+NAMES = ["out", "dx", "dpointwise", "dpointwise_bias", "ddepthwise", "ddepthwise_bias"]
+
+
+def _inputs(batch, channels, hidden, height, width, dtype, biases=True):
+    tensors = [torch.randn(batch, channels, height, width, device=DEVICE),
+               torch.randn(hidden, channels, 1, 1, device=DEVICE) / channels ** 0.5,
+               torch.randn(hidden, device=DEVICE) if biases else None,
+               torch.randn(hidden, 1, 3, 3, device=DEVICE) / 3,
+               torch.randn(hidden, device=DEVICE) if biases else None]
+    return [None if t is None else t.to(dtype) for t in tensors]
+
+
+def _check(inputs, tol):
+    x = inputs[0]
+    hidden = inputs[1].shape[0]
+    cotangent = torch.randn(x.shape[0], hidden, *x.shape[2:], device=DEVICE).to(x.dtype)
+    got = outputs_and_grads(on_kernels(ops.pointwise_depthwise), inputs, cotangent)
+    assert got[0].dtype == x.dtype and got[0].shape == cotangent.shape
+    names = [n for n, t in zip(NAMES, [x, *inputs]) if t is not None]
+    assert_close(names, got, float64_truth(reference.pointwise_depthwise, inputs, cotangent), tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(2, 5, 6, 7, 9), (1, 3, 4, 1, 1), (2, 4, 3, 1, 13), (1, 3, 5, 21, 37)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_matches_float64(shape, dtype):
+    """(batch, channels, hidden, height, width): odd sizes, a single pixel, a single row, several tiles."""
+    _check(_inputs(*shape, dtype), TOLERANCE[dtype])
+
+
+def test_without_biases():
+    _check(_inputs(2, 5, 7, 6, 10, torch.float32, biases=False), TOLERANCE[torch.float32])
+
+
+def test_float32_weights_on_a_half_map():
+    """Autocast's case: the 1x1 output is 16-bit and the depthwise weights float32; the output
+    keeps the map's dtype and each gradient its input's dtype."""
+    x, *params = _inputs(2, 6, 8, 5, 9, torch.float32)
+    hidden = F.conv2d(x, params[0], params[1]).half()
+    weight, bias = params[2], params[3]
+    out = on_kernels(pointwise_depthwise_triton.depthwise3x3_fwd)(hidden, weight, bias, False)
+    assert out.dtype == torch.float16
+    expected = F.conv2d(hidden.double(), weight.double(), bias.double(), padding=1, groups=weight.shape[0])
+    assert (out.double() - expected).abs().max() <= TOLERANCE[torch.float16] * expected.abs().max()
+
+
+@pytest.mark.parametrize("tile", [None, (2, 4, 8)], ids=["default-tiles", "2x4x8-tiles"])
+@pytest.mark.parametrize("layout", ["strip", "channel_slice"])
+def test_kernels_on_strided_maps(layout, tile):
+    """The three kernels against ATen in float64, on a strip x[..., lo:hi, :] and a channel
+    slice of a larger map (read in place, as views)."""
+    big = torch.randn(2, 12, 14, 9, device=DEVICE, dtype=torch.float64)
+    x = big[:, :, 3:10] if layout == "strip" else big[:, 2:9]
+    assert not x.is_contiguous()
+    channels = x.shape[1]
+    weight = torch.randn(channels, 1, 3, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    bias = torch.randn(channels, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    leaf = x.detach().requires_grad_()
+    expected = F.conv2d(leaf, weight, bias, padding=1, groups=channels)
+    dout = torch.randn_like(expected)
+    expected.backward(dout)
+    exact = dict(rtol=0, atol=1e-11)
+    torch.testing.assert_close(depthwise3x3(x, weight.detach(), bias.detach(), tile=tile), expected.detach(), **exact)
+    torch.testing.assert_close(depthwise3x3(dout, weight.detach(), flip=True, tile=tile), leaf.grad, **exact)
+    grad_weight, grad_bias = depthwise3x3_weight_grad(dout, x, tile=tile)
+    torch.testing.assert_close(grad_weight, weight.grad, **exact)
+    torch.testing.assert_close(grad_bias, bias.grad, **exact)
+
+
+def test_channels_last_keeps_its_layout():
+    """NHWC maps keep the torch route (cuDNN's NHWC depthwise) and stay channels_last."""
+    inputs = _inputs(2, 6, 8, 5, 7, torch.float32)
+    inputs[0] = inputs[0].to(memory_format=torch.channels_last)
+    with sipl_fast.use_backend("triton"):
+        out = on_kernels(ops.pointwise_depthwise)(*inputs)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    _check(inputs, TOLERANCE[torch.float32])
+
+
+def test_weight_gradients_are_identical_run_to_run():
+    x, dout = torch.randn(3, 7, 11, 13, device=DEVICE), torch.randn(3, 7, 11, 13, device=DEVICE)
+    first, second = (depthwise3x3_weight_grad(dout, x, tile=(2, 4, 8)) for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_without_autograd_equals_the_autograd_path():
+    inputs = _inputs(2, 5, 6, 7, 9, torch.float32)
+    run = on_kernels(ops.pointwise_depthwise)
+    with torch.no_grad():
+        plain = run(*inputs)
+    tracked = run(inputs[0].requires_grad_(), *inputs[1:])
+    assert tracked.requires_grad and torch.equal(plain, tracked.detach())
+
+
+def test_empty_batch():
+    x, *params = _inputs(0, 4, 6, 3, 5, torch.float32)
+    params = [p.requires_grad_() for p in params]
+    out = on_kernels(ops.pointwise_depthwise)(x, *params)
+    out.sum().backward()
+    assert out.shape == (0, 6, 3, 5) and torch.equal(params[2].grad, torch.zeros_like(params[2]))
+
+
+def test_custom_ops_pass_opcheck():
+    x = torch.randn(2, 5, 6, 9, device=DEVICE)
+    weight, bias = torch.randn(5, 1, 3, 3, device=DEVICE), torch.randn(5, device=DEVICE)
+    torch.library.opcheck(pointwise_depthwise_triton.depthwise3x3_fwd, (x, weight, bias, False))
+    torch.library.opcheck(pointwise_depthwise_triton.depthwise3x3_fwd, (x, weight, None, True))
+    torch.library.opcheck(pointwise_depthwise_triton.depthwise3x3_wgrad, (torch.randn_like(x), x))
+
+
+@settings(max_examples=12, deadline=None)
+@given(batch=st.integers(1, 3), channels=st.integers(1, 9), hidden=st.integers(1, 12),
+       height=st.integers(1, 13), width=st.integers(1, 19), biases=st.booleans())
+def test_random_shapes_match_float64(batch, channels, hidden, height, width, biases):
+    _check(_inputs(batch, channels, hidden, height, width, torch.float32, biases), TOLERANCE[torch.float32])
+
+
+# ----------------------------------------------------------------------------- GPU: SIPL shapes
+
+# (B, C, hidden, H, W): the qkv and GDFN projections of enc1 and dec1 in a 128x128 batch-8
+# training step and at 512x512, the latent level's GDFN, a Proxy Fusion block's kv (384 -> 768).
+GPU_SHAPES = [(8, 48, 144, 128, 128), (8, 48, 254, 128, 128), (8, 96, 510, 128, 128),
+              (1, 96, 288, 512, 512), (1, 384, 2040, 64, 64), (1, 384, 768, 64, 64)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gpu_sipl_shapes(shape, dtype):
+    inputs = _inputs(*shape, dtype)
+    if dtype == torch.float32:
+        torch.backends.cudnn.allow_tf32 = False  # the 1x1 convolutions: compare against exact products
+        try:
+            _check(inputs, 1e-4)
+        finally:
+            torch.backends.cudnn.allow_tf32 = True
+    else:
+        bf16_rule(on_kernels(ops.pointwise_depthwise), reference.pointwise_depthwise, inputs, NAMES)
+
+
+@pytest.mark.gpu
+def test_gpu_weight_gradients_are_identical_run_to_run():
+    x, dout = torch.randn(8, 510, 128, 128, device=DEVICE), torch.randn(8, 510, 128, 128, device=DEVICE)
+    first, second = depthwise3x3_weight_grad(dout, x), depthwise3x3_weight_grad(dout, x)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_traces_the_custom_ops():
+    inputs = [t.requires_grad_() for t in _inputs(2, 48, 144, 32, 32, torch.float32)]
+    run = on_kernels(ops.pointwise_depthwise)
+    eager = run(*inputs)
+    compiled = torch.compile(pointwise_depthwise_triton.pointwise_depthwise, fullgraph=True)(*inputs)
+    torch.testing.assert_close(compiled, eager)
+    cotangent = torch.randn_like(eager)
+    torch.testing.assert_close(torch.autograd.grad(compiled, inputs, cotangent),
+                               torch.autograd.grad(eager, inputs, cotangent))
