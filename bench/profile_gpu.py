@@ -7,7 +7,7 @@ For each case: the wall time of one call, the summed time of the GPU kernels it 
 kernels is the bottleneck, and CUDA graphs pay), and the kernels with the most GPU time.
 Cases: the training step (base preset, 128x128, batch 8, bf16 autocast) with the providers of
 train_step_table.py, refinement with steps=2 at 512x512 (also with the depthwise kernels,
-"dwk"), and the MDTA and proxy-attention kernels (fwd+bwd) at their 512x512 shapes. CUDA only.
+"dwk", and on the torch backend), and the MDTA and proxy-attention kernels (fwd+bwd) at their 512x512 shapes. CUDA only.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import proxy_attention_table  # noqa: E402
 import transposed_attention_table  # noqa: E402
 from train_step_table import make_step  # noqa: E402
 
+import sipl_fast  # noqa: E402
 from sipl_fast import SIPLPromptIR, ops  # noqa: E402
 
 
@@ -77,7 +78,7 @@ def cases():
         yield f"train step bf16 {provider}", lambda provider=provider: _default_routing(
             make_step(provider, device, amp=True, **shape)[0])
 
-    def refinement(forced=()):
+    def refinement(forced=(), backend="auto"):
         torch.manual_seed(0)
         model = SIPLPromptIR().eval().to(device)
         with torch.no_grad():
@@ -86,12 +87,13 @@ def cases():
         x = torch.rand(1, 3, 512, 512, device=device)
 
         def run():
-            with ops.kernels_forced(*forced):
+            with sipl_fast.use_backend(backend), ops.kernels_forced(*forced):
                 return model.refine(x, steps=2)
         return _default_routing(run)
 
     yield "refine 512x512 steps=2", refinement
     yield "refine 512x512 steps=2 dwk", lambda: refinement(("pointwise_depthwise",))
+    yield "refine 512x512 steps=2 torch backend", lambda: refinement(backend="torch")
 
     for dtype in (torch.bfloat16, torch.float32):
         name = str(dtype).split(".")[-1]

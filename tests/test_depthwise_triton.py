@@ -138,6 +138,44 @@ def test_random_shapes_match_float64(batch, channels, hidden, height, width, bia
     _check(_inputs(batch, channels, hidden, height, width, torch.float32, biases), TOLERANCE[torch.float32])
 
 
+def compile_for_sm90() -> list[str]:
+    """Compiles both kernels with the GPU tile configs of SIPL's plane sizes for sm_90 (no GPU
+    needed; the interpreter checks none of what the compiler does) and returns the failures.
+    Needs TRITON_INTERPRET unset before the kernels are imported, hence its own process."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from sipl_fast.kernels import depthwise3x3 as kernels
+    target = GPUTarget("cuda", 90, 32)
+    backend = triton.compiler.make_backend(target)
+    failures = []
+    for kernel in (kernels.depthwise3x3_fwd_kernel, kernels.depthwise3x3_wgrad_kernel):
+        for dtype in ("bf16", "fp32"):
+            for plane in ((512, 512), (720, 1280), (64, 64), (16, 16), (7, 9)):
+                block_c, block_h, block_w, warps = kernels.tile_config(*plane)
+                constants = dict(BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, COMPUTE=triton.language.float32)
+                if "FLIP" in kernel.arg_names:
+                    constants.update(HAS_BIAS=True, FLIP=True)
+                signature = {name: "constexpr" if name in constants else
+                             (("*fp32" if name in ("w_ptr", "b_ptr", "partial_ptr") else f"*{dtype}")
+                              if name.endswith("_ptr") else "i32") for name in kernel.arg_names}
+                try:
+                    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants)
+                    options = backend.parse_options({"num_warps": warps, "num_stages": 1})
+                    triton.compile(source, target=target, options=options.__dict__)
+                except Exception as error:  # noqa: BLE001 - reported with its config
+                    failures.append(f"{kernel.fn.__name__} {dtype} {plane}: {type(error).__name__}: {str(error)[:400]}")
+    return failures
+
+
+def test_gpu_configs_compile_for_sm90():
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+
+
 # ----------------------------------------------------------------------------- GPU: SIPL shapes
 
 # (B, C, hidden, H, W): the qkv and GDFN projections of enc1 and dec1 in a 128x128 batch-8
@@ -178,3 +216,9 @@ def test_gpu_torch_compile_traces_the_custom_ops():
     cotangent = torch.randn_like(eager)
     torch.testing.assert_close(torch.autograd.grad(compiled, inputs, cotangent),
                                torch.autograd.grad(eager, inputs, cotangent))
+
+
+if __name__ == "__main__":  # the subprocess of test_gpu_configs_compile_for_sm90
+    problems = compile_for_sm90()
+    print("\n".join(problems) or "both kernels compile for sm_90")
+    raise SystemExit(1 if problems else 0)
