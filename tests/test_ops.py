@@ -204,20 +204,27 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
 def test_cuda_routes_and_forced_kernels(monkeypatch):
     """On CUDA the triton backend runs the torch formulation where its kernel lost or is
     unmeasured; kernels_forced and SIPL_FAST_KERNELS pick the named ops' kernels (no GPU needed:
-    only the dispatch is asked)."""
-    from sipl_fast.ops import pointwise_depthwise_triton, torch_impl
+    only the dispatch is asked, about fake tensors that claim CUDA)."""
+    from sipl_fast.ops import layer_norm2d_triton, pointwise_depthwise_triton, torch_impl
     monkeypatch.delenv("SIPL_FAST_ALL_KERNELS", raising=False)
     monkeypatch.delenv("SIPL_FAST_KERNELS", raising=False)
-    cuda = torch.device("cuda")
-    route = lambda op: ops.backend_module(op, cuda, torch.float32)  # noqa: E731
+    with torch._subclasses.fake_tensor.FakeTensorMode():  # 16k and 64k pixels
+        small, large = torch.empty(1, 96, 128, 128, device="cuda"), torch.empty(1, 96, 256, 256, device="cuda")
+    route = ops.backend_module
     with sipl_fast.use_backend("triton"):
-        assert route("pointwise_depthwise") is torch_impl and route("layer_norm2d") is torch_impl
+        assert route("pointwise_depthwise", large) is torch_impl
+        # LayerNorm2d: the kernel's forward where nothing records gradients and the call is large.
+        assert route("layer_norm2d", large) is torch_impl
+        with torch.no_grad():
+            assert route("layer_norm2d", large) is layer_norm2d_triton
+            assert route("layer_norm2d", small) is torch_impl
         with ops.kernels_forced("pointwise_depthwise"):
-            assert route("pointwise_depthwise") is pointwise_depthwise_triton
-            assert route("layer_norm2d") is torch_impl
-        assert route("pointwise_depthwise") is torch_impl
+            assert route("pointwise_depthwise", large) is pointwise_depthwise_triton
+            assert route("layer_norm2d", large) is torch_impl
+        assert route("pointwise_depthwise", large) is torch_impl
         monkeypatch.setenv("SIPL_FAST_KERNELS", "layer_norm2d,pointwise_depthwise")
-        assert route("pointwise_depthwise") is pointwise_depthwise_triton
+        assert route("pointwise_depthwise", large) is pointwise_depthwise_triton
+        assert route("layer_norm2d", small) is layer_norm2d_triton
     with pytest.raises(ValueError, match="no kernels for \\['conv2d'\\]"):
         with ops.kernels_forced("conv2d"):
             pass

@@ -32,18 +32,29 @@ _TRITON_MODULES = {
 
 
 # Measured on an H200 (bench/results/h200_2026-11-27.md): where a kernel lost to the torch
-# formulation, the triton backend runs the torch formulation on CUDA instead. LayerNorm2d
-# and the feed-forward gates ran at 0.3-0.9x of torch at most SIPL sites; MDTA in 16-bit
-# needed software pipelining off to be exact and deterministic and is then no faster than
-# cuBLAS. The depthwise 3x3 kernels of pointwise_depthwise have not run on a GPU yet: ATen's
-# kernels stay the default until bench/depthwise_table.py has measured them.
+# formulation, the triton backend runs the torch formulation on CUDA instead (the rules take
+# the op's first input). The feed-forward gates ran at 0.3-0.9x of torch at most SIPL sites;
+# MDTA in 16-bit needed software pipelining off to be exact and deterministic and is then no
+# faster than cuBLAS. LayerNorm2d's kernel lost forward + backward (its backward is slow), but
+# its forward alone ran 1.7-12x faster than the torch formulation (which transposes NCHW to
+# NHWC and back) on calls of >= 32k pixels (bf16; run2_norm_gate.json) and slower on smaller
+# ones: it runs where no gradient is recorded (refinement, the training step's plain pass)
+# and the call is large. The depthwise 3x3 kernels of pointwise_depthwise have not run on a
+# GPU yet: ATen's stay the default until bench/pixel_ops_table.py has measured them.
 # SIPL_FAST_ALL_KERNELS=1 runs every kernel anyway (kernel tests, benchmarks);
 # SIPL_FAST_KERNELS=op[,op...] or ``with ops.kernels_forced(op, ...)`` runs the named ops' kernels.
+LAYER_NORM_KERNEL_MIN_PIXELS = 1 << 15
+
+
+def _pixels(x: torch.Tensor) -> int:
+    return x.numel() // max(1, x.shape[1])
+
+
 _TORCH_FORMULATION_ON_CUDA = {
-    "layer_norm2d": lambda dtype: True,
-    "gated_gelu": lambda dtype: True,
-    "transposed_attention": lambda dtype: dtype in (torch.float16, torch.bfloat16),
-    "pointwise_depthwise": lambda dtype: True,
+    "layer_norm2d": lambda x: torch.is_grad_enabled() or _pixels(x) < LAYER_NORM_KERNEL_MIN_PIXELS,
+    "gated_gelu": lambda x: True,
+    "transposed_attention": lambda x: x.dtype in (torch.float16, torch.bfloat16),
+    "pointwise_depthwise": lambda x: True,
 }
 
 
@@ -65,20 +76,21 @@ def kernels_forced(*names: str) -> Iterator[None]:
         _FORCED_KERNELS.difference_update(added)
 
 
-def _prefers_torch_on_cuda(op: str, dtype: torch.dtype | None) -> bool:
+def _prefers_torch_on_cuda(op: str, x: torch.Tensor) -> bool:
     rule = _TORCH_FORMULATION_ON_CUDA.get(op)
     forced = (op in _FORCED_KERNELS or os.environ.get("SIPL_FAST_ALL_KERNELS", "0") == "1"
               or op in os.environ.get("SIPL_FAST_KERNELS", "").split(","))
-    return rule is not None and rule(dtype) and not forced
+    return rule is not None and not forced and rule(x)
 
 
-def backend_module(op: str, device: torch.device, dtype: torch.dtype | None = None):
-    """The module whose function ``op`` computes ``op`` on ``device`` (for ``dtype``) with
-    the active backend."""
+def backend_module(op: str, x: torch.Tensor):
+    """The module whose function ``op`` computes ``op`` with the active backend, for the call
+    whose first input is x (its device; on CUDA its dtype and size may choose the route)."""
+    device = x.device
     backend = resolve_backend(device)
     if backend == "reference":
         return reference
-    if backend == "torch" or (device.type == "cuda" and _prefers_torch_on_cuda(op, dtype)):
+    if backend == "torch" or (device.type == "cuda" and _prefers_torch_on_cuda(op, x)):
         return torch_impl
     if device.type != "cuda" and not triton_interpreter():
         raise RuntimeError(
@@ -153,7 +165,7 @@ def proxy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     bq, bk = q.shape[0], k.shape[0]
     if bq != bk and 1 not in (bq, bk):
         raise ValueError(f"proxy_attention: batch sizes {bq} (q) and {bk} (k, v) must match or one must be 1")
-    return backend_module("proxy_attention", q.device).proxy_attention(q, k, v, temperature, num_heads)
+    return backend_module("proxy_attention", q).proxy_attention(q, k, v, temperature, num_heads)
 
 
 def transposed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -169,7 +181,7 @@ def transposed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             f"transposed_attention: q, k, v must have one shape, got "
             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
-    return backend_module("transposed_attention", q.device, q.dtype).transposed_attention(
+    return backend_module("transposed_attention", q).transposed_attention(
         q, k, v, temperature, num_heads)
 
 
@@ -193,7 +205,7 @@ def layer_norm2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         if p is not None and (p.shape != (channels,) or p.device != x.device):
             raise ValueError(f"layer_norm2d: {name} must be ({channels},) on {x.device}, "
                              f"got {tuple(p.shape)} on {p.device}")
-    return backend_module("layer_norm2d", x.device, x.dtype).layer_norm2d(x, weight, bias, eps)
+    return backend_module("layer_norm2d", x).layer_norm2d(x, weight, bias, eps)
 
 
 def gated_gelu(x: torch.Tensor, dual: bool = False) -> torch.Tensor:
@@ -203,7 +215,7 @@ def gated_gelu(x: torch.Tensor, dual: bool = False) -> torch.Tensor:
     gelu is the exact (erf) form. Returns (B, h, H, W).
     """
     _check_map("gated_gelu", x, "(B, 2h, H, W)", lambda t: t.shape[1] % 2 == 0)
-    return backend_module("gated_gelu", x.device, x.dtype).gated_gelu(x, dual)
+    return backend_module("gated_gelu", x).gated_gelu(x, dual)
 
 
 def pointwise_depthwise(x: torch.Tensor, pointwise: torch.Tensor, pointwise_bias: torch.Tensor | None,
@@ -220,7 +232,7 @@ def pointwise_depthwise(x: torch.Tensor, pointwise: torch.Tensor, pointwise_bias
     if pointwise.shape[1:] != (x.shape[1], 1, 1) or depthwise.shape != (hidden, 1, 3, 3):
         raise ValueError(f"pointwise_depthwise: weights must be ({hidden}, {x.shape[1]}, 1, 1) and "
                          f"({hidden}, 1, 3, 3), got {tuple(pointwise.shape)} and {tuple(depthwise.shape)}")
-    return backend_module("pointwise_depthwise", x.device, x.dtype).pointwise_depthwise(
+    return backend_module("pointwise_depthwise", x).pointwise_depthwise(
         x, pointwise, pointwise_bias, depthwise, depthwise_bias)
 
 
