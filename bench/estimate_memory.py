@@ -8,8 +8,10 @@ dispatch takes the CUDA routes (the triton backend's custom ops run their fake k
 nothing is computed. A dispatch mode counts the bytes of every storage the call creates while
 it is alive; the report is the peak and the largest storages alive at the peak, with the op
 and the sipl_fast lines that made them. It matched the H200's allocator within 1 % for the
-reference loop at 512x512 (2348 vs 2368 MiB) and read 20-25 % low for the stripped
-refinement (allocator rounding, cuBLAS workspaces), so compare estimates with estimates.
+reference loop at 512x512 (2348 vs 2368 MiB) and within 0.5 % for four training steps (fp32
+and bf16, reference and auto backends; bench/results/train_memory_estimate_2026-11-27.md),
+and read 20-25 % low for the stripped refinement (allocator rounding and cuBLAS workspaces
+weigh more against its small strips), so compare estimates with estimates.
 "train" stops after the forward passes (the autograd engine needs a real device for the
 backward): it reports what the step holds for the backward, the bulk of a training peak.
 Autocast is switched on directly (torch.autocast disables itself without a GPU).
