@@ -85,13 +85,17 @@ def test_layer_norm2d_half_input_float_params_keeps_the_input_dtype():
     _check_layer_norm(inputs, TOLERANCE[torch.float16])  # dx is float16
 
 
-@pytest.mark.parametrize("layout", ["channel_slice", "channels_last"])
+@pytest.mark.parametrize("layout", ["channel_slice", "row_strip", "channels_last"])
 def test_layer_norm2d_strided_inputs(layout):
-    """A channel slice of a larger tensor is read in place; channels_last is copied first."""
+    """A channel slice or a strip of rows (the refinement's strips) of a larger tensor is read in
+    place; channels_last is copied first."""
     x, weight, bias = _layer_norm_inputs((2, 30, 5, 7), True, torch.float32)
     if layout == "channel_slice":
         x = torch.cat([x, torch.randn_like(x)], dim=1)[:, 3:33]
         assert not x.is_contiguous()
+    elif layout == "row_strip":
+        x = torch.cat([torch.randn_like(x), x, torch.randn_like(x)], dim=2)[:, :, 4:11]
+        assert not x.is_contiguous() and layer_norm2d_triton._with_contiguous_planes(x) is x
     else:
         x = x.to(memory_format=torch.channels_last)
     _check_layer_norm([x, weight, bias], TOLERANCE[torch.float32])
