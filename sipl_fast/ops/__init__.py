@@ -37,9 +37,9 @@ _TRITON_MODULES = {
 # MDTA in 16-bit needed software pipelining off to be exact and deterministic and is then no
 # faster than cuBLAS. LayerNorm2d's kernel lost forward + backward (its backward is slow), but
 # its forward alone ran 1.7-12x faster than the torch formulation (which transposes NCHW to
-# NHWC and back) on calls of >= 32k pixels (bf16; bench/results/h200_2026-11-27/run2_norm_gate.json), slower on smaller
-# ones: it runs where no gradient is recorded (refinement, the training step's plain pass)
-# and the call is large. The depthwise 3x3 kernels of pointwise_depthwise have not run on a
+# NHWC and back) on calls of >= 32k pixels, slower on smaller ones (bf16;
+# bench/results/h200_2026-11-27/run2_norm_gate.json): it runs where no gradient is recorded
+# (refinement, the training step's plain pass) and the call is large. The depthwise 3x3 kernels of pointwise_depthwise have not run on a
 # GPU yet: ATen's stay the default until bench/pixel_ops_table.py has measured them.
 # SIPL_FAST_ALL_KERNELS=1 runs every kernel anyway (kernel tests, benchmarks);
 # SIPL_FAST_KERNELS=op[,op...] or ``with ops.kernels_forced(op, ...)`` runs the named ops' kernels.
