@@ -4,8 +4,8 @@
 
 On CUDA: the authors' configuration (base preset), 128 x 128 crops, batch 8, fp32 and bf16
 autocast. On CPU: the tiny preset, 64 x 64 crops, batch 2, fp32. "auto" is the backend
-sipl_fast picks by itself (triton on CUDA, torch on CPU); "reference" is the authors' eager
-math; "+graph" replays the whole step as a CUDA graph (``--cuda-graph``: the eager step at
+sipl_fast picks by itself (triton on CUDA, torch on CPU) in the trainer's default layout (NHWC
+on the CPU, NCHW on CUDA); "reference" is the authors' eager math in NCHW; "+graph" replays the whole step as a CUDA graph (``--cuda-graph``: the eager step at
 these sizes is bound by the CPU issuing kernels); "+nhwc" trains on channels-last activations
 (``--channels-last``: cuDNN's depthwise convolutions instead of ATen's NCHW kernels); "+dwk"
 runs the depthwise convolutions with sipl_fast's Triton kernels (``ops.kernels_forced``; ATen's
@@ -46,12 +46,20 @@ def default_shape(device: torch.device) -> dict:
     return dict(preset="tiny", batch=2, patch=64)
 
 
+def _layout(backend: str, extras) -> bool | None:
+    """NHWC for "+nhwc"; the authors' NCHW for the reference; else the library's default (None:
+    NHWC on the CPU, NCHW on CUDA)."""
+    if "nhwc" in extras:
+        return True
+    return False if backend == "reference" else None
+
+
 def make_step(provider: str, device: torch.device, preset: str, batch: int, patch: int, amp: bool):
     """A zero-argument function running one training step with ``provider`` (a backend, plus
     "+graph", "+nhwc", "+dwk" as in the module docstring); also returns the trainer."""
     backend, *extras = provider.split("+")
     options = TrainOptions(data="skimage", tasks="noise25", preset=preset, batch=batch, patch=patch, amp=amp,
-                           cuda_graph="graph" in extras, channels_last="nhwc" in extras, device=str(device),
+                           cuda_graph="graph" in extras, channels_last=_layout(backend, extras), device=str(device),
                            out=tempfile.mkdtemp(prefix="sipl_bench_"), progress=False)
     trainer = Trainer(options, log=lambda line: None)
     g = torch.Generator().manual_seed(0)

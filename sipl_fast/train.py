@@ -69,7 +69,8 @@ class TrainOptions:
     ema: float = 0.0                # EMA decay (e.g. 0.999); 0 turns EMA off
     amp: bool = False               # bf16 autocast (CUDA only)
     cuda_graph: bool = False        # replay the whole step as a CUDA graph (one CUDA process)
-    channels_last: bool = False     # NHWC activations (cuDNN then runs the depthwise convolutions)
+    channels_last: bool | None = None  # NHWC activations; None: on the CPU (oneDNN's convolutions
+                                       # train 1.25-1.6x faster on them), not on CUDA
     random_proxy: bool = False      # the authors' use_random_proxy
     seed: int = 0
     out: str = "runs/sipl"
@@ -208,7 +209,8 @@ class Trainer:
 
         torch.manual_seed(opts.seed)              # identical initial weights on every rank
         self.model = SIPLPromptIR.from_preset(opts.preset, use_random_proxy=opts.random_proxy).to(self.device)
-        self.memory_format = torch.channels_last if opts.channels_last else torch.contiguous_format
+        channels_last = opts.channels_last if opts.channels_last is not None else self.device.type == "cpu"
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         for parameter in self.model.parameters():  # the convolution weights follow the activations
             if parameter.dim() == 4:
                 parameter.data = parameter.data.contiguous(memory_format=self.memory_format)
