@@ -181,6 +181,18 @@ class LogEntry:
     seconds: float
 
 
+def _in_layout(t: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    """t (N, C, H, W) with the strides of memory_format. For channels_last they are set
+    explicitly: .contiguous() keeps the strides of a weight that already satisfies the format
+    because of its size-1 dimensions (depthwise (C, 1, 3, 3), 1x1 kernels), whereas NHWC
+    convolutions give its gradient the canonical strides, and DDP reports the mismatch."""
+    if memory_format != torch.channels_last:
+        return t.contiguous(memory_format=memory_format)
+    _, channels, height, width = t.shape
+    strides = (channels * height * width, 1, width * channels, channels)
+    return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device).copy_(t)
+
+
 class Trainer:
     """Builds the model, data, optimizer and schedule from ``TrainOptions`` and runs training."""
 
@@ -213,7 +225,7 @@ class Trainer:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         for parameter in self.model.parameters():  # the convolution weights follow the activations
             if parameter.dim() == 4:
-                parameter.data = parameter.data.contiguous(memory_format=self.memory_format)
+                parameter.data = _in_layout(parameter.data, self.memory_format)
         self.patch = opts.patch or self.model.config["train_patch"]
         if self.patch % 8 or self.patch < 8:
             raise OptionsError(f"--patch must be a positive multiple of 8, got {self.patch}")
