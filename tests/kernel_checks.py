@@ -32,11 +32,14 @@ def max_errors(got, expected):
     return [(g.double() - e).abs().max().item() if g.numel() else 0.0 for g, e in zip(got, expected)]
 
 
-def assert_close(names, got, expected, tol):
+def assert_close(names, got, expected, tol, term_scales=None):
+    """Each error at most tol times max(|expected|, 1), or, for the outputs named in
+    term_scales, tol times the size of the terms that cancel in them (where the result is
+    small but its terms are not, the terms decide the rounding error)."""
     assert [g.shape for g in got] == [e.shape for e in expected]
     for name, g, e, err in zip(names, got, expected, max_errors(got, expected)):
         assert torch.isfinite(g).all(), f"{name} is not finite"
-        scale = max(e.abs().max().item() if e.numel() else 0.0, 1.0)
+        scale = max(e.abs().max().item() if e.numel() else 0.0, (term_scales or {}).get(name, 0.0), 1.0)
         assert err <= tol * scale, f"{name}: max error {err:.3g} > {tol:.1g} * {scale:.3g}"
 
 
@@ -57,13 +60,16 @@ def on_kernels(op):
     return run
 
 
-def bf16_rule(run, reference_fn, inputs, names):
-    """FlashAttention's rule: triton's error vs float64 <= 2x that of the reference run in bf16."""
+def reference_rule(run, reference_fn, inputs, names, floor: float = 1e-6):
+    """FlashAttention's rule: the kernel's error against float64 is at most twice that of the
+    reference math run in the inputs' own dtype, plus floor * max(|truth|, 1). It follows the
+    conditioning of the problem (e.g. LayerNorm of nearly equal channels), where a fixed
+    tolerance cannot."""
     out_dtype = reference_fn(*inputs).dtype
     cotangent = torch.randn(reference_fn(*inputs).shape, device=DEVICE).to(out_dtype)
     truth = float64_truth(reference_fn, inputs, cotangent)
     ours = max_errors(outputs_and_grads(run, inputs, cotangent), truth)
     theirs = max_errors(outputs_and_grads(reference_fn, inputs, cotangent), truth)
     for name, mine, base, t in zip(names, ours, theirs, truth):
-        floor = 1e-6 * max(t.abs().max().item(), 1.0)
-        assert mine <= 2 * base + floor, f"{name}: triton {mine:.3g} vs torch-bf16 {base:.3g}"
+        bound = 2 * base + floor * max(t.abs().max().item(), 1.0)
+        assert mine <= bound, f"{name}: kernel error {mine:.3g} vs the reference's {base:.3g} in {out_dtype}"

@@ -17,8 +17,8 @@ import sipl_fast
 from sipl_fast import ops
 from sipl_fast.ops import gated_gelu_triton, layer_norm2d_triton, reference
 
-from kernel_checks import (DEVICE, EPS, TOLERANCE, assert_close, bf16_rule, float64_truth, on_kernels,
-                           outputs_and_grads)
+from kernel_checks import (DEVICE, EPS, TOLERANCE, assert_close, float64_truth, on_kernels, outputs_and_grads,
+                           reference_rule)
 
 
 
@@ -39,7 +39,17 @@ def _check_layer_norm(inputs, tol):
     got = outputs_and_grads(on_kernels(layer_norm), inputs, cotangent)
     assert got[0].dtype == out_dtype
     assert_close(names, got, float64_truth(lambda x, w, b: reference.layer_norm2d(x, w, b, EPS),
-                                             inputs, cotangent), tol)
+                                           inputs, cotangent), tol, {"dx": _dx_terms(inputs, cotangent)})
+
+
+def _dx_terms(inputs, cotangent) -> float:
+    """The size of the terms of dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * weight:
+    for nearly equal channels (few of them) rstd is large and dx, a difference, is small."""
+    x, weight = inputs[0].double(), inputs[1].double()
+    centred = x if inputs[2] is None else x - x.mean(1, keepdim=True)  # BiasFree is not centred
+    rstd = ((x - x.mean(1, keepdim=True)).square().mean(1, keepdim=True) + EPS).rsqrt()
+    return (rstd * (cotangent.double() * weight.view(1, -1, 1, 1)).abs().amax(1, keepdim=True)
+            * (1 + (centred * rstd).abs().amax(1, keepdim=True))).max().item()
 
 
 def _check_gate(x, dual, tol):
@@ -156,8 +166,9 @@ def test_gated_gelu_custom_ops_pass_opcheck(dual):
 
 @settings(max_examples=12, deadline=None)
 @given(batch=st.integers(1, 2), channels=st.integers(1, 70), height=st.integers(1, 9),
-       width=st.integers(1, 9), with_bias=st.booleans(), dual=st.booleans())
-def test_random_shapes_match_float64(batch, channels, height, width, with_bias, dual):
+       width=st.integers(1, 9), with_bias=st.booleans(), dual=st.booleans(), seed=st.integers(0, 2**16))
+def test_random_shapes_match_float64(batch, channels, height, width, with_bias, dual, seed):
+    torch.manual_seed(seed)  # each example's tensors, so that hypothesis can replay it
     _check_layer_norm(_layer_norm_inputs((batch, channels, height, width), with_bias, torch.float32),
                       TOLERANCE[torch.float32])
     _check_gate(torch.randn(batch, 2 * channels, height, width, device=DEVICE) * 3, dual,
@@ -184,7 +195,7 @@ def test_gpu_layer_norm2d_sipl_shapes(shape, dtype):
     if dtype == torch.float32:
         _check_layer_norm(inputs, 1e-4)
     else:
-        bf16_rule(on_kernels(layer_norm), lambda x, w, b: reference.layer_norm2d(x, w, b, EPS), inputs,
+        reference_rule(on_kernels(layer_norm), lambda x, w, b: reference.layer_norm2d(x, w, b, EPS), inputs,
                    ["out", "dx", "dweight", "dbias"])
 
 
@@ -197,7 +208,7 @@ def test_gpu_gated_gelu_sipl_shapes(shape, dtype):
     if dtype == torch.float32:
         _check_gate(x, dual, 1e-5)
     else:
-        bf16_rule(on_kernels(lambda t: ops.gated_gelu(t, dual)), lambda t: reference.gated_gelu(t, dual), [x],
+        reference_rule(on_kernels(lambda t: ops.gated_gelu(t, dual)), lambda t: reference.gated_gelu(t, dual), [x],
                    ["out", "dx"])
 
 
