@@ -134,19 +134,12 @@ def layer_norm2d(x, weight, bias, eps: float) -> torch.Tensor:
     return out if channels_innermost(x) else out.contiguous()
 
 
-_SQRT_HALF = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-
-
-def _gelu_and_slope(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """gelu(t) = t Phi(t) (the erf form, F.gelu's default) and its derivative, in float32 or wider."""
-    t = t.float() if t.element_size() < 4 else t
-    cdf = 0.5 * (1.0 + torch.erf(t * _SQRT_HALF))
-    return t * cdf, cdf + t * torch.exp(-0.5 * t * t) * _INV_SQRT_2PI
-
-
 class _GatedGelu(torch.autograd.Function):
-    """gelu(a) * b (dual: + gelu(b) * a) for x = [a, b] on the channel axis; saves only x."""
+    """gelu(a) * b (dual: + gelu(b) * a) for x = [a, b] on the channel axis; saves only x.
+
+    The backward recomputes gelu and applies its slope with ATen's fused gelu_backward, in the
+    order the reference's autograd uses (the same rounding in 16 bits): five fused passes
+    (nine for the dual gate) instead of a pass per term of the slope."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, dual: bool) -> torch.Tensor:
@@ -158,13 +151,13 @@ class _GatedGelu(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (x,) = ctx.saved_tensors
         a, b = x.chunk(2, dim=1)
-        gelu_a, slope_a = _gelu_and_slope(a)
+        grad = grad.to(x.dtype)
+        grad_a = torch.ops.aten.gelu_backward(grad * b, a)
+        grad_b = grad * F.gelu(a)
         if ctx.dual:
-            gelu_b, slope_b = _gelu_and_slope(b)
-            grad_a, grad_b = grad * (gelu_b + slope_a * b), grad * (slope_b * a + gelu_a)
-        else:
-            grad_a, grad_b = grad * slope_a * b, grad * gelu_a
-        return torch.cat([grad_a, grad_b], dim=1).to(x.dtype), None
+            grad_a += grad * F.gelu(b)
+            grad_b += torch.ops.aten.gelu_backward(grad * a, b)
+        return torch.cat([grad_a, grad_b], dim=1), None
 
 
 def gated_gelu(x: torch.Tensor, dual: bool) -> torch.Tensor:
