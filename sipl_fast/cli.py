@@ -59,6 +59,14 @@ def cmd_train(args) -> None:
     trainer = train(options)
     if trainer.dist.is_main:
         print(f"wrote {Path(args.out) / 'checkpoint.safetensors'} (step {trainer.step})")
+    if trainer.dist.enabled:
+        # Every file is written and the process group destroyed. A gloo rank's interpreter
+        # teardown can still abort ("terminate called without an active exception": gloo's
+        # worker threads meet a finalising interpreter; it happened about once in ten CI runs,
+        # with an exit code that fails the launch), so a distributed run ends here.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _output_paths(inputs: list[Path], out: Path) -> dict[Path, Path]:
