@@ -201,13 +201,9 @@ class TransposedAttention(nn.Module):
         return ops.pointwise_depthwise(x, self.qkv.weight[part], bias(self.qkv),
                                        self.qkv_dwconv.weight[part], bias(self.qkv_dwconv))
 
-    def _heads(self, t: torch.Tensor) -> torch.Tensor:
-        """(B, heads * c, H, W) -> (B, heads, c, H*W)."""
-        b, channels = t.shape[:2]
-        return t.reshape(b, self.num_heads, channels // self.num_heads, -1)
-
     def _attention_matrix(self, x: torch.Tensor, norm: nn.Module, rows: int) -> torch.Tensor:
-        """softmax(temperature * cos(q_i, k_j)) per head from strips of x: F.normalize's eps."""
+        """The attention matrix per head from strips of x: the Gram matrix and row norms of q
+        and k accumulated strip by strip."""
         b, dim, h, _ = x.shape
         accumulate = torch.float64 if x.dtype == torch.float64 else torch.float32
         c = dim // self.num_heads
@@ -216,19 +212,18 @@ class TransposedAttention(nn.Module):
         sq_k = torch.zeros_like(sq_q)
         for lo, hi, top, bottom in strip_bounds(h, rows):
             qk = self._projected_channels(norm(x[..., lo:hi, :]), 0, 2 * dim)[..., top - lo:bottom - lo, :]
-            q, k = (self._heads(t).to(accumulate) for t in qk.chunk(2, dim=1))
+            q, k = (torch_impl.rows(t, self.num_heads).to(accumulate) for t in qk.chunk(2, dim=1))
             gram += torch_impl.gram(q, k)
             sq_q += q.square().sum(-1)
             sq_k += k.square().sum(-1)
-        eps = torch_impl.NORMALIZE_EPS  # F.normalize: x / max(|x|, eps)
-        cos = gram / (sq_q.sqrt().clamp_min(eps)[..., :, None] * sq_k.sqrt().clamp_min(eps)[..., None, :])
-        return torch.softmax(self.temperature.to(accumulate) * cos, dim=-1)
+        return torch_impl.channel_attention(gram, sq_q.sqrt(), sq_k.sqrt(), self.temperature)
 
     def _mix_values(self, attn: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
-        dim = normed.shape[1]
+        dim, height, width = normed.shape[1:]
         v = self._projected_channels(normed, 2 * dim, dim)
-        mixed = (attn.to(v.dtype) @ self._heads(v)).reshape(v.shape)
-        return self.project_out(mixed.contiguous(memory_format=memory_format_of(v)))
+        mixed = torch_impl.mix_channels(attn, torch_impl.rows(v, self.num_heads), height, width,
+                                        torch_impl.channels_innermost(v))
+        return self.project_out(mixed)
 
 
 class TransformerBlock(nn.Module):

@@ -55,7 +55,7 @@ class TritonDepthwise:
     @staticmethod
     def backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, has_bias: bool,
                  needs: tuple[bool, bool, bool]):
-        grad_hidden = depthwise3x3_fwd(grad, weight, None, True).to(hidden.dtype) if needs[0] else None
+        grad_hidden = depthwise3x3_fwd(grad, weight, None, True) if needs[0] else None  # the Function casts
         grad_weight = grad_bias = None
         if needs[1] or needs[2]:
             grad_weight, grad_bias = depthwise3x3_wgrad(grad, hidden)

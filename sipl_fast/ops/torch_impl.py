@@ -34,7 +34,7 @@ def channels_innermost(x: torch.Tensor) -> bool:
     return x.stride(1) == 1 and x.shape[1] > 1
 
 
-def _rows(x: torch.Tensor, num_heads: int, batch: int | None = None) -> torch.Tensor:
+def rows(x: torch.Tensor, num_heads: int, batch: int | None = None) -> torch.Tensor:
     """(B or 1, C, H, W) -> (batch, heads, C/heads, H*W) view of the channel rows, for NCHW or
     channels-last storage alike; a batch-1 side is broadcast (expand), never copied."""
     b, c, h, w = x.shape
@@ -44,7 +44,7 @@ def _rows(x: torch.Tensor, num_heads: int, batch: int | None = None) -> torch.Te
     return x.reshape(x.shape[0], num_heads, c // num_heads, h * w)
 
 
-def _image(tokens: torch.Tensor, height: int, width: int, channels_last: bool) -> torch.Tensor:
+def image(tokens: torch.Tensor, height: int, width: int, channels_last: bool) -> torch.Tensor:
     """(B, heads, N, d) token-major result -> (B, C, H, W), in the layout of the inputs."""
     b = tokens.shape[0]
     if channels_last:
@@ -56,7 +56,7 @@ def _tokens(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """(B, C, H, W) -> (B, heads, H*W, d) with unit stride over d, which SDPA's fused CPU and
     GPU kernels need (otherwise they fall back to materialising the attention matrix): a view
     for channels-last storage, one transposing copy for NCHW."""
-    tokens = _rows(x, num_heads).transpose(-1, -2)
+    tokens = rows(x, num_heads).transpose(-1, -2)
     return tokens if tokens.stride(-1) == 1 else tokens.contiguous()
 
 
@@ -70,7 +70,7 @@ def proxy_attention(q, k, v, temperature, num_heads: int) -> torch.Tensor:
     # A batch-1 side is broadcast only now, after its own-size work (expand: no copy).
     q, k, v = (t.expand(batch, -1, -1, -1) for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, scale=1.0)
-    return _image(out, height, width, channels_last)
+    return image(out, height, width, channels_last)
 
 
 def gram(q: torch.Tensor, k: torch.Tensor, piece: int = 4096) -> torch.Tensor:
@@ -93,15 +93,30 @@ def gram(q: torch.Tensor, k: torch.Tensor, piece: int = 4096) -> torch.Tensor:
     return product
 
 
+def channel_attention(gram_qk: torch.Tensor, norm_q: torch.Tensor, norm_k: torch.Tensor,
+                      temperature: torch.Tensor) -> torch.Tensor:
+    """MDTA's attention matrix per head, softmax over j of temperature * (q_i . k_j) /
+    (max(|q_i|, eps) max(|k_j|, eps)), from the Gram matrix (B, heads, c, c) and the row norms
+    (B, heads, c) of q and k (F.normalize's eps)."""
+    inverse = lambda norm: norm.clamp_min(NORMALIZE_EPS).reciprocal()  # noqa: E731
+    scale = inverse(norm_q)[..., :, None] * inverse(norm_k)[..., None, :] * temperature.reshape(1, -1, 1, 1)
+    return (gram_qk * scale).softmax(dim=-1)
+
+
+def mix_channels(attn: torch.Tensor, v_rows: torch.Tensor, height: int, width: int,
+                 channels_last: bool) -> torch.Tensor:
+    """A v for v's channel rows (B, heads, c, H*W), as a (B, C, H, W) map: the token-major
+    product (v^T A^T), so that channels-last inputs give a channels-last output."""
+    return image(v_rows.transpose(-2, -1) @ attn.to(v_rows.dtype).transpose(-2, -1), height, width, channels_last)
+
+
 def transposed_attention(q, k, v, temperature, num_heads: int) -> torch.Tensor:
     height, width = q.shape[-2:]
     channels_last = channels_innermost(q)
-    q, k, v = (_rows(t, num_heads) for t in (q, k, v))
-    gram_qk = gram(q, k)
-    scale = inverse_norm(q) * inverse_norm(k).transpose(-2, -1) * temperature.reshape(1, num_heads, 1, 1)
-    attn = (gram_qk * scale).softmax(dim=-1).to(v.dtype)
-    # Token-major product (v̂ Aᵀ) so that channels-last inputs give a channels-last output.
-    return _image(v.transpose(-2, -1) @ attn.transpose(-2, -1), height, width, channels_last)
+    q, k, v = (rows(t, num_heads) for t in (q, k, v))
+    norm = lambda t: torch.linalg.vector_norm(t, dim=-1)  # noqa: E731
+    attn = channel_attention(gram(q, k), norm(q), norm(k), temperature)
+    return mix_channels(attn, v, height, width, channels_last)
 
 
 def layer_norm_dtype(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype:
