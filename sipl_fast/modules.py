@@ -20,22 +20,26 @@ from .ops import torch_impl
 LAYERNORM_TYPES = ("WithBias", "BiasFree")
 
 
-# Elements of the widest intermediate per strip when a block runs without autograd (see
-# in_strips): 8 MiB of float32 on the CPU (cache-sized), 32 MiB on a GPU. Smaller strips
-# mean less memory and more, smaller kernels: on an H200 a 512x512 refinement held 0.22x
-# the reference loop's peak memory with 32 MiB strips, but issued ~9x the kernels of an
-# unstripped pass (bench/results/h200_2026-11-27_session2.md). SIPL_FAST_STRIP_ELEMENTS
-# sets both (e.g. 33554432 for 128 MiB strips on a GPU with memory to spare).
-STRIP_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 23}
+# Elements a strip may hold alive at once (its intermediates together) when a block runs
+# without autograd (see in_strips): 16 MiB of float32 on the CPU (cache-sized), 192 MiB on a
+# GPU. Smaller strips mean less memory and more, smaller kernels. On an H200 a 512x512
+# refinement held 0.19x the reference loop's peak memory with strips of 32 MiB per widest
+# intermediate, but issued ~9x the kernels of an unstripped pass and ran at 1.58x the
+# reference (bench/results/h200_2026-11-27_session2.md). With the encoder features freed
+# during the last pass (Refiner._step), this budget estimates 486 MiB at 512x512 on fake
+# tensors (424 MiB then; about 0.22x the reference's peak once scaled to the GPU's) with 2.3x
+# fewer ops (bench/results/strip_budget_2026-11-27.md). SIPL_FAST_STRIP_ELEMENTS sets both.
+STRIP_ELEMENTS = {"cpu": 1 << 22, "cuda": 3 << 24}
 if os.environ.get("SIPL_FAST_STRIP_ELEMENTS"):
     STRIP_ELEMENTS = dict.fromkeys(STRIP_ELEMENTS, int(os.environ["SIPL_FAST_STRIP_ELEMENTS"]))
 
 
-def strip_rows(x: torch.Tensor, widest_channels: int) -> int | None:
-    """Rows per strip for a strip-local fn whose widest intermediate has widest_channels per
-    pixel, or None where x goes whole (autograd on, or the image fits in one strip)."""
+def strip_rows(x: torch.Tensor, live_channels: int) -> int | None:
+    """Rows per strip for a strip-local fn that holds live_channels per pixel alive at its
+    peak (all its intermediates together), or None where x goes whole (autograd on, or the
+    image fits in one strip)."""
     b, _, h, w = x.shape
-    rows = STRIP_ELEMENTS.get(x.device.type, STRIP_ELEMENTS["cuda"]) // max(1, b * widest_channels * w)
+    rows = STRIP_ELEMENTS.get(x.device.type, STRIP_ELEMENTS["cuda"]) // max(1, b * live_channels * w)
     if torch.is_grad_enabled() or rows >= h:
         return None
     return max(rows, 1)
@@ -49,11 +53,11 @@ def strip_bounds(height: int, rows: int):
         yield max(top - 1, 0), min(bottom + 1, height), top, bottom
 
 
-def in_strips(fn, x: torch.Tensor, out_channels: int, widest_channels: int) -> torch.Tensor:
+def in_strips(fn, x: torch.Tensor, out_channels: int, live_channels: int) -> torch.Tensor:
     """fn(x) for a fn made of pixel-local and 3x3 layers, in horizontal strips when autograd is
-    off and its widest intermediate (widest_channels per pixel) would exceed STRIP_ELEMENTS,
-    so that the intermediates never exist for the whole image at once."""
-    rows = strip_rows(x, widest_channels)
+    off and its intermediates (live_channels per pixel at its peak) would exceed
+    STRIP_ELEMENTS, so that they never exist for the whole image at once."""
+    rows = strip_rows(x, live_channels)
     if rows is None:
         return fn(x)
     b, _, h, w = x.shape
@@ -68,11 +72,11 @@ def _residual(x: torch.Tensor, branch: torch.Tensor, inplace: bool) -> torch.Ten
     return x.add_(branch) if inplace and not torch.is_grad_enabled() else x + branch
 
 
-def add_in_strips(fn, x: torch.Tensor, widest_channels: int, inplace: bool) -> torch.Tensor:
+def add_in_strips(fn, x: torch.Tensor, live_channels: int, inplace: bool) -> torch.Tensor:
     """x + fn(x) for a strip-local fn, as in_strips; with ``inplace`` (autograd off, x owned by
     the caller) the sum overwrites x, each strip written back only after the next strip has
     read its halo row from the original x, so no second copy of x is needed."""
-    rows = strip_rows(x, widest_channels)
+    rows = strip_rows(x, live_channels + 2 * x.shape[1])  # + this strip's sum and the pending one
     if rows is None:
         return _residual(x, fn(x), inplace)
     out = x if inplace else torch.empty_like(x)
@@ -155,12 +159,16 @@ class GatedFFN(nn.Module):
         hidden = pointwise_then_depthwise(self.project_in, self.dwconv, x)
         return self.project_out(ops.gated_gelu(hidden, self.dual))
 
+    def _live_channels(self) -> int:
+        """Per pixel alive at _dense's peak: the pointwise and depthwise outputs together."""
+        return 2 * self.project_in.out_channels
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return in_strips(self._dense, x, x.shape[1], self.project_in.out_channels)
+        return in_strips(self._dense, x, x.shape[1], self._live_channels())
 
     def add_to(self, x: torch.Tensor, norm: nn.Module, inplace: bool = False) -> torch.Tensor:
         """x + ffn(norm(x)), in strips without autograd (in place on x with ``inplace``)."""
-        return add_in_strips(lambda part: self._dense(norm(part)), x, self.project_in.out_channels, inplace)
+        return add_in_strips(lambda part: self._dense(norm(part)), x, x.shape[1] + self._live_channels(), inplace)
 
 
 class TransposedAttention(nn.Module):
@@ -179,7 +187,7 @@ class TransposedAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         width = self.qkv.out_channels
-        q, k, v = in_strips(self._project, x, width, width).chunk(3, dim=1)
+        q, k, v = in_strips(self._project, x, width, 2 * width).chunk(3, dim=1)
         return self.project_out(ops.transposed_attention(q, k, v, self.temperature, self.num_heads))
 
     def add_to(self, x: torch.Tensor, norm: nn.Module, inplace: bool = False) -> torch.Tensor:
@@ -188,11 +196,12 @@ class TransposedAttention(nn.Module):
         the Gram matrix and the row norms of q and k (the attention matrix needs only those),
         the second projects v, mixes it and adds the result (in place on x with ``inplace``)."""
         dim = x.shape[1]
-        rows = strip_rows(x, 2 * dim)
+        rows = strip_rows(x, 5 * dim)  # the normed strip, the pointwise and depthwise q and k
         if rows is None:  # one piece (never strips of the attention itself: it is global)
             return _residual(x, self(norm(x)), inplace)
         attn = self._attention_matrix(x, norm, rows)
-        return add_in_strips(lambda part: self._mix_values(attn, norm(part)), x, dim, inplace)
+        # the normed strip, v, A v and its projection
+        return add_in_strips(lambda part: self._mix_values(attn, norm(part)), x, 4 * dim, inplace)
 
     def _projected_channels(self, x: torch.Tensor, first: int, count: int) -> torch.Tensor:
         """Channels [first, first + count) of qkv_dwconv(qkv(x)), computing only those."""

@@ -145,7 +145,10 @@ class Refiner:
             current = current.contiguous(memory_format=torch.channels_last)
         encoded = self.model.encode_all(current)
         initial = self.model.decode(current, encoded)
-        return self.model.decode(current, encoded, self.model.encode(initial)).contiguous()
+        privileged = list(self.model.encode(initial))
+        features = encoded._asdict()
+        del initial, encoded  # the last pass holds the only references: each is freed after its last use
+        return self.model.decode_releasing(current, features, privileged).contiguous()
 
     def _refine_batch(self, x: torch.Tensor):
         if self.steps == 0:

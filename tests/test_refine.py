@@ -6,6 +6,7 @@ import torch
 
 import sipl_fast
 from sipl_fast import SIPLPromptIR
+from sipl_fast.model import Encoded
 from sipl_fast.ops import extension
 from sipl_fast.refine import Refiner, authors_loop
 
@@ -111,6 +112,20 @@ def _status(field):
                 return int(line.split()[1]) * 1024
 
 
+def test_the_last_pass_releases_each_feature_after_its_last_use(model):
+    """decode_releasing takes the refiner's containers over: it equals decode and leaves
+    them empty, so the features they alone held are freed during the pass."""
+    x = torch.rand(1, 3, 16, 24)
+    with torch.no_grad():
+        encoded = model.encode_all(x)
+        privileged = list(model.encode(model.decode(x, encoded)))
+        expected = model.decode(x, encoded, privileged)
+        features, handed_over = encoded._asdict(), list(privileged)
+        got = model.decode_releasing(x, features, handed_over)
+    assert torch.equal(got, expected)
+    assert features == {} and handed_over == [None, None, None]
+
+
 def test_weight_changes_invalidate_cached_dictionary_work():
     model = _randomised(SIPLPromptIR(**SMALL)).eval()
     x = torch.rand(1, 3, 16, 16)
@@ -134,13 +149,16 @@ class _PointwiseModel(torch.nn.Module):
     config = {"inp_channels": 3}
 
     def encode_all(self, x):
-        return x
+        return Encoded(x, x, x, x)
 
     def encode(self, x):
-        return x
+        return self.encode_all(x).privileged
 
     def decode(self, x, encoded, privileged_features=None):
-        return 0.5 * x + 0.25 if privileged_features is None else x * x + 0.1 * privileged_features
+        return 0.5 * x + 0.25 if privileged_features is None else x * x + 0.1 * privileged_features[0]
+
+    def decode_releasing(self, x, encoded, privileged=None):
+        return self.decode(x, encoded, privileged)
 
     def forward(self, x):
         return self.decode(x, self.encode_all(x))

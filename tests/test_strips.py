@@ -39,7 +39,7 @@ def test_add_in_strips_is_exact_and_overwrites_only_when_told(small_strips, inpl
     original = x.clone()
     with torch.no_grad():
         assert modules.strip_rows(x, 40) < x.shape[-2]  # really in strips
-        result = add_in_strips(conv, x, widest_channels=40, inplace=inplace)
+        result = add_in_strips(conv, x, live_channels=40, inplace=inplace)
     torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-12)
     assert (result.data_ptr() == x.data_ptr()) == inplace
     if not inplace:
