@@ -7,5 +7,6 @@ One file per op; each holds its kernels, launch functions and autotune configs:
 - ``gated_gelu``: the feed-forward gates gelu(a)*b and gelu(b)*a + gelu(a)*b (forward, backward).
 - ``depthwise3x3``: the depthwise 3x3 convolution of the projections (forward, input and
   weight gradients).
+- ``depthwise3x3_gate``: that convolution and the gate in one pass (inference forward).
 Autograd Functions and custom ops wrapping them live in ``sipl_fast.ops``.
 """

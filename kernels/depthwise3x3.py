@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["depthwise3x3", "depthwise3x3_weight_grad", "tile_config"]
+__all__ = ["depthwise3x3", "depthwise3x3_weight_grad", "tile_config", "launch_config", "grid", "compute_dtype"]
 
 # Read once, like triton itself: TRITON_INTERPRET must be set before this module is imported.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -58,6 +58,24 @@ def _shifted(ptrs, plane_mask, rows, cols, height, width, stride_h, stride_w, di
 
 
 @triton.jit
+def _convolved(x_planes, w_ptr, b_ptr, channel, plane_mask, rows, cols, height, width, stride_h, stride_w,
+               HAS_BIAS: tl.constexpr, FLIP: tl.constexpr, COMPUTE: tl.constexpr,
+               BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """The depthwise 3x3 convolution of the planes at x_planes (channel: their weights' rows)
+    over the tile, as a (BLOCK_C, BLOCK_H, BLOCK_W) block of COMPUTE."""
+    acc = tl.zeros((BLOCK_C, BLOCK_H, BLOCK_W), dtype=COMPUTE)
+    for i in tl.static_range(3):
+        for j in tl.static_range(3):
+            tap = (8 - (3 * i + j)) if FLIP else (3 * i + j)
+            weight = tl.load(w_ptr + channel * 9 + tap, mask=plane_mask, other=0.0).to(COMPUTE)
+            acc += weight * _shifted(x_planes, plane_mask, rows, cols, height, width, stride_h, stride_w, i - 1, j - 1,
+                                     COMPUTE)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + channel, mask=plane_mask, other=0.0).to(COMPUTE)
+    return acc
+
+
+@triton.jit
 def depthwise3x3_fwd_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, planes, channels, height, width,
     sx_b, sx_c, sx_h, sx_w, so_b, so_c, so_h,
@@ -65,16 +83,8 @@ def depthwise3x3_fwd_kernel(
     BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     _, batch, channel, plane_mask, rows, cols = _tile(planes, channels, height, width, BLOCK_C, BLOCK_H, BLOCK_W)
-    x_planes = x_ptr + batch * sx_b + channel * sx_c
-    acc = tl.zeros((BLOCK_C, BLOCK_H, BLOCK_W), dtype=COMPUTE)
-    for i in tl.static_range(3):
-        for j in tl.static_range(3):
-            tap = (8 - (3 * i + j)) if FLIP else (3 * i + j)
-            weight = tl.load(w_ptr + channel * 9 + tap, mask=plane_mask, other=0.0).to(COMPUTE)
-            acc += weight * _shifted(x_planes, plane_mask, rows, cols, height, width, sx_h, sx_w, i - 1, j - 1,
-                                     COMPUTE)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + channel, mask=plane_mask, other=0.0).to(COMPUTE)
+    acc = _convolved(x_ptr + batch * sx_b + channel * sx_c, w_ptr, b_ptr, channel, plane_mask, rows, cols,
+                     height, width, sx_h, sx_w, HAS_BIAS, FLIP, COMPUTE, BLOCK_C, BLOCK_H, BLOCK_W)
     mask = plane_mask & (rows < height) & (cols < width)
     out_ptrs = out_ptr + batch * so_b + channel * so_c + rows.to(tl.int64) * so_h + cols
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -116,17 +126,19 @@ def tile_config(height: int, width: int) -> tuple[int, int, int, int]:
     return max(1, _BLOCK_ELEMENTS // (block_h * block_w)), block_h, block_w, 1 if _INTERPRET else 4
 
 
-def _config(x: torch.Tensor, tile: tuple[int, int, int] | None) -> tuple[int, int, int, int]:
+def launch_config(x: torch.Tensor, tile: tuple[int, int, int] | None) -> tuple[int, int, int, int]:
     block_c, block_h, block_w, num_warps = tile_config(*x.shape[-2:])
     return (*tile, num_warps) if tile else (block_c, block_h, block_w, num_warps)
 
 
-def _compute_dtype(*tensors: torch.Tensor):
+def compute_dtype(*tensors: torch.Tensor):
     return tl.float64 if any(t.dtype == torch.float64 for t in tensors) else tl.float32
 
 
-def _grid(x: torch.Tensor, block_c: int, block_h: int, block_w: int) -> tuple[int, int]:
-    batch, channels, height, width = x.shape
+def grid(x: torch.Tensor, block_c: int, block_h: int, block_w: int, channels: int | None = None) -> tuple[int, int]:
+    """Programs for x's planes (``channels`` per image where fewer than x's) in tiles."""
+    batch, x_channels, height, width = x.shape
+    channels = x_channels if channels is None else channels
     tiles = triton.cdiv(height, block_h) * triton.cdiv(width, block_w)
     if tiles > 65535:  # CUDA's limit on the second grid axis
         raise ValueError(f"depthwise3x3: a {height}x{width} plane needs {tiles} tiles (> 65535); "
@@ -143,12 +155,12 @@ def depthwise3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    block_c, block_h, block_w, num_warps = _config(x, tile)
+    block_c, block_h, block_w, num_warps = launch_config(x, tile)
     batch, channels, height, width = x.shape
-    depthwise3x3_fwd_kernel[_grid(x, block_c, block_h, block_w)](
+    depthwise3x3_fwd_kernel[grid(x, block_c, block_h, block_w)](
         x, weight, bias if bias is not None else weight, out, batch * channels, channels, height, width,
         *x.stride(), *out.stride()[:3],
-        HAS_BIAS=bias is not None, FLIP=flip, COMPUTE=_compute_dtype(x, weight),
+        HAS_BIAS=bias is not None, FLIP=flip, COMPUTE=compute_dtype(x, weight),
         BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=num_warps,
     )
     return out
@@ -162,13 +174,13 @@ def depthwise3x3_weight_grad(dout: torch.Tensor, x: torch.Tensor,
     accumulate = torch.float64 if torch.float64 in (x.dtype, dout.dtype) else torch.float32
     if x.numel() == 0:
         return x.new_zeros((channels, 1, 3, 3), dtype=accumulate), x.new_zeros(channels, dtype=accumulate)
-    block_c, block_h, block_w, num_warps = _config(x, tile)
+    block_c, block_h, block_w, num_warps = launch_config(x, tile)
     batch, _, height, width = x.shape
-    grid = _grid(x, block_c, block_h, block_w)
-    partial = torch.empty((channels, batch * grid[1], 10), dtype=accumulate, device=x.device)
-    depthwise3x3_wgrad_kernel[grid](
+    programs = grid(x, block_c, block_h, block_w)
+    partial = torch.empty((channels, batch * programs[1], 10), dtype=accumulate, device=x.device)
+    depthwise3x3_wgrad_kernel[programs](
         x, dout, partial, batch * channels, batch, channels, height, width, *x.stride(), *dout.stride(),
-        COMPUTE=_compute_dtype(x, dout), BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=num_warps,
+        COMPUTE=compute_dtype(x, dout), BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=num_warps,
     )
     sums = partial.sum(1)
     own = dict(memory_format=torch.contiguous_format)  # two separate tensors, not views of sums

@@ -156,8 +156,11 @@ class GatedFFN(nn.Module):
         self.project_out = conv1x1(hidden, dim, bias)
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = pointwise_then_depthwise(self.project_in, self.dwconv, x)
-        return self.project_out(ops.gated_gelu(hidden, self.dual))
+        if torch.is_grad_enabled():  # the backward keeps x and the gate's input, not the 1x1 output
+            gated = ops.gated_gelu(pointwise_then_depthwise(self.project_in, self.dwconv, x), self.dual)
+        else:  # one pass over the 1x1 output (fused on the triton backend)
+            gated = ops.depthwise_gate(self.project_in(x), self.dwconv.weight, self.dwconv.bias, self.dual)
+        return self.project_out(gated)
 
     def _live_channels(self) -> int:
         """Per pixel alive at _dense's peak: the pointwise and depthwise outputs together."""

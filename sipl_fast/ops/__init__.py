@@ -18,7 +18,7 @@ from ..backends import resolve_backend, triton_interpreter
 from . import reference, torch_impl
 
 __all__ = ["proxy_attention", "transposed_attention", "layer_norm2d", "gated_gelu", "pointwise_depthwise",
-           "backend_module", "kernels_forced"]
+           "depthwise_gate", "backend_module", "kernels_forced"]
 
 # Triton modules are imported on first use: importing triton costs a second and is not
 # needed by the reference and torch backends.
@@ -28,6 +28,7 @@ _TRITON_MODULES = {
     "layer_norm2d": "sipl_fast.ops.layer_norm2d_triton",
     "gated_gelu": "sipl_fast.ops.gated_gelu_triton",
     "pointwise_depthwise": "sipl_fast.ops.pointwise_depthwise_triton",
+    "depthwise_gate": "sipl_fast.ops.depthwise_gate_triton",
 }
 
 
@@ -39,8 +40,9 @@ _TRITON_MODULES = {
 # its forward alone ran 1.7-12x faster than the torch formulation (which transposes NCHW to
 # NHWC and back) on calls of >= 32k pixels, slower on smaller ones (bf16;
 # bench/results/h200_2026-11-27/run2_norm_gate.json): it runs where no gradient is recorded
-# (refinement, the training step's plain pass) and the call is large. The depthwise 3x3 kernels of pointwise_depthwise have not run on a
-# GPU yet: ATen's stay the default until bench/pixel_ops_table.py has measured them.
+# (refinement, the training step's plain pass) and the call is large. The depthwise 3x3 kernels
+# (pointwise_depthwise, depthwise_gate) have not run on a GPU yet: ATen's convolution stays the
+# default until bench/pixel_ops_table.py and bench/refine_table.py ("+dwk") have measured them.
 # SIPL_FAST_ALL_KERNELS=1 runs every kernel anyway (kernel tests, benchmarks);
 # SIPL_FAST_KERNELS=op[,op...] or ``with ops.kernels_forced(op, ...)`` runs the named ops' kernels.
 LAYER_NORM_KERNEL_MIN_PIXELS = 1 << 15
@@ -55,6 +57,7 @@ _TORCH_FORMULATION_ON_CUDA = {
     "gated_gelu": lambda x: True,
     "transposed_attention": lambda x: x.dtype in (torch.float16, torch.bfloat16),
     "pointwise_depthwise": lambda x: True,
+    "depthwise_gate": lambda x: True,
 }
 
 
@@ -234,6 +237,25 @@ def pointwise_depthwise(x: torch.Tensor, pointwise: torch.Tensor, pointwise_bias
                          f"({hidden}, 1, 3, 3), got {tuple(pointwise.shape)} and {tuple(depthwise.shape)}")
     return backend_module("pointwise_depthwise", x).pointwise_depthwise(
         x, pointwise, pointwise_bias, depthwise, depthwise_bias)
+
+
+def depthwise_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dual: bool = False) -> torch.Tensor:
+    """gated_gelu(depthwise3x3(x) + bias, dual): the feed-forward's depthwise convolution
+    (weight (2h, 1, 3, 3), padding 1) and gate on x (B, 2h, H, W), returning (B, h, H, W).
+
+    The feed-forward runs it where no gradient is recorded (training keeps pointwise_depthwise
+    and gated_gelu, which save less for the backward). The triton backend fuses the two
+    (one read of x, one write of the output; NCHW maps); with autograd recording it runs the
+    torch formulation.
+    """
+    _check_map("depthwise_gate", x, "(B, 2h, H, W)", lambda t: t.shape[1] % 2 == 0)
+    channels = x.shape[1]
+    if weight.shape != (channels, 1, 3, 3) or (bias is not None and bias.shape != (channels,)) \
+            or any(p is not None and p.device != x.device for p in (weight, bias)):
+        raise ValueError(f"depthwise_gate: weight must be ({channels}, 1, 3, 3) and bias ({channels},) on "
+                         f"{x.device}, got {tuple(weight.shape)} on {weight.device} and "
+                         f"{None if bias is None else (tuple(bias.shape), str(bias.device))}")
+    return backend_module("depthwise_gate", x).depthwise_gate(x, weight, bias, bool(dual))
 
 
 _preload_triton_modules()

@@ -65,3 +65,7 @@ def gated_gelu(x, dual: bool) -> torch.Tensor:
 def pointwise_depthwise(x, pointwise, pointwise_bias, depthwise, depthwise_bias) -> torch.Tensor:
     hidden = F.conv2d(x, pointwise, pointwise_bias)
     return F.conv2d(hidden, depthwise, depthwise_bias, padding=1, groups=depthwise.shape[0])
+
+
+def depthwise_gate(x, weight, bias, dual: bool) -> torch.Tensor:
+    return gated_gelu(F.conv2d(x, weight, bias, padding=1, groups=weight.shape[0]), dual)

@@ -246,3 +246,7 @@ def pointwise_depthwise(x, pointwise, pointwise_bias, depthwise, depthwise_bias,
     if needs_autograd(x, pointwise, pointwise_bias, depthwise, depthwise_bias):
         return _PointwiseDepthwise.apply(x, pointwise, pointwise_bias, depthwise, depthwise_bias, depthwise_impl)
     return depthwise_impl.forward(F.conv2d(x, pointwise, pointwise_bias), depthwise, depthwise_bias)
+
+
+def depthwise_gate(x, weight, bias, dual: bool) -> torch.Tensor:
+    return gated_gelu(TorchDepthwise.forward(x, weight, bias), dual)
