@@ -1,5 +1,6 @@
 """Do sipl_fast's Triton kernels for the per-pixel ops around the attentions pay? LayerNorm2d,
-the FFN gates and the projection depthwise3x3(conv1x1(x)); one table and a JSON file.
+the FFN gates, the projection depthwise3x3(conv1x1(x)) and the inference-only fused depthwise
+convolution + gate of the feed-forward (forward only); one table and a JSON file.
 
     python bench/pixel_ops_table.py OUT.json [--dtypes amp,fp32] [--compile-budget-s 25] [--ops pointwise_depthwise]
     python bench/pixel_ops_table.py OUT.json --smoke      # tiny shapes on CPU: checks the script
@@ -50,7 +51,8 @@ EPS = 1e-5
 
 @dataclass(frozen=True)
 class Site:
-    op: str        # "layer_norm2d", "gated_gelu" (GDFN), "dual_gate" (DualGate FFN) or "pointwise_depthwise"
+    op: str        # "layer_norm2d", "gated_gelu" (GDFN), "dual_gate" (DualGate FFN), "pointwise_depthwise",
+                   # "depthwise_gate" or "depthwise_dual_gate" (ops.depthwise_gate, GDFN / DualGate)
     name: str      # where it runs in SIPLPromptIR
     channels: int  # input channels: C for the norm and the projection, 2h for the gates
     scale: int     # resolution divisor: 1 is full resolution
@@ -81,14 +83,22 @@ SITES = (
     Site("pointwise_depthwise", "dec1+refinement ffn", 96, 1, 8, hidden=510),
     Site("pointwise_depthwise", "enc2+dec2 ffn", 96, 2, 12, hidden=510),
     Site("pointwise_depthwise", "enc3+dec3 ffn", 192, 4, 12, hidden=1020),
+    # The feed-forward's depthwise convolution and gate on the 1x1 output (2h channels), inference.
+    Site("depthwise_gate", "enc1", 2 * 127, 1, 4),
+    Site("depthwise_gate", "dec1+refinement", 2 * 255, 1, 8),
+    Site("depthwise_gate", "enc2+dec2", 2 * 255, 2, 12),
+    Site("depthwise_gate", "enc3+dec3", 2 * 510, 4, 12),
+    Site("depthwise_dual_gate", "cross_p1", 2 * 192, 2, 1),
 )
-OPS = ("layer_norm2d", "gated_gelu", "dual_gate", "pointwise_depthwise")
+OPS = ("layer_norm2d", "gated_gelu", "dual_gate", "pointwise_depthwise", "depthwise_gate", "depthwise_dual_gate")
+INFERENCE_ONLY = ("depthwise_gate", "depthwise_dual_gate")  # no kernel for a backward: forward rows only
 
 
 def _triton_module(op: str):
-    from sipl_fast.ops import gated_gelu_triton, layer_norm2d_triton, pointwise_depthwise_triton
-    return {"layer_norm2d": layer_norm2d_triton,
-            "pointwise_depthwise": pointwise_depthwise_triton}.get(op, gated_gelu_triton)
+    from sipl_fast.ops import depthwise_gate_triton, gated_gelu_triton, layer_norm2d_triton, pointwise_depthwise_triton
+    return {"layer_norm2d": layer_norm2d_triton, "pointwise_depthwise": pointwise_depthwise_triton,
+            "depthwise_gate": depthwise_gate_triton,
+            "depthwise_dual_gate": depthwise_gate_triton}.get(op, gated_gelu_triton)
 
 
 def op_function(site: Site, provider: str, dtype: str):
@@ -101,6 +111,9 @@ def op_function(site: Site, provider: str, dtype: str):
         def fn(*tensors):
             with torch.autocast(tensors[0].device.type, torch.bfloat16, enabled=dtype == "amp"):
                 return module.pointwise_depthwise(*tensors)
+    elif site.op in INFERENCE_ONLY:
+        dual = site.op == "depthwise_dual_gate"
+        fn = lambda x, weight, bias: module.depthwise_gate(x, weight, bias, dual)  # noqa: E731
     else:
         dual = site.op == "dual_gate"
         fn = lambda x: module.gated_gelu(x, dual)  # noqa: E731
@@ -126,6 +139,9 @@ def make_inputs(site: Site, scenario: str, dtype: str, device: str, requires_gra
                     torch.randn(site.hidden, device=device, dtype=parameter),
                     torch.randn(site.hidden, 1, 3, 3, device=device, dtype=parameter) / 3,
                     torch.randn(site.hidden, device=device, dtype=parameter)]
+    elif site.op in INFERENCE_ONLY:
+        tensors += [torch.randn(site.channels, 1, 3, 3, device=device, dtype=parameter) / 3,
+                    torch.randn(site.channels, device=device, dtype=parameter)]
     return [t.requires_grad_(requires_grad) for t in tensors]
 
 
@@ -202,7 +218,7 @@ def run_table(scenarios, dtypes, providers, compile_budget_s: float, device: str
     for scenario in scenarios:
         for dtype in dtypes:
             for site in (site for site in SITES if site.op in ops):
-                for mode in MODES:
+                for mode in MODES[:1] if site.op in INFERENCE_ONLY else MODES:
                     results = budget.measure(
                         providers, lambda provider: measure(site, scenario, dtype, mode, provider, device),
                         skip=("compile",) if dtype != dtypes[0] else ())  # compile: the first dtype only

@@ -1,7 +1,9 @@
 """Refinement with steps=2 of the full model: the authors' loop on the reference backend vs
 sipl_fast's Refiner (default backend; "+graph": a step captured in a CUDA graph and replayed;
-"+nhwc": on channels-last activations; "+dwk": the depthwise convolutions by sipl_fast's
-Triton kernels, ``ops.kernels_forced``), time and peak memory beyond the resident weights.
+"+nhwc": on channels-last activations; "+dwk": the depthwise convolutions, and the
+feed-forward's depthwise convolution + gate, by sipl_fast's Triton kernels,
+``ops.kernels_forced``; "+sN": strips of N MiB instead of modules.STRIP_ELEMENTS's), time and
+peak memory beyond the resident weights.
 
     python bench/refine_table.py OUT.json                 # CUDA: 512x512 and 1280x720
     python bench/refine_table.py OUT.json --device cpu    # CPU: 128x128 and 256x256
@@ -9,8 +11,9 @@ Triton kernels, ``ops.kernels_forced``), time and peak memory beyond the residen
 Targets (issue 5): CPU 128x128 >= 1.5x faster and <= 0.5x activation memory; CUDA 512x512
 >= 2.5x faster and <= 0.25x peak memory; 1280x720 within 8 GB.
 On the CPU, peak memory is the resident-set high-water mark; glibc would keep freed blocks
-resident and blur it, so the script re-runs itself with MALLOC_MMAP_THRESHOLD_ set (large
-blocks are then returned to the system when freed and the RSS follows live memory).
+resident and blur it, so the peaks come from a child process run with MALLOC_MMAP_THRESHOLD_
+set (large blocks are then returned to the system when freed and the RSS follows live
+memory), the timings from this process (glibc's defaults, as users run).
 """
 from __future__ import annotations
 
@@ -18,13 +21,15 @@ import argparse
 import contextlib
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 
 import sipl_fast
-from sipl_fast import SIPLPromptIR, ops
+from sipl_fast import SIPLPromptIR, modules, ops
 from sipl_fast.refine import Refiner, authors_loop
 
 from peak_memory import peak_extra_bytes
@@ -33,6 +38,7 @@ CASES = {
     "cuda": [((512, 512), "reference", 1), ((512, 512), "torch", 2), ((512, 512), "sipl_fast", 3),
              ((512, 512), "sipl_fast+graph", 3), ((512, 512), "sipl_fast+graph+nhwc", 3),
              ((512, 512), "sipl_fast+dwk", 3), ((512, 512), "sipl_fast+graph+dwk", 3),
+             ((512, 512), "sipl_fast+graph+dwk+s96", 3), ((512, 512), "sipl_fast+graph+dwk+s512", 3),
              ((720, 1280), "sipl_fast", 2)],
     "cpu": [((128, 128), "reference", 3), ((128, 128), "sipl_fast", 3),
             ((256, 256), "reference", 1), ((256, 256), "sipl_fast", 1)],
@@ -63,7 +69,8 @@ def _runner(model, x, provider: str):
         return run
     name, *extras = provider.split("+")
     backend = "torch" if name == "torch" else None
-    forced = ("pointwise_depthwise",) if "dwk" in extras else ()
+    forced = ("pointwise_depthwise", "depthwise_gate") if "dwk" in extras else ()
+    strip_mib = next((int(e[1:]) for e in extras if e.startswith("s") and e[1:].isdigit()), None)
     options = dict(steps=2, channels_last=True if "nhwc" in extras else None)  # None: the device default
     if "graph" in extras:  # one Refiner kept: its first call captures, later ones replay
         refiner = Refiner(model, cuda_graph=True, **options)
@@ -71,35 +78,71 @@ def _runner(model, x, provider: str):
         refiner = lambda image: model.refine(image, **options)  # noqa: E731 - as a user calls it
 
     def run():
-        with sipl_fast.use_backend(backend) if backend else contextlib.nullcontext(), ops.kernels_forced(*forced):
+        with sipl_fast.use_backend(backend) if backend else contextlib.nullcontext(), ops.kernels_forced(*forced), \
+                _strip_budget(x.device.type, strip_mib):
             return refiner(x)
     return run
+
+
+@contextlib.contextmanager
+def _strip_budget(device: str, mib: int | None):
+    """Strips of ``mib`` MiB of float32 on ``device`` within the block (None: the default)."""
+    previous = modules.STRIP_ELEMENTS[device]
+    if mib is not None:
+        modules.STRIP_ELEMENTS[device] = mib << 18
+    try:
+        yield
+    finally:
+        modules.STRIP_ELEMENTS[device] = previous
+
+
+def _cpu_peaks(argv) -> dict:
+    """{case index: peak bytes} from a child process run with glibc returning large freed
+    blocks to the system (MALLOC_MMAP_THRESHOLD_), where the RSS follows live memory. The
+    timings stay in this process: that setting makes every large allocation a fresh mmap,
+    which slowed both loops 2.5x at 128x128."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="0")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "peaks.json")
+        subprocess.run([sys.executable, __file__, *argv, "--peaks-to", out], env=env, check=True)
+        with open(out) as f:
+            return {int(k): v for k, v in json.load(f).items()}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--peaks-to", default=None, help=argparse.SUPPRESS)  # the CPU's memory child
     args = parser.parse_args(argv)
-    if args.device == "cpu" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="0")
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    argv = sys.argv[1:] if argv is None else argv
+    cpu_peaks = _cpu_peaks(argv) if args.device == "cpu" and args.peaks_to is None else None
     torch.manual_seed(0)
     model = SIPLPromptIR().eval().to(args.device)
     with torch.no_grad():  # trained dictionaries are not zeros
         for k in (1, 2, 3):
             getattr(model, f"privileged_dictionary{k}").normal_()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    rows = []
-    for size, provider, repeats in CASES[args.device]:
+    rows, peaks = [], {}
+    for index, (size, provider, repeats) in enumerate(CASES[args.device]):
         x = torch.rand(1, 3, *size, device=args.device)
         run = _runner(model, x, provider)
-        peak = peak_extra_bytes(run, args.device)  # doubles as the warm-up
+        if cpu_peaks is None:
+            peaks[index] = peak_extra_bytes(run, args.device)  # doubles as the warm-up
+        else:
+            run()  # warm-up
+        if args.peaks_to:
+            continue
+        peak = peaks[index] if cpu_peaks is None else cpu_peaks[index]
         seconds = _median_seconds(run, repeats, args.device)
         label = f"{size[1]}x{size[0]}"
         rows.append(dict(size=label, provider=provider, seconds=seconds, peak_extra_mib=peak / 2**20))
         print(f"refine steps=2 {label:>9} {provider:>10}: {seconds * 1e3:10.1f} ms   "
               f"peak beyond weights {peak / 2**20:9.1f} MiB", flush=True)
+    if args.peaks_to:
+        with open(args.peaks_to, "w") as f:
+            json.dump(peaks, f)
+        return 0
     by = {(r["size"], r["provider"]): r for r in rows}
     summary = {}
     for (size, provider), row in by.items():

@@ -202,9 +202,9 @@ class TransposedAttention(nn.Module):
         rows = strip_rows(x, 5 * dim)  # the normed strip, the pointwise and depthwise q and k
         if rows is None:  # one piece (never strips of the attention itself: it is global)
             return _residual(x, self(norm(x)), inplace)
-        attn = self._attention_matrix(x, norm, rows)
-        # the normed strip, v, A v and its projection
-        return add_in_strips(lambda part: self._mix_values(attn, norm(part)), x, 4 * dim, inplace)
+        mix = self._output_mix(self._attention_matrix(x, norm, rows))
+        # the normed strip and v's 1x1 and depthwise outputs (then the normed strip, v, the output)
+        return add_in_strips(lambda part: self._mix_values(mix, norm(part)), x, 3 * dim, inplace)
 
     def _projected_channels(self, x: torch.Tensor, first: int, count: int) -> torch.Tensor:
         """Channels [first, first + count) of qkv_dwconv(qkv(x)), computing only those."""
@@ -226,16 +226,25 @@ class TransposedAttention(nn.Module):
             qk = self._projected_channels(norm(x[..., lo:hi, :]), 0, 2 * dim)[..., top - lo:bottom - lo, :]
             q, k = (torch_impl.rows(t, self.num_heads).to(accumulate) for t in qk.chunk(2, dim=1))
             gram += torch_impl.gram(q, k)
-            sq_q += q.square().sum(-1)
-            sq_k += k.square().sum(-1)
+            # one reduction kernel each: square().sum() wrote a squared copy first (8.4 ms of
+            # the 444 ms of kernels of an H200 refinement, bench/results/h200_2026-11-27b)
+            sq_q += torch.linalg.vector_norm(q, dim=-1).square()
+            sq_k += torch.linalg.vector_norm(k, dim=-1).square()
         return torch_impl.channel_attention(gram, sq_q.sqrt(), sq_k.sqrt(), self.temperature)
 
-    def _mix_values(self, attn: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
+    def _output_mix(self, attn: torch.Tensor) -> torch.Tensor:
+        """project_out after the attention as one (B, 1, C, C) matrix per image: project_out(A v)
+        = (W A) v, so each strip's values take one product instead of two and no A v map."""
+        b, heads, c, _ = attn.shape
+        weight = self.project_out.weight.reshape(-1, heads, c).to(attn.dtype)
+        return torch.einsum("ohi,bhij->bohj", weight, attn).reshape(b, 1, heads * c, heads * c)
+
+    def _mix_values(self, mix: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
         dim, height, width = normed.shape[1:]
         v = self._projected_channels(normed, 2 * dim, dim)
-        mixed = torch_impl.mix_channels(attn, torch_impl.rows(v, self.num_heads), height, width,
-                                        torch_impl.channels_innermost(v))
-        return self.project_out(mixed)
+        out = torch_impl.mix_channels(mix, torch_impl.rows(v, 1), height, width, torch_impl.channels_innermost(v))
+        bias = self.project_out.bias
+        return out if bias is None else out.add_(bias.to(out.dtype).view(1, -1, 1, 1))
 
 
 class TransformerBlock(nn.Module):
