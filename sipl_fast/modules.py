@@ -226,10 +226,8 @@ class TransposedAttention(nn.Module):
             qk = self._projected_channels(norm(x[..., lo:hi, :]), 0, 2 * dim)[..., top - lo:bottom - lo, :]
             q, k = (torch_impl.rows(t, self.num_heads).to(accumulate) for t in qk.chunk(2, dim=1))
             gram += torch_impl.gram(q, k)
-            # one reduction kernel each: square().sum() wrote a squared copy first (8.4 ms of
-            # the 444 ms of kernels of an H200 refinement, bench/results/h200_2026-11-27b)
-            sq_q += torch.linalg.vector_norm(q, dim=-1).square()
-            sq_k += torch.linalg.vector_norm(k, dim=-1).square()
+            sq_q += torch_impl.row_norms(q, squared=True)
+            sq_k += torch_impl.row_norms(k, squared=True)
         return torch_impl.channel_attention(gram, sq_q.sqrt(), sq_k.sqrt(), self.temperature)
 
     def _output_mix(self, attn: torch.Tensor) -> torch.Tensor:
