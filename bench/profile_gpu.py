@@ -6,8 +6,8 @@ For each case: the wall time of one call, the summed time of the GPU kernels it 
 (torch.profiler), their ratio (how busy the GPU was: well below 1 means the CPU issuing
 kernels is the bottleneck, and CUDA graphs pay), and the kernels with the most GPU time.
 Cases: the training step (base preset, 128x128, batch 8, bf16 autocast) with the providers of
-train_step_table.py, refinement with steps=2 at 512x512 (also with the depthwise kernels,
-"dwk", and on the torch backend), and the MDTA and proxy-attention kernels (fwd+bwd) at their 512x512 shapes. CUDA only.
+train_step_table.py, refinement with steps=2 at 512x512 (also replayed from a CUDA graph with
+the depthwise kernels, "graph+dwk", eagerly with them, "dwk", and on the torch backend), and the MDTA and proxy-attention kernels (fwd+bwd) at their 512x512 shapes. CUDA only.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from train_step_table import make_step  # noqa: E402
 
 import sipl_fast  # noqa: E402
 from sipl_fast import SIPLPromptIR, ops  # noqa: E402
+from sipl_fast.refine import Refiner  # noqa: E402
 
 
 def kernel_breakdown(fn, warmup: int = 3) -> dict:
@@ -73,27 +74,32 @@ def cases():
     """(name, make): make() builds the case and returns the function to profile (only cases
     that are profiled get built)."""
     device = torch.device("cuda")
-    shape = dict(preset="base", batch=8, patch=128)
-    for provider in ("reference", "auto", "auto+graph", "auto+graph+nhwc", "auto+graph+dwk"):
-        yield f"train step bf16 {provider}", lambda provider=provider: _default_routing(
-            make_step(provider, device, amp=True, **shape)[0])
 
-    def refinement(forced=(), backend="auto"):
+    def refinement(forced=(), backend="auto", graph=False):
         torch.manual_seed(0)
         model = SIPLPromptIR().eval().to(device)
         with torch.no_grad():
             for k in (1, 2, 3):
                 getattr(model, f"privileged_dictionary{k}").normal_()
         x = torch.rand(1, 3, 512, 512, device=device)
+        # kept: its first call (a warm-up) captures, the profiled call replays
+        refiner = Refiner(model, steps=2, cuda_graph=True) if graph else lambda image: model.refine(image, steps=2)
 
         def run():
             with sipl_fast.use_backend(backend), ops.kernels_forced(*forced):
-                return model.refine(x, steps=2)
+                return refiner(x)
         return _default_routing(run)
 
+    # Refinement first: issue 5's open target (the train-step cases take longest to build).
     yield "refine 512x512 steps=2", refinement
-    yield "refine 512x512 steps=2 dwk", lambda: refinement(("pointwise_depthwise",))
+    yield "refine 512x512 steps=2 graph+dwk", lambda: refinement(ops.DEPTHWISE_OPS, graph=True)
+    yield "refine 512x512 steps=2 dwk", lambda: refinement(ops.DEPTHWISE_OPS)
     yield "refine 512x512 steps=2 torch backend", lambda: refinement(backend="torch")
+
+    shape = dict(preset="base", batch=8, patch=128)
+    for provider in ("reference", "auto", "auto+graph", "auto+graph+nhwc", "auto+graph+dwk"):
+        yield f"train step bf16 {provider}", lambda provider=provider: _default_routing(
+            make_step(provider, device, amp=True, **shape)[0])
 
     for dtype in (torch.bfloat16, torch.float32):
         name = str(dtype).split(".")[-1]

@@ -69,7 +69,7 @@ def _runner(model, x, provider: str):
         return run
     name, *extras = provider.split("+")
     backend = "torch" if name == "torch" else None
-    forced = ("pointwise_depthwise", "depthwise_gate") if "dwk" in extras else ()
+    forced = ops.DEPTHWISE_OPS if "dwk" in extras else ()
     strip_mib = next((int(e[1:]) for e in extras if e.startswith("s") and e[1:].isdigit()), None)
     options = dict(steps=2, channels_last=True if "nhwc" in extras else None)  # None: the device default
     if "graph" in extras:  # one Refiner kept: its first call captures, later ones replay

@@ -8,8 +8,9 @@ sipl_fast picks by itself (triton on CUDA, torch on CPU) in the trainer's defaul
 on the CPU, NCHW on CUDA); "reference" is the authors' eager math in NCHW; "+graph" replays the whole step as a CUDA graph (``--cuda-graph``: the eager step at
 these sizes is bound by the CPU issuing kernels); "+nhwc" trains on channels-last activations
 (``--channels-last``: cuDNN's depthwise convolutions instead of ATen's NCHW kernels); "+dwk"
-runs the depthwise convolutions with sipl_fast's Triton kernels (``ops.kernels_forced``; ATen's
-stay the default until this is measured). The step is ``Trainer.train_step``: the no-grad plain
+runs the depthwise convolutions (and, in the no-grad plain pass, the feed-forward's fused
+depthwise convolution + gate) with sipl_fast's Triton kernels (``ops.kernels_forced(*ops.DEPTHWISE_OPS)``;
+ATen's stay the default until this is measured). The step is ``Trainer.train_step``: the no-grad plain
 pass and encoder on the clean batch, the privileged pass on the degraded batch, L1, backward,
 clipping, AdamW.
 Peak memory: on CUDA the allocator's peak over the whole measurement (warm-up, the capture
@@ -67,7 +68,7 @@ def make_step(provider: str, device: torch.device, preset: str, batch: int, patc
     lq = (gt + 0.1 * torch.randn(gt.shape, generator=g)).clamp(0, 1)
     gt, lq = gt.to(device), lq.to(device)
 
-    forced = ("pointwise_depthwise",) if "dwk" in extras else ()
+    forced = ops.DEPTHWISE_OPS if "dwk" in extras else ()
 
     def step():
         with sipl_fast.use_backend(backend), ops.kernels_forced(*forced):

@@ -18,7 +18,7 @@ from ..backends import resolve_backend, triton_interpreter
 from . import reference, torch_impl
 
 __all__ = ["proxy_attention", "transposed_attention", "layer_norm2d", "gated_gelu", "pointwise_depthwise",
-           "depthwise_gate", "backend_module", "kernels_forced"]
+           "depthwise_gate", "backend_module", "kernels_forced", "DEPTHWISE_OPS"]
 
 # Triton modules are imported on first use: importing triton costs a second and is not
 # needed by the reference and torch backends.
@@ -46,6 +46,8 @@ _TRITON_MODULES = {
 # SIPL_FAST_ALL_KERNELS=1 runs every kernel anyway (kernel tests, benchmarks);
 # SIPL_FAST_KERNELS=op[,op...] or ``with ops.kernels_forced(op, ...)`` runs the named ops' kernels.
 LAYER_NORM_KERNEL_MIN_PIXELS = 1 << 15
+# The ops whose kernels are depthwise 3x3 convolutions ("+dwk" in the benchmarks).
+DEPTHWISE_OPS = ("pointwise_depthwise", "depthwise_gate")
 
 
 def _pixels(x: torch.Tensor) -> int:
@@ -56,8 +58,7 @@ _TORCH_FORMULATION_ON_CUDA = {
     "layer_norm2d": lambda x: torch.is_grad_enabled() or _pixels(x) < LAYER_NORM_KERNEL_MIN_PIXELS,
     "gated_gelu": lambda x: True,
     "transposed_attention": lambda x: x.dtype in (torch.float16, torch.bfloat16),
-    "pointwise_depthwise": lambda x: True,
-    "depthwise_gate": lambda x: True,
+    **dict.fromkeys(DEPTHWISE_OPS, lambda x: True),
 }
 
 
