@@ -74,19 +74,27 @@ def _residual(x: torch.Tensor, branch: torch.Tensor, inplace: bool) -> torch.Ten
 
 def add_in_strips(fn, x: torch.Tensor, live_channels: int, inplace: bool) -> torch.Tensor:
     """x + fn(x) for a strip-local fn, as in_strips; with ``inplace`` (autograd off, x owned by
-    the caller) the sum overwrites x, each strip written back only after the next strip has
-    read its halo row from the original x, so no second copy of x is needed."""
-    rows = strip_rows(x, live_channels + 2 * x.shape[1])  # + this strip's sum and the pending one
+    the caller) the sum overwrites x, each strip added only after the next strip has read its
+    halo row from the original x, so no second copy of x is needed. Each strip's sum is one
+    pass (the branch added into place), not a sum and then a copy."""
+    rows = strip_rows(x, live_channels + 2 * x.shape[1])  # + this strip's branch and the pending one
     if rows is None:
         return _residual(x, fn(x), inplace)
     out = x if inplace else torch.empty_like(x)
-    pending = None  # the previous strip's sum, not yet written
+
+    def settle(top: int, bottom: int, branch: torch.Tensor) -> None:
+        if inplace:
+            out[..., top:bottom, :].add_(branch)
+        else:
+            torch.add(x[..., top:bottom, :], branch, out=out[..., top:bottom, :])
+
+    pending = None  # the previous strip's rows and branch output, not yet added
     for lo, hi, top, bottom in strip_bounds(x.shape[-2], rows):
-        value = fn(x[..., lo:hi, :])[..., top - lo:bottom - lo, :] + x[..., top:bottom, :]
+        branch = fn(x[..., lo:hi, :])[..., top - lo:bottom - lo, :]
         if pending is not None:
-            out[..., pending[0]:pending[1], :] = pending[2]
-        pending = (top, bottom, value)
-    out[..., pending[0]:pending[1], :] = pending[2]
+            settle(*pending)
+        pending = (top, bottom, branch)
+    settle(*pending)
     return out
 
 
