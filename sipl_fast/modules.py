@@ -27,7 +27,7 @@ LAYERNORM_TYPES = ("WithBias", "BiasFree")
 # intermediate, but issued ~9x the kernels of an unstripped pass and ran at 1.58x the
 # reference (bench/results/h200_2026-11-27_session2.md). With the encoder features freed
 # during the last pass (Refiner._step), this budget estimates 486 MiB at 512x512 on fake
-# tensors (424 MiB then; about 0.22x the reference's peak once scaled to the GPU's) with 2.3x
+# tensors (424 MiB then; about 0.22x the reference's peak once scaled to the GPU's) with 2.7x
 # fewer ops (bench/results/strip_budget_2026-11-27.md). SIPL_FAST_STRIP_ELEMENTS sets both.
 STRIP_ELEMENTS = {"cpu": 1 << 22, "cuda": 3 << 24}
 if os.environ.get("SIPL_FAST_STRIP_ELEMENTS"):
