@@ -60,6 +60,18 @@ def test_without_bias(dual):
     _check_forward(*_inputs(2, 5, 6, 10, torch.float32, bias=False), dual, TOLERANCE[torch.float32])
 
 
+def test_float32_weights_on_a_half_map():
+    """Autocast's case (the training step's no-grad plain pass): a 16-bit 1x1 output and the
+    float32 depthwise weights; the output keeps the map's dtype."""
+    x, weight, bias = _inputs(2, 4, 5, 9, torch.float32)
+    half = x.half()
+    with torch.no_grad():
+        out = on_kernels(ops.depthwise_gate)(half, weight, bias, True)
+    assert out.dtype == torch.float16
+    expected = _truth(half, weight, bias, True)
+    assert (out.double() - expected).abs().max() <= TOLERANCE[torch.float16] * expected.abs().max()
+
+
 @pytest.mark.parametrize("tile", [None, (2, 4, 8)], ids=["default-tiles", "2x4x8-tiles"])
 @pytest.mark.parametrize("layout", ["strip", "channel_slice"])
 @pytest.mark.parametrize("dual", [False, True], ids=["gdfn", "dual"])
