@@ -52,4 +52,7 @@ printf '%s\n' "${summary[@]}"
 grep -aE "^(FAILED|ERROR) " "$LOG" | head -40
 grep -aE "[0-9]+ (passed|failed)" "$LOG" | tail -2
 grep -aiE "target|speed-up|speedup|faster than|TFLOP/s|copy bandwidth|matmul|ms/step|peak|^== " "$LOG" | grep -av "^ *#" | tail -80
+echo
+echo "=== defaults waiting for a measurement (bench/decide_defaults.py)"
+timeout 20 $PY bench/decide_defaults.py "$OUT"
 } | tee -a "$LOG"
