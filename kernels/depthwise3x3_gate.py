@@ -34,10 +34,11 @@ def depthwise3x3_gate_fwd_kernel(
 ):
     # planes are the (b, c) of the output; channel c of x's first half pairs with c + half.
     _, batch, channel, plane_mask, rows, cols = _tile(planes, half, height, width, BLOCK_C, BLOCK_H, BLOCK_W)
-    first = x_ptr + batch * sx_b + channel * sx_c
-    h1 = _convolved(first, w_ptr, b_ptr, channel, plane_mask, rows, cols, height, width, sx_h, sx_w,
-                    HAS_BIAS, False, COMPUTE, BLOCK_C, BLOCK_H, BLOCK_W)
-    h2 = _convolved(first + half * sx_c, w_ptr, b_ptr, channel + half, plane_mask, rows, cols, height, width,
+    image = x_ptr + batch * sx_b
+    paired = channel + half  # int64, like channel: (c + h) * stride passes 2**31 on large maps
+    h1 = _convolved(image + channel * sx_c, w_ptr, b_ptr, channel, plane_mask, rows, cols, height, width,
+                    sx_h, sx_w, HAS_BIAS, False, COMPUTE, BLOCK_C, BLOCK_H, BLOCK_W)
+    h2 = _convolved(image + paired * sx_c, w_ptr, b_ptr, paired, plane_mask, rows, cols, height, width,
                     sx_h, sx_w, HAS_BIAS, False, COMPUTE, BLOCK_C, BLOCK_H, BLOCK_W)
     out = _gelu(h1) * h2
     if DUAL:
