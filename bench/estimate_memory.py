@@ -43,12 +43,14 @@ class LiveBytes(TorchDispatchMode):
         super().__init__()
         self.makers = weakref.WeakKeyDictionary()  # storage -> (bytes, op, shape, call site)
         self.live = self.peak = 0
+        self.ops = 0  # calls dispatched (views and metadata ops included)
         self.at_peak: list = []
 
     def _freed(self, nbytes: int) -> None:
         self.live -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor):
@@ -118,7 +120,7 @@ def main(argv=None) -> int:
     what = f"refine steps=2 {args.size}" if args.task == "refine" else \
         f"training step (forward, held for the backward) batch {args.batch} {args.patch}px {'bf16' if args.amp else 'fp32'}"
     print(f"{what}, {args.preset} preset, backend {args.backend}: peak {tracker.peak / 2**20:.1f} MiB "
-          f"beyond the weights (estimated on fake CUDA tensors)")
+          f"beyond the weights (estimated on fake CUDA tensors), {tracker.ops} ops dispatched")
     for nbytes, op, shape, site in tracker.at_peak[:args.top]:
         print(f"  {nbytes / 2**20:9.1f} MiB  {op} {shape}  {site}")
     return 0
