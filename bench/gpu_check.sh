@@ -8,7 +8,9 @@
 #
 # Sections run in priority order, each with a time limit, under one overall deadline
 # (DEADLINE_S, default 420 s), so one slow part cannot starve the rest. The summary at the end
-# lists every section's status and the headline lines of each table.
+# lists every section's status, the headline lines of each table and what the run says about
+# the defaults that wait for a measurement (bench/decide_defaults.py: the depthwise kernels,
+# the strip budget). With a 480 s limit on the whole call: DEADLINE_S=455.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/run}
