@@ -94,6 +94,17 @@ def time_ms(run, device: str) -> float:
     return sorted(samples)[1]
 
 
+def graph_time_ms(run) -> float | None:
+    """Median milliseconds of a call replayed from a CUDA graph (triton.testing.do_bench_cudagraph):
+    the kernels' time without the CPU's launch gaps; None where the call cannot be captured."""
+    import triton.testing
+    try:
+        return triton.testing.do_bench_cudagraph(run, rep=25, return_mode="median")
+    except Exception as error:  # noqa: BLE001 - a capture failure is reported, not fatal
+        print(f"(CUDA-graph timing failed: {type(error).__name__}: {str(error)[:200]})")
+        return None
+
+
 def peak_mib(run, device: str) -> float | None:
     """MiB allocated at the peak of one call above what was allocated before it (CUDA only)."""
     return peak_extra_bytes(run, device) / 2**20 if device == "cuda" else None
