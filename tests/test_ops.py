@@ -97,6 +97,18 @@ def test_zero_norm_tokens_are_finite_and_match(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last_transposed_attention_with_a_zero_channel(backend):
+    """Channels-last maps (the CPU's training and refinement layout) with a zero-norm row:
+    finite output and gradients equal to float64 (F.normalize's eps semantics)."""
+    def make():
+        q = torch.randn(2, 48, 5, 4)
+        q[:, 7] = 0
+        return [t.contiguous(memory_format=torch.channels_last) for t in
+                (q, torch.randn(2, 48, 5, 4), torch.randn(2, 48, 5, 4))] + [torch.rand(2, 1, 1) + 0.5]
+    _compare("transposed_attention", make, backend, 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_layer_norm_and_gate_match_float64(backend):
     x64 = (torch.randn(2, 7, 3, 5, dtype=torch.float64) * 3 + 1).requires_grad_()
     w64 = torch.randn(7, dtype=torch.float64, requires_grad=True)

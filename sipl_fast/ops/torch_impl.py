@@ -32,8 +32,9 @@ def inverse_norm(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 def row_norms(rows_: torch.Tensor, squared: bool = False) -> torch.Tensor:
     """The L2 norms (or their squares) of the rows (..., N) of a rows() view. On unit-stride
     rows (NCHW) vector_norm reduces in one pass; on channels-last rows (stride C) the CPU's
-    square-then-sum ran 1.1-2.6x faster than vector_norm at SIPL's level sizes."""
-    if rows_.stride(-1) == 1:
+    square-then-sum ran 1.1-2.6x faster than vector_norm at SIPL's level sizes. Under autograd
+    the norms are vector_norm's: its gradient at a zero row is 0, sqrt's would be NaN."""
+    if rows_.stride(-1) == 1 or (not squared and needs_autograd(rows_)):
         norms = torch.linalg.vector_norm(rows_, dim=-1)
         return norms.square() if squared else norms
     squares = rows_.square().sum(-1)
