@@ -39,7 +39,7 @@ CASES = {
              ((512, 512), "sipl_fast+graph", 3), ((512, 512), "sipl_fast+graph+nhwc", 3),
              ((512, 512), "sipl_fast+dwk", 3), ((512, 512), "sipl_fast+graph+dwk", 3),
              ((512, 512), "sipl_fast+graph+dwk+s48", 3), ((512, 512), "sipl_fast+graph+dwk+s96", 3),
-             ((512, 512), "sipl_fast+graph+dwk+s512", 3),
+             ((512, 512), "sipl_fast+graph+dwk+s192", 3), ((512, 512), "sipl_fast+graph+dwk+s512", 3),
              ((720, 1280), "sipl_fast", 2)],
     "cpu": [((128, 128), "reference", 3), ((128, 128), "sipl_fast", 3),
             ((256, 256), "reference", 1), ((256, 256), "sipl_fast", 1)],

@@ -8,6 +8,7 @@ import decide_defaults
 
 def _refine(dwk_ms: float, budgets: dict) -> dict:
     rows = [dict(size="512x512", provider="reference", seconds=0.8, peak_extra_mib=2400.0),
+            dict(size="512x512", provider="sipl_fast", seconds=0.9, peak_extra_mib=560.0),
             dict(size="512x512", provider="sipl_fast+graph", seconds=0.5, peak_extra_mib=500.0),
             dict(size="512x512", provider="sipl_fast+graph+dwk", seconds=dwk_ms / 1e3, peak_extra_mib=520.0),
             dict(size="1280x720", provider="sipl_fast", seconds=2.0, peak_extra_mib=1200.0)]
@@ -39,10 +40,11 @@ def test_the_fastest_budget_within_the_memory_target_wins():
     lines = decide_defaults.strip_verdict(refine)
     assert lines[-1].startswith("strip budget: 96 MiB is the fastest"), lines
     assert any(line.startswith("strips of 512 MiB: 2.67x") for line in lines)
+    assert "eager default (160 MiB strips): 0.89x the reference loop, 0.233x its peak memory" in lines
 
 
 def test_main_reads_the_directory(tmp_path, capsys):
     (tmp_path / "refine.json").write_text(json.dumps(_refine(450, {96: (0.5, 480.0)})))
     assert decide_defaults.main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "pixel_ops.json: missing" in out and "strip budget: 192 MiB is the fastest" in out
+    assert "pixel_ops.json: missing" in out and "strip budget: 160 MiB is the fastest" in out

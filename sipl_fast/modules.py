@@ -21,15 +21,17 @@ LAYERNORM_TYPES = ("WithBias", "BiasFree")
 
 
 # Elements a strip may hold alive at once (its intermediates together) when a block runs
-# without autograd (see in_strips): 16 MiB of float32 on the CPU (cache-sized), 192 MiB on a
+# without autograd (see in_strips): 16 MiB of float32 on the CPU (cache-sized), 160 MiB on a
 # GPU. Smaller strips mean less memory and more, smaller kernels. On an H200 a 512x512
-# refinement held 0.19x the reference loop's peak memory with strips of 32 MiB per widest
-# intermediate, but issued ~9x the kernels of an unstripped pass and ran at 1.58x the
-# reference (bench/results/h200_2026-11-27_session2.md). With the encoder features freed
-# during the last pass (Refiner._step), this budget estimates 486 MiB at 512x512 on fake
-# tensors (424 MiB then; about 0.22x the reference's peak once scaled to the GPU's) with 2.7x
-# fewer ops (bench/results/strip_budget_2026-11-27.md). SIPL_FAST_STRIP_ELEMENTS sets both.
-STRIP_ELEMENTS = {"cpu": 1 << 22, "cuda": 3 << 24}
+# refinement held 0.19x (graph-replayed) to 0.22x (eager) the reference loop's peak memory
+# with strips of 32 MiB per widest intermediate, but issued ~9x the kernels of an unstripped
+# pass and ran at 1.58x the reference (bench/results/h200_2026-11-27_session2.md). With the
+# encoder features freed during the last pass (Refiner._step), this budget estimates 442 MiB
+# at 512x512 on fake tensors (424 MiB then) with 2x fewer ops; scaled as the old estimate
+# compared with the H200's eager peak (x1.24), 0.23x of the reference's (target <= 0.25x;
+# 192 MiB would give 0.255x). bench/results/strip_budget_2026-11-27.md has the sweep;
+# SIPL_FAST_STRIP_ELEMENTS sets both.
+STRIP_ELEMENTS = {"cpu": 1 << 22, "cuda": 5 << 23}
 if os.environ.get("SIPL_FAST_STRIP_ELEMENTS"):
     STRIP_ELEMENTS = dict.fromkeys(STRIP_ELEMENTS, int(os.environ["SIPL_FAST_STRIP_ELEMENTS"]))
 
