@@ -1,6 +1,7 @@
 """Do sipl_fast's Triton kernels for the per-pixel ops around the attentions pay? LayerNorm2d,
-the FFN gates, the projection depthwise3x3(conv1x1(x)) and the inference-only fused depthwise
-convolution + gate of the feed-forward (forward only); one table and a JSON file.
+the FFN gates, the projection depthwise3x3(conv1x1(x)) and the feed-forward's projection and
+gate gate(depthwise3x3(conv1x1(x))), whose kernel fuses the depthwise convolution and the gate
+for inference (forward only); one table and a JSON file.
 
     python bench/pixel_ops_table.py OUT.json [--dtypes amp,fp32] [--compile-budget-s 25] [--ops pointwise_depthwise]
     python bench/pixel_ops_table.py OUT.json --smoke      # tiny shapes on CPU: checks the script
@@ -52,7 +53,7 @@ EPS = 1e-5
 @dataclass(frozen=True)
 class Site:
     op: str        # "layer_norm2d", "gated_gelu" (GDFN), "dual_gate" (DualGate FFN), "pointwise_depthwise",
-                   # "depthwise_gate" or "depthwise_dual_gate" (ops.depthwise_gate, GDFN / DualGate)
+                   # "projection_gate" or "projection_dual_gate" (ops.pointwise_depthwise_gate, GDFN / DualGate)
     name: str      # where it runs in SIPLPromptIR
     channels: int  # input channels: C for the norm and the projection, 2h for the gates
     scale: int     # resolution divisor: 1 is full resolution
@@ -83,22 +84,24 @@ SITES = (
     Site("pointwise_depthwise", "dec1+refinement ffn", 96, 1, 8, hidden=510),
     Site("pointwise_depthwise", "enc2+dec2 ffn", 96, 2, 12, hidden=510),
     Site("pointwise_depthwise", "enc3+dec3 ffn", 192, 4, 12, hidden=1020),
-    # The feed-forward's depthwise convolution and gate on the 1x1 output (2h channels), inference.
-    Site("depthwise_gate", "enc1", 2 * 127, 1, 4),
-    Site("depthwise_gate", "dec1+refinement", 2 * 255, 1, 8),
-    Site("depthwise_gate", "enc2+dec2", 2 * 255, 2, 12),
-    Site("depthwise_gate", "enc3+dec3", 2 * 510, 4, 12),
-    Site("depthwise_dual_gate", "cross_p1", 2 * 192, 2, 1),
+    # The feed-forward's projection and gate without autograd (the fused kernel's use).
+    Site("projection_gate", "enc1 ffn", 48, 1, 4, hidden=254),
+    Site("projection_gate", "dec1+refinement ffn", 96, 1, 8, hidden=510),
+    Site("projection_gate", "enc2+dec2 ffn", 96, 2, 12, hidden=510),
+    Site("projection_gate", "enc3+dec3 ffn", 192, 4, 12, hidden=1020),
+    Site("projection_dual_gate", "cross_p1 ffn", 96, 2, 1, hidden=384),
 )
-OPS = ("layer_norm2d", "gated_gelu", "dual_gate", "pointwise_depthwise", "depthwise_gate", "depthwise_dual_gate")
-INFERENCE_ONLY = ("depthwise_gate", "depthwise_dual_gate")  # no kernel for a backward: forward rows only
+OPS = ("layer_norm2d", "gated_gelu", "dual_gate", "pointwise_depthwise", "projection_gate", "projection_dual_gate")
+INFERENCE_ONLY = ("projection_gate", "projection_dual_gate")  # no kernel for a backward: forward rows only
+PROJECTIONS = ("pointwise_depthwise", *INFERENCE_ONLY)
 
 
 def _triton_module(op: str):
-    from sipl_fast.ops import depthwise_gate_triton, gated_gelu_triton, layer_norm2d_triton, pointwise_depthwise_triton
+    from sipl_fast.ops import (gated_gelu_triton, layer_norm2d_triton, pointwise_depthwise_gate_triton,
+                               pointwise_depthwise_triton)
     return {"layer_norm2d": layer_norm2d_triton, "pointwise_depthwise": pointwise_depthwise_triton,
-            "depthwise_gate": depthwise_gate_triton,
-            "depthwise_dual_gate": depthwise_gate_triton}.get(op, gated_gelu_triton)
+            "projection_gate": pointwise_depthwise_gate_triton,
+            "projection_dual_gate": pointwise_depthwise_gate_triton}.get(op, gated_gelu_triton)
 
 
 def op_function(site: Site, provider: str, dtype: str):
@@ -112,8 +115,11 @@ def op_function(site: Site, provider: str, dtype: str):
             with torch.autocast(tensors[0].device.type, torch.bfloat16, enabled=dtype == "amp"):
                 return module.pointwise_depthwise(*tensors)
     elif site.op in INFERENCE_ONLY:
-        dual = site.op == "depthwise_dual_gate"
-        fn = lambda x, weight, bias: module.depthwise_gate(x, weight, bias, dual)  # noqa: E731
+        dual = site.op == "projection_dual_gate"
+
+        def fn(*tensors):
+            with torch.autocast(tensors[0].device.type, torch.bfloat16, enabled=dtype == "amp"):
+                return module.pointwise_depthwise_gate(*tensors, dual)
     else:
         dual = site.op == "dual_gate"
         fn = lambda x: module.gated_gelu(x, dual)  # noqa: E731
@@ -134,22 +140,20 @@ def make_inputs(site: Site, scenario: str, dtype: str, device: str, requires_gra
     if site.op == "layer_norm2d":
         tensors += [torch.randn(site.channels, device=device, dtype=parameter) + 1,
                     torch.randn(site.channels, device=device, dtype=parameter)]
-    elif site.op == "pointwise_depthwise":
+    elif site.op in PROJECTIONS:
         tensors += [torch.randn(site.hidden, site.channels, 1, 1, device=device, dtype=parameter) / site.channels ** 0.5,
                     torch.randn(site.hidden, device=device, dtype=parameter),
                     torch.randn(site.hidden, 1, 3, 3, device=device, dtype=parameter) / 3,
                     torch.randn(site.hidden, device=device, dtype=parameter)]
-    elif site.op in INFERENCE_ONLY:
-        tensors += [torch.randn(site.channels, 1, 3, 3, device=device, dtype=parameter) / 3,
-                    torch.randn(site.channels, device=device, dtype=parameter)]
     return [t.requires_grad_(requires_grad) for t in tensors]
 
 
 def min_bytes(site: Site, inputs, mode: str) -> int:
     """Bytes the op must read and write at least (parameters and partial sums neglected)."""
     x = inputs[0]
-    if site.op == "pointwise_depthwise":  # as one fused op would: read x, write out (and back)
-        out_bytes = x.numel() // site.channels * site.hidden * x.itemsize
+    if site.op in PROJECTIONS:  # as one fused op would: read x, write out (and back)
+        out_channels = site.hidden // 2 if site.op in INFERENCE_ONLY else site.hidden
+        out_bytes = x.numel() // site.channels * out_channels * x.itemsize
         forward = x.numel() * x.itemsize + out_bytes                  # read x, write out
         backward = 2 * x.numel() * x.itemsize + out_bytes             # read x, dout; write dx
     elif site.op == "layer_norm2d":

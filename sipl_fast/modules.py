@@ -168,8 +168,9 @@ class GatedFFN(nn.Module):
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():  # the backward keeps x and the gate's input, not the 1x1 output
             gated = ops.gated_gelu(pointwise_then_depthwise(self.project_in, self.dwconv, x), self.dual)
-        else:  # one pass over the 1x1 output (fused on the triton backend)
-            gated = ops.depthwise_gate(self.project_in(x), self.dwconv.weight, self.dwconv.bias, self.dual)
+        else:  # the depthwise convolution and gate in one pass over the 1x1 output (triton backend)
+            gated = ops.pointwise_depthwise_gate(x, self.project_in.weight, self.project_in.bias,
+                                                 self.dwconv.weight, self.dwconv.bias, self.dual)
         return self.project_out(gated)
 
     def _live_channels(self) -> int:

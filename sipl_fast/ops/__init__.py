@@ -18,7 +18,7 @@ from ..backends import resolve_backend, triton_interpreter
 from . import reference, torch_impl
 
 __all__ = ["proxy_attention", "transposed_attention", "layer_norm2d", "gated_gelu", "pointwise_depthwise",
-           "depthwise_gate", "backend_module", "kernels_forced", "DEPTHWISE_OPS"]
+           "pointwise_depthwise_gate", "backend_module", "kernels_forced", "DEPTHWISE_OPS"]
 
 # Triton modules are imported on first use: importing triton costs a second and is not
 # needed by the reference and torch backends.
@@ -28,7 +28,7 @@ _TRITON_MODULES = {
     "layer_norm2d": "sipl_fast.ops.layer_norm2d_triton",
     "gated_gelu": "sipl_fast.ops.gated_gelu_triton",
     "pointwise_depthwise": "sipl_fast.ops.pointwise_depthwise_triton",
-    "depthwise_gate": "sipl_fast.ops.depthwise_gate_triton",
+    "pointwise_depthwise_gate": "sipl_fast.ops.pointwise_depthwise_gate_triton",
 }
 
 
@@ -41,13 +41,13 @@ _TRITON_MODULES = {
 # NHWC and back) on calls of >= 32k pixels, slower on smaller ones (bf16;
 # bench/results/h200_2026-11-27/run2_norm_gate.json): it runs where no gradient is recorded
 # (refinement, the training step's plain pass) and the call is large. The depthwise 3x3 kernels
-# (pointwise_depthwise, depthwise_gate) have not run on a GPU yet: ATen's convolution stays the
+# (pointwise_depthwise, pointwise_depthwise_gate) have not run on a GPU yet: ATen's convolution stays the
 # default until bench/pixel_ops_table.py and bench/refine_table.py ("+dwk") have measured them.
 # SIPL_FAST_ALL_KERNELS=1 runs every kernel anyway (kernel tests, benchmarks);
 # SIPL_FAST_KERNELS=op[,op...] or ``with ops.kernels_forced(op, ...)`` runs the named ops' kernels.
 LAYER_NORM_KERNEL_MIN_PIXELS = 1 << 15
 # The ops whose kernels are depthwise 3x3 convolutions ("+dwk" in the benchmarks).
-DEPTHWISE_OPS = ("pointwise_depthwise", "depthwise_gate")
+DEPTHWISE_OPS = ("pointwise_depthwise", "pointwise_depthwise_gate")
 
 
 def _pixels(x: torch.Tensor) -> int:
@@ -222,6 +222,14 @@ def gated_gelu(x: torch.Tensor, dual: bool = False) -> torch.Tensor:
     return backend_module("gated_gelu", x).gated_gelu(x, dual)
 
 
+def _check_projection(op: str, x, pointwise: torch.Tensor, depthwise: torch.Tensor) -> None:
+    _check_map(op, x)
+    hidden = pointwise.shape[0]
+    if pointwise.shape[1:] != (x.shape[1], 1, 1) or depthwise.shape != (hidden, 1, 3, 3):
+        raise ValueError(f"{op}: weights must be ({hidden}, {x.shape[1]}, 1, 1) and "
+                         f"({hidden}, 1, 3, 3), got {tuple(pointwise.shape)} and {tuple(depthwise.shape)}")
+
+
 def pointwise_depthwise(x: torch.Tensor, pointwise: torch.Tensor, pointwise_bias: torch.Tensor | None,
                         depthwise: torch.Tensor, depthwise_bias: torch.Tensor | None) -> torch.Tensor:
     """depthwise3x3(conv1x1(x)), the projection in front of every attention and gate.
@@ -231,32 +239,29 @@ def pointwise_depthwise(x: torch.Tensor, pointwise: torch.Tensor, pointwise_bias
     GEMM): it is the widest map of a block, and the depthwise backward needs it. The triton
     backend runs the depthwise convolution with its own kernels (NCHW maps).
     """
-    _check_map("pointwise_depthwise", x)
-    hidden = pointwise.shape[0]
-    if pointwise.shape[1:] != (x.shape[1], 1, 1) or depthwise.shape != (hidden, 1, 3, 3):
-        raise ValueError(f"pointwise_depthwise: weights must be ({hidden}, {x.shape[1]}, 1, 1) and "
-                         f"({hidden}, 1, 3, 3), got {tuple(pointwise.shape)} and {tuple(depthwise.shape)}")
+    _check_projection("pointwise_depthwise", x, pointwise, depthwise)
     return backend_module("pointwise_depthwise", x).pointwise_depthwise(
         x, pointwise, pointwise_bias, depthwise, depthwise_bias)
 
 
-def depthwise_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dual: bool = False) -> torch.Tensor:
-    """gated_gelu(depthwise3x3(x) + bias, dual): the feed-forward's depthwise convolution
-    (weight (2h, 1, 3, 3), padding 1) and gate on x (B, 2h, H, W), returning (B, h, H, W).
+def pointwise_depthwise_gate(x: torch.Tensor, pointwise: torch.Tensor, pointwise_bias: torch.Tensor | None,
+                             depthwise: torch.Tensor, depthwise_bias: torch.Tensor | None,
+                             dual: bool = False) -> torch.Tensor:
+    """gated_gelu(pointwise_depthwise(x, ...), dual): the feed-forward's projection (1x1 to 2h
+    channels, then depthwise 3x3) and gate, returning (B, h, H, W).
 
     The feed-forward runs it where no gradient is recorded (training keeps pointwise_depthwise
-    and gated_gelu, which save less for the backward). The triton backend fuses the two
-    (one read of x, one write of the output; NCHW maps); with autograd recording it runs the
+    and gated_gelu, whose backward saves only x and the gate's input). The triton backend
+    fuses the depthwise convolution and the gate (one read of the 1x1 output, one write of
+    the result; NCHW maps); with autograd recording, or on channels-last maps, it runs the
     torch formulation.
     """
-    _check_map("depthwise_gate", x, "(B, 2h, H, W)", lambda t: t.shape[1] % 2 == 0)
-    channels = x.shape[1]
-    if weight.shape != (channels, 1, 3, 3) or (bias is not None and bias.shape != (channels,)) \
-            or any(p is not None and p.device != x.device for p in (weight, bias)):
-        raise ValueError(f"depthwise_gate: weight must be ({channels}, 1, 3, 3) and bias ({channels},) on "
-                         f"{x.device}, got {tuple(weight.shape)} on {weight.device} and "
-                         f"{None if bias is None else (tuple(bias.shape), str(bias.device))}")
-    return backend_module("depthwise_gate", x).depthwise_gate(x, weight, bias, bool(dual))
+    _check_projection("pointwise_depthwise_gate", x, pointwise, depthwise)
+    if pointwise.shape[0] % 2:
+        raise ValueError(f"pointwise_depthwise_gate: the projection must have an even number of channels "
+                         f"(two halves for the gate), got {pointwise.shape[0]}")
+    return backend_module("pointwise_depthwise_gate", x).pointwise_depthwise_gate(
+        x, pointwise, pointwise_bias, depthwise, depthwise_bias, bool(dual))
 
 
 _preload_triton_modules()

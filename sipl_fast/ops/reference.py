@@ -67,5 +67,5 @@ def pointwise_depthwise(x, pointwise, pointwise_bias, depthwise, depthwise_bias)
     return F.conv2d(hidden, depthwise, depthwise_bias, padding=1, groups=depthwise.shape[0])
 
 
-def depthwise_gate(x, weight, bias, dual: bool) -> torch.Tensor:
-    return gated_gelu(F.conv2d(x, weight, bias, padding=1, groups=weight.shape[0]), dual)
+def pointwise_depthwise_gate(x, pointwise, pointwise_bias, depthwise, depthwise_bias, dual: bool) -> torch.Tensor:
+    return gated_gelu(pointwise_depthwise(x, pointwise, pointwise_bias, depthwise, depthwise_bias), dual)

@@ -259,5 +259,6 @@ def pointwise_depthwise(x, pointwise, pointwise_bias, depthwise, depthwise_bias,
     return depthwise_impl.forward(F.conv2d(x, pointwise, pointwise_bias), depthwise, depthwise_bias)
 
 
-def depthwise_gate(x, weight, bias, dual: bool) -> torch.Tensor:
-    return gated_gelu(TorchDepthwise.forward(x, weight, bias), dual)
+def pointwise_depthwise_gate(x, pointwise, pointwise_bias, depthwise, depthwise_bias, dual: bool) -> torch.Tensor:
+    # the 1x1 output is freed inside pointwise_depthwise, before the gate's temporaries exist
+    return gated_gelu(pointwise_depthwise(x, pointwise, pointwise_bias, depthwise, depthwise_bias), dual)
