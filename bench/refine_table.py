@@ -140,6 +140,7 @@ def main(argv=None) -> int:
         rows.append(dict(size=label, provider=provider, seconds=seconds, peak_extra_mib=peak / 2**20))
         print(f"refine steps=2 {label:>9} {provider:>10}: {seconds * 1e3:10.1f} ms   "
               f"peak beyond weights {peak / 2**20:9.1f} MiB", flush=True)
+        _write(args, rows, {})  # after every row: a run cut short by a time limit keeps its rows
     if args.peaks_to:
         with open(args.peaks_to, "w") as f:
             json.dump(peaks, f)
@@ -157,11 +158,15 @@ def main(argv=None) -> int:
         total = by[("1280x720", "sipl_fast")]["peak_extra_mib"] + weight_bytes / 2**20
         summary["1280x720 total GiB"] = total / 1024
         print(f"refine 1280x720 sipl_fast: {total / 1024:.2f} GiB with the weights (target <= 8)")
+    _write(args, rows, summary)
+    return 0
+
+
+def _write(args, rows: list, summary: dict) -> None:
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     with open(args.out, "w") as f:
         json.dump(dict(device=device_name, threads=torch.get_num_threads(), torch=torch.__version__,
                        rows=rows, summary=summary), f, indent=1)
-    return 0
 
 
 if __name__ == "__main__":
