@@ -25,12 +25,9 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import proxy_attention_table  # noqa: E402
+import refine_table  # noqa: E402
 import transposed_attention_table  # noqa: E402
 from train_step_table import make_step  # noqa: E402
-
-import sipl_fast  # noqa: E402
-from sipl_fast import SIPLPromptIR, ops  # noqa: E402
-from sipl_fast.refine import Refiner  # noqa: E402
 
 
 def kernel_breakdown(fn, warmup: int = 3) -> dict:
@@ -75,26 +72,16 @@ def cases():
     that are profiled get built)."""
     device = torch.device("cuda")
 
-    def refinement(forced=(), backend="auto", graph=False):
-        torch.manual_seed(0)
-        model = SIPLPromptIR().eval().to(device)
-        with torch.no_grad():
-            for k in (1, 2, 3):
-                getattr(model, f"privileged_dictionary{k}").normal_()
-        x = torch.rand(1, 3, 512, 512, device=device)
-        # kept: its first call (a warm-up) captures, the profiled call replays
-        refiner = Refiner(model, steps=2, cuda_graph=True) if graph else lambda image: model.refine(image, steps=2)
-
-        def run():
-            with sipl_fast.use_backend(backend), ops.kernels_forced(*forced):
-                return refiner(x)
-        return _default_routing(run)
+    def refinement(provider: str):
+        """refine_table.py's provider at 512x512 (a graph Refiner's warm-up call captures)."""
+        return _default_routing(refine_table.make_runner(refine_table.make_model(device),
+                                                         torch.rand(1, 3, 512, 512, device=device), provider))
 
     # Refinement first: issue 5's open target (the train-step cases take longest to build).
-    yield "refine 512x512 steps=2", refinement
-    yield "refine 512x512 steps=2 graph+dwk", lambda: refinement(ops.DEPTHWISE_OPS, graph=True)
-    yield "refine 512x512 steps=2 dwk", lambda: refinement(ops.DEPTHWISE_OPS)
-    yield "refine 512x512 steps=2 torch backend", lambda: refinement(backend="torch")
+    yield "refine 512x512 steps=2", lambda: refinement("sipl_fast")
+    yield "refine 512x512 steps=2 graph+dwk", lambda: refinement("sipl_fast+graph+dwk")
+    yield "refine 512x512 steps=2 dwk", lambda: refinement("sipl_fast+dwk")
+    yield "refine 512x512 steps=2 torch backend", lambda: refinement("torch")
 
     shape = dict(preset="base", batch=8, patch=128)
     for provider in ("reference", "auto", "auto+graph", "auto+graph+nhwc", "auto+graph+dwk"):

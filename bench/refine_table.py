@@ -62,7 +62,18 @@ def _median_seconds(fn, repeats: int, device: str) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _runner(model, x, provider: str):
+def make_model(device) -> SIPLPromptIR:
+    """The full model in eval mode, seeded, its dictionaries random (trained ones are not zeros)."""
+    torch.manual_seed(0)
+    model = SIPLPromptIR().eval().to(device)
+    with torch.no_grad():
+        for k in (1, 2, 3):
+            getattr(model, f"privileged_dictionary{k}").normal_()
+    return model
+
+
+def make_runner(model, x, provider: str):
+    """A zero-argument callable refining x with steps=2 as ``provider`` does (see the docstring)."""
     if provider == "reference":
         def run():
             with sipl_fast.use_backend("reference"):
@@ -118,16 +129,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     cpu_peaks = _cpu_peaks(argv) if args.device == "cpu" and args.peaks_to is None else None
-    torch.manual_seed(0)
-    model = SIPLPromptIR().eval().to(args.device)
-    with torch.no_grad():  # trained dictionaries are not zeros
-        for k in (1, 2, 3):
-            getattr(model, f"privileged_dictionary{k}").normal_()
+    model = make_model(args.device)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     rows, peaks = [], {}
     for index, (size, provider, repeats) in enumerate(CASES[args.device]):
         x = torch.rand(1, 3, *size, device=args.device)
-        run = _runner(model, x, provider)
+        run = make_runner(model, x, provider)
         if cpu_peaks is None:
             peaks[index] = peak_extra_bytes(run, args.device)  # doubles as the warm-up
         else:

@@ -85,9 +85,15 @@ def depthwise3x3_fwd_kernel(
     _, batch, channel, plane_mask, rows, cols = _tile(planes, channels, height, width, BLOCK_C, BLOCK_H, BLOCK_W)
     acc = _convolved(x_ptr + batch * sx_b + channel * sx_c, w_ptr, b_ptr, channel, plane_mask, rows, cols,
                      height, width, sx_h, sx_w, HAS_BIAS, FLIP, COMPUTE, BLOCK_C, BLOCK_H, BLOCK_W)
+    _store_tile(out_ptr, acc, batch, channel, plane_mask, rows, cols, height, width, so_b, so_c, so_h)
+
+
+@triton.jit
+def _store_tile(out_ptr, value, batch, channel, plane_mask, rows, cols, height, width, so_b, so_c, so_h):
+    """value, the tile of the planes (batch, channel), into out (unit column stride), masked to the map."""
     mask = plane_mask & (rows < height) & (cols < width)
-    out_ptrs = out_ptr + batch * so_b + channel * so_c + rows.to(tl.int64) * so_h + cols
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + batch * so_b + channel * so_c + rows.to(tl.int64) * so_h + cols,
+             value.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

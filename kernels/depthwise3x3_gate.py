@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .depthwise3x3 import _convolved, _tile, compute_dtype, grid, launch_config
+from .depthwise3x3 import _convolved, _store_tile, _tile, compute_dtype, grid, launch_config
 from .gated_gelu import _gelu
 
 __all__ = ["depthwise3x3_gate"]
@@ -43,9 +43,7 @@ def depthwise3x3_gate_fwd_kernel(
     out = _gelu(h1) * h2
     if DUAL:
         out += _gelu(h2) * h1
-    mask = plane_mask & (rows < height) & (cols < width)
-    tl.store(out_ptr + batch * so_b + channel * so_c + rows.to(tl.int64) * so_h + cols,
-             out.to(out_ptr.dtype.element_ty), mask=mask)
+    _store_tile(out_ptr, out, batch, channel, plane_mask, rows, cols, height, width, so_b, so_c, so_h)
 
 
 def depthwise3x3_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, dual: bool = False,

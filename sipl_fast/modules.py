@@ -166,11 +166,8 @@ class GatedFFN(nn.Module):
         self.project_out = conv1x1(hidden, dim, bias)
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():  # the backward keeps x and the gate's input, not the 1x1 output
-            gated = ops.gated_gelu(pointwise_then_depthwise(self.project_in, self.dwconv, x), self.dual)
-        else:  # the depthwise convolution and gate in one pass over the 1x1 output (triton backend)
-            gated = ops.pointwise_depthwise_gate(x, self.project_in.weight, self.project_in.bias,
-                                                 self.dwconv.weight, self.dwconv.bias, self.dual)
+        gated = ops.pointwise_depthwise_gate(x, self.project_in.weight, self.project_in.bias,
+                                             self.dwconv.weight, self.dwconv.bias, self.dual)
         return self.project_out(gated)
 
     def _live_channels(self) -> int:

@@ -14,6 +14,21 @@ EPS = 1e-5
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 1.6e-2}
 
 
+# The output and the gradients of projection_inputs' tensors, in order.
+PROJECTION_NAMES = ["out", "dx", "dpointwise", "dpointwise_bias", "ddepthwise", "ddepthwise_bias"]
+
+
+def projection_inputs(batch, channels, hidden, height, width, dtype, biases=True):
+    """[x, 1x1 weight, its bias, depthwise weight, its bias] of a projection to ``hidden``
+    channels (biases None without ``biases``), the weights scaled to keep outputs O(1)."""
+    tensors = [torch.randn(batch, channels, height, width, device=DEVICE),
+               torch.randn(hidden, channels, 1, 1, device=DEVICE) / channels ** 0.5,
+               torch.randn(hidden, device=DEVICE) if biases else None,
+               torch.randn(hidden, 1, 3, 3, device=DEVICE) / 3,
+               torch.randn(hidden, device=DEVICE) if biases else None]
+    return [None if t is None else t.to(dtype) for t in tensors]
+
+
 def outputs_and_grads(fn, inputs, cotangent):
     """[fn(*inputs), d<cotangent, out>/d(each tensor input)] with the inputs as fresh leaves."""
     leaves = [None if t is None else t.detach().requires_grad_() for t in inputs]

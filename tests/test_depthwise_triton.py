@@ -19,19 +19,8 @@ from sipl_fast import ops
 from sipl_fast.kernels.depthwise3x3 import depthwise3x3, depthwise3x3_weight_grad
 from sipl_fast.ops import pointwise_depthwise_triton, reference
 
-from kernel_checks import DEVICE, TOLERANCE, assert_close, float64_truth, on_kernels, outputs_and_grads, reference_rule
-
-NAMES = ["out", "dx", "dpointwise", "dpointwise_bias", "ddepthwise", "ddepthwise_bias"]
-
-
-def _inputs(batch, channels, hidden, height, width, dtype, biases=True):
-    tensors = [torch.randn(batch, channels, height, width, device=DEVICE),
-               torch.randn(hidden, channels, 1, 1, device=DEVICE) / channels ** 0.5,
-               torch.randn(hidden, device=DEVICE) if biases else None,
-               torch.randn(hidden, 1, 3, 3, device=DEVICE) / 3,
-               torch.randn(hidden, device=DEVICE) if biases else None]
-    return [None if t is None else t.to(dtype) for t in tensors]
-
+from kernel_checks import (DEVICE, TOLERANCE, assert_close, float64_truth, on_kernels, outputs_and_grads,
+                           PROJECTION_NAMES as NAMES, projection_inputs, reference_rule)
 
 def _check(inputs, tol):
     x = inputs[0]
@@ -48,17 +37,17 @@ def _check(inputs, tol):
                          ids=lambda s: "x".join(map(str, s)))
 def test_matches_float64(shape, dtype):
     """(batch, channels, hidden, height, width): odd sizes, a single pixel, a single row, several tiles."""
-    _check(_inputs(*shape, dtype), TOLERANCE[dtype])
+    _check(projection_inputs(*shape, dtype), TOLERANCE[dtype])
 
 
 def test_without_biases():
-    _check(_inputs(2, 5, 7, 6, 10, torch.float32, biases=False), TOLERANCE[torch.float32])
+    _check(projection_inputs(2, 5, 7, 6, 10, torch.float32, biases=False), TOLERANCE[torch.float32])
 
 
 def test_float32_weights_on_a_half_map():
     """Autocast's case: the 1x1 output is 16-bit and the depthwise weights float32; the output
     keeps the map's dtype and each gradient its input's dtype."""
-    x, *params = _inputs(2, 6, 8, 5, 9, torch.float32)
+    x, *params = projection_inputs(2, 6, 8, 5, 9, torch.float32)
     hidden = F.conv2d(x, params[0], params[1]).half()
     weight, bias = params[2], params[3]
     out = on_kernels(pointwise_depthwise_triton.depthwise3x3_fwd)(hidden, weight, bias, False)
@@ -92,7 +81,7 @@ def test_kernels_on_strided_maps(layout, tile):
 
 def test_channels_last_keeps_its_layout():
     """NHWC maps keep the torch route (cuDNN's NHWC depthwise) and stay channels_last."""
-    inputs = _inputs(2, 6, 8, 5, 7, torch.float32)
+    inputs = projection_inputs(2, 6, 8, 5, 7, torch.float32)
     inputs[0] = inputs[0].to(memory_format=torch.channels_last)
     with sipl_fast.use_backend("triton"):
         out = on_kernels(ops.pointwise_depthwise)(*inputs)
@@ -107,7 +96,7 @@ def test_weight_gradients_are_identical_run_to_run():
 
 
 def test_without_autograd_equals_the_autograd_path():
-    inputs = _inputs(2, 5, 6, 7, 9, torch.float32)
+    inputs = projection_inputs(2, 5, 6, 7, 9, torch.float32)
     run = on_kernels(ops.pointwise_depthwise)
     with torch.no_grad():
         plain = run(*inputs)
@@ -116,7 +105,7 @@ def test_without_autograd_equals_the_autograd_path():
 
 
 def test_empty_batch():
-    x, *params = _inputs(0, 4, 6, 3, 5, torch.float32)
+    x, *params = projection_inputs(0, 4, 6, 3, 5, torch.float32)
     params = [p.requires_grad_() for p in params]
     out = on_kernels(ops.pointwise_depthwise)(x, *params)
     out.sum().backward()
@@ -136,7 +125,7 @@ def test_custom_ops_pass_opcheck():
        height=st.integers(1, 13), width=st.integers(1, 19), biases=st.booleans(), seed=st.integers(0, 2**16))
 def test_random_shapes_match_float64(batch, channels, hidden, height, width, biases, seed):
     torch.manual_seed(seed)  # each example's tensors, so that hypothesis can replay it
-    _check(_inputs(batch, channels, hidden, height, width, torch.float32, biases), TOLERANCE[torch.float32])
+    _check(projection_inputs(batch, channels, hidden, height, width, torch.float32, biases), TOLERANCE[torch.float32])
 
 
 def compile_for_sm90() -> list[str]:
@@ -192,7 +181,7 @@ GPU_SHAPES = [(8, 48, 144, 128, 128), (8, 48, 254, 128, 128), (8, 96, 510, 128, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_gpu_sipl_shapes(shape, dtype):
-    inputs = _inputs(*shape, dtype)
+    inputs = projection_inputs(*shape, dtype)
     if dtype == torch.float32:
         torch.backends.cudnn.allow_tf32 = False  # the 1x1 convolutions: compare against exact products
         try:
@@ -212,7 +201,7 @@ def test_gpu_weight_gradients_are_identical_run_to_run():
 
 @pytest.mark.gpu
 def test_gpu_torch_compile_traces_the_custom_ops():
-    inputs = [t.requires_grad_() for t in _inputs(2, 48, 144, 32, 32, torch.float32)]
+    inputs = [t.requires_grad_() for t in projection_inputs(2, 48, 144, 32, 32, torch.float32)]
     run = on_kernels(ops.pointwise_depthwise)
     eager = run(*inputs)
     compiled = torch.compile(pointwise_depthwise_triton.pointwise_depthwise, fullgraph=True)(*inputs)

@@ -23,19 +23,10 @@ from sipl_fast.modules import GatedFFN, LayerNorm2d
 from sipl_fast.ops import pointwise_depthwise_gate_triton, reference
 
 from kernel_checks import (DEVICE, TOLERANCE, assert_close, float64_truth, max_errors, on_kernels,
-                           outputs_and_grads)
-
-NAMES = ["out", "dx", "dpointwise", "dpointwise_bias", "ddepthwise", "ddepthwise_bias"]
-
+                           outputs_and_grads, PROJECTION_NAMES as NAMES, projection_inputs)
 
 def _inputs(batch, channels, half, height, width, dtype, biases=True):
-    hidden = 2 * half
-    tensors = [torch.randn(batch, channels, height, width, device=DEVICE),
-               torch.randn(hidden, channels, 1, 1, device=DEVICE) / channels ** 0.5,
-               torch.randn(hidden, device=DEVICE) if biases else None,
-               torch.randn(hidden, 1, 3, 3, device=DEVICE) / 3,
-               torch.randn(hidden, device=DEVICE) if biases else None]
-    return [None if t is None else t.to(dtype) for t in tensors]
+    return projection_inputs(batch, channels, 2 * half, height, width, dtype, biases)
 
 
 def _truth(inputs, dual):

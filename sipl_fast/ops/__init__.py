@@ -250,16 +250,17 @@ def pointwise_depthwise_gate(x: torch.Tensor, pointwise: torch.Tensor, pointwise
     """gated_gelu(pointwise_depthwise(x, ...), dual): the feed-forward's projection (1x1 to 2h
     channels, then depthwise 3x3) and gate, returning (B, h, H, W).
 
-    The feed-forward runs it where no gradient is recorded (training keeps pointwise_depthwise
-    and gated_gelu, whose backward saves only x and the gate's input). The triton backend
-    fuses the depthwise convolution and the gate (one read of the 1x1 output, one write of
-    the result; NCHW maps); with autograd recording, or on channels-last maps, it runs the
-    torch formulation.
+    Where autograd records it is exactly those two ops, each dispatched as itself (their
+    backward saves only x and the gate's input). Without autograd the triton backend fuses
+    the depthwise convolution and the gate (one read of the 1x1 output, one write of the
+    result; NCHW maps, the torch formulation on channels-last ones).
     """
     _check_projection("pointwise_depthwise_gate", x, pointwise, depthwise)
     if pointwise.shape[0] % 2:
         raise ValueError(f"pointwise_depthwise_gate: the projection must have an even number of channels "
                          f"(two halves for the gate), got {pointwise.shape[0]}")
+    if torch_impl.needs_autograd(x, pointwise, pointwise_bias, depthwise, depthwise_bias):
+        return gated_gelu(pointwise_depthwise(x, pointwise, pointwise_bias, depthwise, depthwise_bias), dual)
     return backend_module("pointwise_depthwise_gate", x).pointwise_depthwise_gate(
         x, pointwise, pointwise_bias, depthwise, depthwise_bias, bool(dual))
 

@@ -4,8 +4,9 @@ then the depthwise 3x3 convolution and the gate fused in one pass
 
 ``sipl_fast::depthwise_gate_fwd`` (the fused pass on the 1x1 output) is a torch.library custom
 op with a fake implementation (torch.compile traces through it, CUDA-graph capture records
-it). The kernel has no backward: where autograd records, and on channels-last maps (the
-kernel writes NCHW), the op runs the torch formulation. The output has the 1x1 output's dtype
+it). The kernel has no backward: where autograd records, ops.pointwise_depthwise_gate is
+pointwise_depthwise and gated_gelu and never comes here; on channels-last maps (the kernel
+writes NCHW) this runs the torch formulation. The output has the 1x1 output's dtype
 (under autocast, 16 bits); arithmetic is float32.
 """
 from __future__ import annotations
@@ -36,7 +37,6 @@ def _(x, weight, bias, dual):
 def pointwise_depthwise_gate(x: torch.Tensor, pointwise: torch.Tensor, pointwise_bias: Optional[torch.Tensor],
                              depthwise: torch.Tensor, depthwise_bias: Optional[torch.Tensor], dual: bool) -> torch.Tensor:
     """The ``triton`` backend of :func:`sipl_fast.ops.pointwise_depthwise_gate` (inputs validated there)."""
-    if torch_impl.needs_autograd(x, pointwise, pointwise_bias, depthwise, depthwise_bias) \
-            or torch_impl.channels_innermost(x):
+    if torch_impl.channels_innermost(x):
         return torch_impl.pointwise_depthwise_gate(x, pointwise, pointwise_bias, depthwise, depthwise_bias, dual)
     return depthwise_gate_fwd(F.conv2d(x, pointwise, pointwise_bias), depthwise, depthwise_bias, dual)
