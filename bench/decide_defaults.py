@@ -19,8 +19,10 @@ import json
 import sys
 from pathlib import Path
 
+from sipl_fast import modules
+
 MEMORY_TARGET = 0.25  # issue 5: peak memory vs the reference loop at 512x512
-DEFAULT_STRIP_MIB = 160  # modules.STRIP_ELEMENTS["cuda"] in MiB of float32
+DEFAULT_STRIP_MIB = modules.STRIP_ELEMENTS["cuda"] >> 18  # elements of float32 -> MiB
 
 
 def _load(directory: Path, name: str):

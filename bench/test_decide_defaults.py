@@ -40,11 +40,12 @@ def test_the_fastest_budget_within_the_memory_target_wins():
     lines = decide_defaults.strip_verdict(refine)
     assert lines[-1].startswith("strip budget: 96 MiB is the fastest"), lines
     assert any(line.startswith("strips of 512 MiB: 2.67x") for line in lines)
-    assert "eager default (160 MiB strips): 0.89x the reference loop, 0.233x its peak memory" in lines
+    assert (f"eager default ({decide_defaults.DEFAULT_STRIP_MIB} MiB strips): 0.89x the reference loop, "
+            "0.233x its peak memory") in lines
 
 
 def test_main_reads_the_directory(tmp_path, capsys):
     (tmp_path / "refine.json").write_text(json.dumps(_refine(450, {96: (0.5, 480.0)})))
     assert decide_defaults.main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "pixel_ops.json: missing" in out and "strip budget: 160 MiB is the fastest" in out
+    assert "pixel_ops.json: missing" in out and f"strip budget: {decide_defaults.DEFAULT_STRIP_MIB} MiB is the fastest" in out

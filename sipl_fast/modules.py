@@ -15,34 +15,43 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
+from .backends import resolve_backend
 from .ops import torch_impl
 
 LAYERNORM_TYPES = ("WithBias", "BiasFree")
 
 
-# Elements a strip may hold alive at once (its intermediates together) when a block runs
-# without autograd (see in_strips): 16 MiB of float32 on the CPU (cache-sized), 160 MiB on a
-# GPU. Smaller strips mean less memory and more, smaller kernels. On an H200 a 512x512
-# refinement held 0.19x (graph-replayed) to 0.22x (eager) the reference loop's peak memory
-# with strips of 32 MiB per widest intermediate, but issued ~9x the kernels of an unstripped
-# pass and ran at 1.58x the reference (bench/results/h200_2026-11-27_session2.md). With the
-# encoder features freed during the last pass (Refiner._step), this budget estimates 442 MiB
-# at 512x512 on fake tensors (424 MiB then) with 2x fewer ops; scaled as the old estimate
-# compared with the H200's eager peak (x1.24), 0.23x of the reference's (target <= 0.25x;
-# 192 MiB would give 0.255x). bench/results/strip_budget_2026-11-27.md has the sweep;
-# SIPL_FAST_STRIP_ELEMENTS sets both.
-STRIP_ELEMENTS = {"cpu": 1 << 22, "cuda": 5 << 23}
+# Elements a strip may hold alive at once (its intermediates together) when blocks are
+# ``streaming``: 16 MiB of float32 on the CPU (cache-sized), 144 MiB on a GPU. Smaller strips
+# mean less memory and more, smaller kernels. On an H200 a 512x512 refinement held 0.19x
+# (graph-replayed) to 0.22x (eager) the reference loop's peak memory with strips of 32 MiB per
+# widest intermediate, issuing ~9x the kernels of an unstripped pass
+# (bench/results/h200_2026-11-27_session2.md). With the encoder features freed during the
+# last pass (Refiner._step) and the residual branches mixed into the sum in place
+# (ChannelMix.add_into), 144 MiB estimates 447 MiB at 512x512 on fake tensors (the measured
+# strips: 424 MiB) with 1.7x fewer ops; scaled as that estimate compared with the H200's eager
+# peak (x1.24), 0.23x of the reference's (target <= 0.25x; 160 MiB would give 0.245x).
+# bench/results/strip_budget_2026-11-27.md has the sweep; SIPL_FAST_STRIP_ELEMENTS sets both.
+STRIP_ELEMENTS = {"cpu": 1 << 22, "cuda": 9 << 22}
 if os.environ.get("SIPL_FAST_STRIP_ELEMENTS"):
     STRIP_ELEMENTS = dict.fromkeys(STRIP_ELEMENTS, int(os.environ["SIPL_FAST_STRIP_ELEMENTS"]))
 
 
+def streaming(x: torch.Tensor) -> bool:
+    """Whether blocks may run strip-wise and overwrite maps they own: autograd is off and the
+    backend is not ``reference``. The reference backend keeps the structure of the authors'
+    eager code too (whole maps, a new tensor for every sum): it is the baseline the benchmarks
+    compare against and the oracle of the tests, so it must not share these paths."""
+    return not torch.is_grad_enabled() and resolve_backend(x.device) != "reference"
+
+
 def strip_rows(x: torch.Tensor, live_channels: int) -> int | None:
     """Rows per strip for a strip-local fn that holds live_channels per pixel alive at its
-    peak (all its intermediates together), or None where x goes whole (autograd on, or the
-    image fits in one strip)."""
+    peak (all its intermediates together), or None where x goes whole (not ``streaming``,
+    or the image fits in one strip)."""
     b, _, h, w = x.shape
     rows = STRIP_ELEMENTS.get(x.device.type, STRIP_ELEMENTS["cuda"]) // max(1, b * live_channels * w)
-    if torch.is_grad_enabled() or rows >= h:
+    if rows >= h or not streaming(x):
         return None
     return max(rows, 1)
 
@@ -70,33 +79,65 @@ def in_strips(fn, x: torch.Tensor, out_channels: int, live_channels: int) -> tor
 
 
 def _residual(x: torch.Tensor, branch: torch.Tensor, inplace: bool) -> torch.Tensor:
-    """x + branch, into x when the caller owns x and autograd is off."""
-    return x.add_(branch) if inplace and not torch.is_grad_enabled() else x + branch
+    """x + branch, into x when the caller owns x and blocks are ``streaming``."""
+    return x.add_(branch) if inplace and streaming(x) else x + branch
 
 
-def add_in_strips(fn, x: torch.Tensor, live_channels: int, inplace: bool) -> torch.Tensor:
-    """x + fn(x) for a strip-local fn, as in_strips; with ``inplace`` (autograd off, x owned by
-    the caller) the sum overwrites x, each strip added only after the next strip has read its
-    halo row from the original x, so no second copy of x is needed. Each strip's sum is one
-    pass (the branch added into place), not a sum and then a copy."""
-    rows = strip_rows(x, live_channels + 2 * x.shape[1])  # + this strip's branch and the pending one
+class ChannelMix(NamedTuple):
+    """The 1x1 mix that ends a residual branch: per pixel, matrix @ channels (+ bias).
+    matrix is (Co, Ci), shared by the images (a 1x1 convolution's weight), or (B, Co, Ci)."""
+    matrix: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The mix as a new map (autograd records it as the convolution it is)."""
+        if self.matrix.dim() == 2:
+            return F.conv2d(x, self.matrix[:, :, None, None], self.bias)
+        out = torch.einsum("boi,bihw->bohw", self.matrix.to(x.dtype).expand(x.shape[0], -1, -1), x)
+        return out if self.bias is None else out + self.bias.to(out.dtype).view(1, -1, 1, 1)
+
+    def add_into(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """out += mix(x), in place, without autograd: one GEMM per batch whose epilogue reads and
+        writes out, so the branch never becomes a map of its own (a convolution and an add
+        would write it and read it back: two of the five passes over C channels)."""
+        b, co, h, w = out.shape
+        matrix = (self.matrix if self.matrix.dtype == out.dtype else self.matrix.to(out.dtype)).expand(b, co, -1)
+        x = x if x.dtype == out.dtype else x.to(out.dtype)
+        try:
+            if torch_impl.channels_innermost(out):  # token-major rows: out_t += x_t M^T
+                target = out.permute(0, 2, 3, 1).view(b, h * w, co)
+                target.baddbmm_(x.permute(0, 2, 3, 1).reshape(b, h * w, -1), matrix.transpose(1, 2))
+            else:
+                target = out.view(b, co, h * w)
+                target.baddbmm_(matrix, x.reshape(b, -1, h * w))
+        except RuntimeError:  # out's pixels are not one strided matrix (a column crop): no view
+            out.add_(torch.einsum("boi,bihw->bohw", matrix, x))
+        if self.bias is not None:
+            out.add_(self.bias.to(out.dtype).view(1, -1, 1, 1))
+        return out
+
+
+def add_in_strips(prepare, mix: ChannelMix, x: torch.Tensor, live_channels: int, inplace: bool) -> torch.Tensor:
+    """x + mix(prepare(x)) for a strip-local ``prepare`` (pixel-local and 3x3 layers) whose
+    intermediates hold live_channels per pixel at their peak; in strips as in_strips. The mix
+    is added into the sum's rows in place (ChannelMix.add_into), so each strip's residual
+    costs no pass of its own. With ``inplace`` (x owned by the caller) the sum overwrites x:
+    each strip is added only after the next strip has read its halo row from the original
+    x, so no second copy of x is needed."""
+    pending_channels = mix.matrix.shape[-1]  # the previous strip's prepared rows, not yet added
+    rows = strip_rows(x, live_channels + pending_channels)
     if rows is None:
-        return _residual(x, fn(x), inplace)
-    out = x if inplace else torch.empty_like(x)
-
-    def settle(top: int, bottom: int, branch: torch.Tensor) -> None:
-        if inplace:
-            out[..., top:bottom, :].add_(branch)
-        else:
-            torch.add(x[..., top:bottom, :], branch, out=out[..., top:bottom, :])
-
-    pending = None  # the previous strip's rows and branch output, not yet added
+        if not streaming(x):
+            return x + mix(prepare(x))
+        return mix.add_into(x if inplace else x.clone(), prepare(x))
+    out = x if inplace else x.clone()
+    pending = None
     for lo, hi, top, bottom in strip_bounds(x.shape[-2], rows):
-        branch = fn(x[..., lo:hi, :])[..., top - lo:bottom - lo, :]
+        prepared = prepare(x[..., lo:hi, :])[..., top - lo:bottom - lo, :]
         if pending is not None:
-            settle(*pending)
-        pending = (top, bottom, branch)
-    settle(*pending)
+            mix.add_into(out[..., pending[0]:pending[1], :], pending[2])
+        pending = (top, bottom, prepared)
+    mix.add_into(out[..., pending[0]:pending[1], :], pending[2])
     return out
 
 
@@ -165,21 +206,25 @@ class GatedFFN(nn.Module):
         self.dwconv = depthwise3x3(hidden * 2, bias)
         self.project_out = conv1x1(hidden, dim, bias)
 
+    def _gated(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.pointwise_depthwise_gate(x, self.project_in.weight, self.project_in.bias,
+                                            self.dwconv.weight, self.dwconv.bias, self.dual)
+
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
-        gated = ops.pointwise_depthwise_gate(x, self.project_in.weight, self.project_in.bias,
-                                             self.dwconv.weight, self.dwconv.bias, self.dual)
-        return self.project_out(gated)
+        return self.project_out(self._gated(x))
 
     def _live_channels(self) -> int:
-        """Per pixel alive at _dense's peak: the pointwise and depthwise outputs together."""
+        """Per pixel alive at _gated's peak: the pointwise and depthwise outputs together."""
         return 2 * self.project_in.out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return in_strips(self._dense, x, x.shape[1], self._live_channels())
 
     def add_to(self, x: torch.Tensor, norm: nn.Module, inplace: bool = False) -> torch.Tensor:
-        """x + ffn(norm(x)), in strips without autograd (in place on x with ``inplace``)."""
-        return add_in_strips(lambda part: self._dense(norm(part)), x, x.shape[1] + self._live_channels(), inplace)
+        """x + ffn(norm(x)), in strips when ``streaming`` (in place on x with ``inplace``)."""
+        project_out = ChannelMix(self.project_out.weight[:, :, 0, 0], self.project_out.bias)
+        return add_in_strips(lambda part: self._gated(norm(part)), project_out, x,
+                             x.shape[1] + self._live_channels(), inplace)
 
 
 class TransposedAttention(nn.Module):
@@ -211,8 +256,9 @@ class TransposedAttention(nn.Module):
         if rows is None:  # one piece (never strips of the attention itself: it is global)
             return _residual(x, self(norm(x)), inplace)
         mix = self._output_mix(self._attention_matrix(x, norm, rows))
-        # the normed strip and v's 1x1 and depthwise outputs (then the normed strip, v, the output)
-        return add_in_strips(lambda part: self._mix_values(mix, norm(part)), x, 3 * dim, inplace)
+        values = lambda part: self._projected_channels(norm(part), 2 * dim, dim)  # noqa: E731
+        # alive per strip: the normed strip and v's 1x1 and depthwise outputs
+        return add_in_strips(values, mix, x, 3 * dim, inplace)
 
     def _projected_channels(self, x: torch.Tensor, first: int, count: int) -> torch.Tensor:
         """Channels [first, first + count) of qkv_dwconv(qkv(x)), computing only those."""
@@ -238,19 +284,13 @@ class TransposedAttention(nn.Module):
             sq_k += torch_impl.row_norms(k, squared=True)
         return torch_impl.channel_attention(gram, sq_q.sqrt(), sq_k.sqrt(), self.temperature)
 
-    def _output_mix(self, attn: torch.Tensor) -> torch.Tensor:
-        """project_out after the attention as one (B, 1, C, C) matrix per image: project_out(A v)
+    def _output_mix(self, attn: torch.Tensor) -> ChannelMix:
+        """project_out after the attention as one (C, C) matrix per image: project_out(A v)
         = (W A) v, so each strip's values take one product instead of two and no A v map."""
         b, heads, c, _ = attn.shape
         weight = self.project_out.weight.reshape(-1, heads, c).to(attn.dtype)
-        return torch.einsum("ohi,bhij->bohj", weight, attn).reshape(b, 1, heads * c, heads * c)
-
-    def _mix_values(self, mix: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
-        dim, height, width = normed.shape[1:]
-        v = self._projected_channels(normed, 2 * dim, dim)
-        out = torch_impl.mix_channels(mix, torch_impl.rows(v, 1), height, width, torch_impl.channels_innermost(v))
-        bias = self.project_out.bias
-        return out if bias is None else out.add_(bias.to(out.dtype).view(1, -1, 1, 1))
+        return ChannelMix(torch.einsum("ohi,bhij->bohj", weight, attn).reshape(b, heads * c, heads * c),
+                          self.project_out.bias)
 
 
 class TransformerBlock(nn.Module):
@@ -264,8 +304,8 @@ class TransformerBlock(nn.Module):
         self.ffn = GatedFFN(dim, ffn_expansion_factor, bias, dual=False)
 
     def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-        """``inplace`` (honoured only without autograd): x is the caller's to overwrite."""
-        if torch.is_grad_enabled():
+        """``inplace`` (honoured only when ``streaming``): x is the caller's to overwrite."""
+        if not streaming(x):
             x = x + self.attn(self.norm1(x))
             return x + self.ffn(self.norm2(x))
         x = self.attn.add_to(x, self.norm1, inplace)

@@ -202,7 +202,7 @@ def test_strips_equal_the_dense_computation(model, monkeypatch):
     x = torch.rand(2, 3, 24, 16)
     dense = model.refine(x, steps=1)
     heights = {"ffn": [], "qkv": []}
-    ffn, qkv = modules.GatedFFN._dense, modules.TransposedAttention._projected_channels
+    ffn, qkv = modules.GatedFFN._gated, modules.TransposedAttention._projected_channels
 
     def counting_ffn(self, part):
         heights["ffn"].append(part.shape[-2])
@@ -211,7 +211,7 @@ def test_strips_equal_the_dense_computation(model, monkeypatch):
     def counting_qkv(self, part, first, count):  # the streamed MDTA's q/k and v projections
         heights["qkv"].append(part.shape[-2])
         return qkv(self, part, first, count)
-    monkeypatch.setattr(modules.GatedFFN, "_dense", counting_ffn)
+    monkeypatch.setattr(modules.GatedFFN, "_gated", counting_ffn)
     monkeypatch.setattr(modules.TransposedAttention, "_projected_channels", counting_qkv)
     monkeypatch.setitem(modules.STRIP_ELEMENTS, "cpu", 4000)  # a few rows per strip
     strips = model.refine(x, steps=1)

@@ -1,10 +1,12 @@
 """Strip-wise inference of the blocks (sipl_fast.modules): exact, in place only where allowed."""
+import contextlib
+
 import pytest
 import torch
 
 from sipl_fast import modules
-from sipl_fast.modules import (BlockStack, ChannelNorm, GatedFFN, TransformerBlock, TransposedAttention,
-                               add_in_strips, in_strips, strip_bounds)
+from sipl_fast.modules import (BlockStack, ChannelMix, ChannelNorm, GatedFFN, TransformerBlock,
+                               TransposedAttention, add_in_strips, in_strips, strip_bounds)
 from sipl_fast.ops.torch_impl import gram as _split_gram
 
 
@@ -12,6 +14,17 @@ from sipl_fast.ops.torch_impl import gram as _split_gram
 def small_strips(monkeypatch):
     """A strip budget of a few rows for the test images (the default only strips large images)."""
     monkeypatch.setitem(modules.STRIP_ELEMENTS, "cpu", 3000)
+
+
+@contextlib.contextmanager
+def modules_strips_off():
+    """A budget no test image exceeds: the one-piece paths."""
+    saved = dict(modules.STRIP_ELEMENTS)
+    modules.STRIP_ELEMENTS.update(dict.fromkeys(saved, 1 << 40))
+    try:
+        yield
+    finally:
+        modules.STRIP_ELEMENTS.update(saved)
 
 
 def _randomised(module: torch.nn.Module) -> torch.nn.Module:
@@ -31,19 +44,49 @@ def test_strip_bounds_cover_each_row_once_with_halos(height, rows):
     assert covered == list(range(height))
 
 
+@pytest.mark.parametrize("per_image", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_add_in_strips_is_exact_and_overwrites_only_when_told(small_strips, inplace):
-    conv = _randomised(torch.nn.Conv2d(5, 5, 3, padding=1))
+def test_add_in_strips_is_exact_and_overwrites_only_when_told(small_strips, inplace, channels_last, per_image):
+    conv = _randomised(torch.nn.Conv2d(5, 7, 3, padding=1))
     x = torch.randn(2, 5, 23, 11, dtype=torch.float64)
-    expected = x + conv(x)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    matrix = torch.randn(2 if per_image else 1, 5, 7, dtype=torch.float64)
+    mix = ChannelMix(matrix if per_image else matrix[0], torch.randn(5, dtype=torch.float64))
+    expected = x + torch.einsum("boi,bihw->bohw", matrix.expand(2, 5, 7), conv(x)) + mix.bias.view(1, -1, 1, 1)
     original = x.clone()
     with torch.no_grad():
         assert modules.strip_rows(x, 40) < x.shape[-2]  # really in strips
-        result = add_in_strips(conv, x, live_channels=40, inplace=inplace)
+        result = add_in_strips(conv, mix, x, live_channels=40, inplace=inplace)
     torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-12)
     assert (result.data_ptr() == x.data_ptr()) == inplace
+    assert result.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if not inplace:
         assert torch.equal(x, original)
+    with torch.no_grad(), modules_strips_off():
+        torch.testing.assert_close(add_in_strips(conv, mix, original.clone(), 40, inplace), expected,
+                                   rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(add_in_strips(conv, mix, original, 40, inplace), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channel_mix_adds_into_views_that_are_not_one_matrix(channels_last):
+    """A column crop of a map is no single strided matrix: the mix is added all the same,
+    into the crop only; a 16-bit map with a float32 matrix adds in the map's dtype."""
+    torch.manual_seed(0)
+    out = torch.randn(1, 4, 6, 9, dtype=torch.float64)
+    if channels_last:
+        out = out.contiguous(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 6, 4, dtype=torch.float64)
+    mix = ChannelMix(torch.randn(4, 3, dtype=torch.float64), None)
+    expected = out.clone()
+    expected[..., 2:6] += torch.einsum("oi,bihw->bohw", mix.matrix, x)
+    mix.add_into(out[..., 2:6], x)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    half = out.to(torch.bfloat16)
+    ChannelMix(mix.matrix.float(), None).add_into(half, torch.randn(1, 3, 6, 9).to(torch.bfloat16))
+    assert half.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("pixels", [7, 64, 100])
@@ -101,6 +144,29 @@ def test_block_stack_keeps_its_input_unless_told(small_strips):
     assert overwritten.data_ptr() == x.data_ptr()
     torch.testing.assert_close(kept, expected, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(overwritten, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_reference_backend_keeps_the_authors_structure_without_autograd(small_strips, monkeypatch):
+    """The benchmarks' baseline: no strips and no overwritten maps on the reference backend,
+    which would change its speed and memory (the results are the same either way)."""
+    import sipl_fast
+    stack = _randomised(BlockStack(*[TransformerBlock(8, 2, 2.66, False, "WithBias") for _ in range(2)]))
+    x = torch.randn(1, 8, 21, 12, dtype=torch.float64)
+    original = x.clone()
+    expected = stack(x)
+
+    def streamed_path(*args, **kwargs):
+        raise AssertionError("the reference backend took a streamed (strip-wise, in-place) path")
+
+    for name in ("strip_bounds", "add_in_strips", "_residual"):
+        monkeypatch.setattr(modules, name, streamed_path)
+    with torch.no_grad():
+        assert modules.streaming(x) and modules.strip_rows(x, 40) < x.shape[-2]
+        with sipl_fast.use_backend("reference"):
+            assert not modules.streaming(x) and modules.strip_rows(x, 40) is None
+            result = stack(x, inplace=True)
+    assert torch.equal(x, original) and result.data_ptr() != x.data_ptr()
+    torch.testing.assert_close(result, expected, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.gpu
