@@ -84,16 +84,22 @@ def _residual(x: torch.Tensor, branch: torch.Tensor, inplace: bool) -> torch.Ten
 
 
 class ChannelMix(NamedTuple):
-    """The 1x1 mix that ends a residual branch: per pixel, matrix @ channels (+ bias).
-    matrix is (Co, Ci), shared by the images (a 1x1 convolution's weight), or (B, Co, Ci)."""
-    matrix: torch.Tensor
+    """The 1x1 mix that ends a residual branch: per pixel, a (Co, Ci) matrix times the channels
+    (+ bias). weight is a 1x1 convolution's (Co, Ci, 1, 1), shared by the images, or
+    (B, Co, Ci), one matrix per image."""
+    weight: torch.Tensor
     bias: torch.Tensor | None
 
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[1] if self.weight.dim() == 4 else self.weight.shape[-1]
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """The mix as a new map (autograd records it as the convolution it is)."""
-        if self.matrix.dim() == 2:
-            return F.conv2d(x, self.matrix[:, :, None, None], self.bias)
-        out = torch.einsum("boi,bihw->bohw", self.matrix.to(x.dtype).expand(x.shape[0], -1, -1), x)
+        """The mix as a new map; a convolution's weight goes in as it is, so that autograd gives
+        its gradient the weight's strides (DDP's buckets expect them)."""
+        if self.weight.dim() == 4:
+            return F.conv2d(x, self.weight, self.bias)
+        out = torch.einsum("boi,bihw->bohw", self.weight.to(x.dtype).expand(x.shape[0], -1, -1), x)
         return out if self.bias is None else out + self.bias.to(out.dtype).view(1, -1, 1, 1)
 
     def add_into(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -101,7 +107,8 @@ class ChannelMix(NamedTuple):
         writes out, so the branch never becomes a map of its own (a convolution and an add
         would write it and read it back: two of the five passes over C channels)."""
         b, co, h, w = out.shape
-        matrix = (self.matrix if self.matrix.dtype == out.dtype else self.matrix.to(out.dtype)).expand(b, co, -1)
+        matrix = self.weight.flatten(1) if self.weight.dim() == 4 else self.weight
+        matrix = (matrix if matrix.dtype == out.dtype else matrix.to(out.dtype)).expand(b, co, -1)
         x = x if x.dtype == out.dtype else x.to(out.dtype)
         try:
             if torch_impl.channels_innermost(out):  # token-major rows: out_t += x_t M^T
@@ -124,7 +131,7 @@ def add_in_strips(prepare, mix: ChannelMix, x: torch.Tensor, live_channels: int,
     costs no pass of its own. With ``inplace`` (x owned by the caller) the sum overwrites x:
     each strip is added only after the next strip has read its halo row from the original
     x, so no second copy of x is needed."""
-    pending_channels = mix.matrix.shape[-1]  # the previous strip's prepared rows, not yet added
+    pending_channels = mix.in_channels  # the previous strip's prepared rows, not yet added
     rows = strip_rows(x, live_channels + pending_channels)
     if rows is None:
         if not streaming(x):
@@ -222,7 +229,7 @@ class GatedFFN(nn.Module):
 
     def add_to(self, x: torch.Tensor, norm: nn.Module, inplace: bool = False) -> torch.Tensor:
         """x + ffn(norm(x)), in strips when ``streaming`` (in place on x with ``inplace``)."""
-        project_out = ChannelMix(self.project_out.weight[:, :, 0, 0], self.project_out.bias)
+        project_out = ChannelMix(self.project_out.weight, self.project_out.bias)
         return add_in_strips(lambda part: self._gated(norm(part)), project_out, x,
                              x.shape[1] + self._live_channels(), inplace)
 

@@ -36,7 +36,8 @@ def authors_loop(model, x: torch.Tensor, steps: int = 2, pad_to: int = 8) -> tor
     """The released test loop, literally: two full passes per step, no sharing, no caching.
 
     The baseline of benchmarks and tests (pair it with ``use_backend("reference")`` for the
-    authors' arithmetic too).
+    authors' arithmetic too). steps=0 returns the plain pass; otherwise no pass runs beyond
+    the steps' own (SPEC section 3: 2 forwards and 1 encoder pass per step).
     """
     h, w = x.shape[-2:]
     cache_was = model.dictionary_cache.enabled
@@ -44,7 +45,7 @@ def authors_loop(model, x: torch.Tensor, steps: int = 2, pad_to: int = 8) -> tor
     try:
         with torch.no_grad():
             current = pad_to_multiple(x, pad_to)
-            output = model(current)
+            output = model(current) if steps == 0 else None
             for _ in range(steps):
                 initial = model(current)
                 output = model(current, privileged_features=model.encode(initial))

@@ -53,7 +53,7 @@ def test_add_in_strips_is_exact_and_overwrites_only_when_told(small_strips, inpl
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     matrix = torch.randn(2 if per_image else 1, 5, 7, dtype=torch.float64)
-    mix = ChannelMix(matrix if per_image else matrix[0], torch.randn(5, dtype=torch.float64))
+    mix = ChannelMix(matrix if per_image else matrix[0, :, :, None, None], torch.randn(5, dtype=torch.float64))
     expected = x + torch.einsum("boi,bihw->bohw", matrix.expand(2, 5, 7), conv(x)) + mix.bias.view(1, -1, 1, 1)
     original = x.clone()
     with torch.no_grad():
@@ -79,13 +79,13 @@ def test_channel_mix_adds_into_views_that_are_not_one_matrix(channels_last):
     if channels_last:
         out = out.contiguous(memory_format=torch.channels_last)
     x = torch.randn(1, 3, 6, 4, dtype=torch.float64)
-    mix = ChannelMix(torch.randn(4, 3, dtype=torch.float64), None)
+    matrix = torch.randn(4, 3, dtype=torch.float64)
     expected = out.clone()
-    expected[..., 2:6] += torch.einsum("oi,bihw->bohw", mix.matrix, x)
-    mix.add_into(out[..., 2:6], x)
+    expected[..., 2:6] += torch.einsum("oi,bihw->bohw", matrix, x)
+    ChannelMix(matrix[:, :, None, None], None).add_into(out[..., 2:6], x)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     half = out.to(torch.bfloat16)
-    ChannelMix(mix.matrix.float(), None).add_into(half, torch.randn(1, 3, 6, 9).to(torch.bfloat16))
+    ChannelMix(matrix[None].float(), None).add_into(half, torch.randn(1, 3, 6, 9).to(torch.bfloat16))
     assert half.dtype == torch.bfloat16
 
 
