@@ -7,6 +7,8 @@ the directory and prints, with the numbers behind each line:
 - whether the depthwise kernels (ops.DEPTHWISE_OPS) should become the CUDA default: they must
   win the refinement with a CUDA graph ("sipl_fast+graph+dwk" vs "sipl_fast+graph") and not
   lose the per-pass total of their ops in float32 or amp;
+- whether LayerNorm2d's kernel should also take the small calls when a CUDA graph replays
+  them ("sipl_fast+graph+dwk+lnk" vs "sipl_fast+graph+dwk");
 - the fastest strip budget ("+sN" rows, and the default) whose peak memory stays within the
   issue's 0.25x of the reference loop's, at 512x512. These rows replay a CUDA graph, whose
   peak ran 13 % under the eager one's at the old budget (H200, run c): the eager default row
@@ -63,6 +65,18 @@ def depthwise_verdict(refine: dict | None, pixel_ops: dict | None) -> list[str]:
                     "(sipl_fast/ops/__init__.py, the DEPTHWISE_OPS rule)"]
 
 
+def layer_norm_verdict(refine: dict | None) -> list[str]:
+    rows = _refine_rows(refine) if refine else {}
+    default, kernel = rows.get("sipl_fast+graph+dwk"), rows.get("sipl_fast+graph+dwk+lnk")
+    if not (default and kernel):
+        return ["LayerNorm2d kernel on small calls: no measurement, keep the size rule"]
+    ratio = default["seconds"] / kernel["seconds"]
+    return [f"refinement 512x512 with a CUDA graph: LayerNorm2d kernel on every call {ratio:.2f}x "
+            f"({kernel['seconds'] * 1e3:.1f} vs {default['seconds'] * 1e3:.1f} ms)",
+            f"LayerNorm2d kernel on small calls while capturing a graph: {'YES' if ratio > 1.0 else 'no'} "
+            "(sipl_fast/ops/__init__.py, the layer_norm2d rule: add torch.cuda.is_current_stream_capturing())"]
+
+
 def strip_verdict(refine: dict | None) -> list[str]:
     if not refine:
         return ["strip budget: no measurement"]
@@ -100,7 +114,7 @@ def main(argv=None) -> int:
         return 2
     directory = Path(args[0])
     refine, pixel_ops = _load(directory, "refine.json"), _load(directory, "pixel_ops.json")
-    for line in depthwise_verdict(refine, pixel_ops) + strip_verdict(refine):
+    for line in depthwise_verdict(refine, pixel_ops) + layer_norm_verdict(refine) + strip_verdict(refine):
         print(line)
     return 0
 

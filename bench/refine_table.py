@@ -2,7 +2,9 @@
 sipl_fast's Refiner (default backend; "+graph": a step captured in a CUDA graph and replayed;
 "+nhwc": on channels-last activations; "+dwk": the depthwise convolutions, and the
 feed-forward's depthwise convolution + gate, by sipl_fast's Triton kernels,
-``ops.kernels_forced``; "+sN": strips of N MiB instead of modules.STRIP_ELEMENTS's), time and
+``ops.kernels_forced``; "+lnk": LayerNorm2d by its Triton kernel on every call, also the small
+ones the default routes to torch, whose measured loss may have been launch cost, which a CUDA
+graph does not pay; "+sN": strips of N MiB instead of modules.STRIP_ELEMENTS's), time and
 peak memory beyond the resident weights.
 
     python bench/refine_table.py OUT.json                 # CUDA: 512x512 and 1280x720
@@ -38,11 +40,12 @@ CASES = {
     "cuda": [((512, 512), "reference", 1), ((512, 512), "torch", 2), ((512, 512), "sipl_fast", 3),
              ((512, 512), "sipl_fast+graph", 3), ((512, 512), "sipl_fast+graph+nhwc", 3),
              ((512, 512), "sipl_fast+dwk", 3), ((512, 512), "sipl_fast+graph+dwk", 3),
+             ((512, 512), "sipl_fast+graph+dwk+lnk", 3),
              ((512, 512), "sipl_fast+graph+dwk+s48", 3), ((512, 512), "sipl_fast+graph+dwk+s96", 3),
              ((512, 512), "sipl_fast+graph+dwk+s192", 3), ((512, 512), "sipl_fast+graph+dwk+s512", 3),
              ((720, 1280), "sipl_fast", 2)],
     "cpu": [((128, 128), "reference", 3), ((128, 128), "sipl_fast", 3),
-            ((256, 256), "reference", 1), ((256, 256), "sipl_fast", 1)],
+            ((256, 256), "reference", 2), ((256, 256), "sipl_fast", 2)],
 }
 
 
@@ -51,15 +54,30 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _median_seconds(fn, repeats: int, device: str) -> float:
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+def _median_seconds(runs: list, device: str) -> list:
+    """Median wall time of each (fn, repeats), the fns timed in turn (round robin), so that a
+    machine whose speed drifts (shared CPUs) slows every provider of a group alike."""
+    times = [[] for _ in runs]
+    for turn in range(max(repeats for _, repeats in runs)):
+        for (fn, repeats), taken in zip(runs, times):
+            if turn >= repeats:
+                continue
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            taken.append(time.perf_counter() - start)
+    return [sorted(taken)[len(taken) // 2] for taken in times]
+
+
+def _groups(cases: list, interleave: bool) -> list:
+    """[(index, size, provider, repeats), ...] per timing group: the cases of one size together
+    where ``interleave`` (the CPU), else one case each (a GPU's timings are steady, and a run cut
+    short by gpu_check's time limit keeps every finished row)."""
+    groups: dict = {}
+    for index, (size, provider, repeats) in enumerate(cases):
+        groups.setdefault(size if interleave else index, []).append((index, size, provider, repeats))
+    return list(groups.values())
 
 
 def make_model(device) -> SIPLPromptIR:
@@ -81,7 +99,7 @@ def make_runner(model, x, provider: str):
         return run
     name, *extras = provider.split("+")
     backend = "torch" if name == "torch" else None
-    forced = ops.DEPTHWISE_OPS if "dwk" in extras else ()
+    forced = (ops.DEPTHWISE_OPS if "dwk" in extras else ()) + (("layer_norm2d",) if "lnk" in extras else ())
     strip_mib = next((int(e[1:]) for e in extras if e.startswith("s") and e[1:].isdigit()), None)
     options = dict(steps=2, channels_last=True if "nhwc" in extras else None)  # None: the device default
     if "graph" in extras:  # one Refiner kept: its first call captures, later ones replay
@@ -132,22 +150,26 @@ def main(argv=None) -> int:
     model = make_model(args.device)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     rows, peaks = [], {}
-    for index, (size, provider, repeats) in enumerate(CASES[args.device]):
-        x = torch.rand(1, 3, *size, device=args.device)
-        run = make_runner(model, x, provider)
-        if cpu_peaks is None:
-            peaks[index] = peak_extra_bytes(run, args.device)  # doubles as the warm-up
-        else:
-            run()  # warm-up
+    for group in _groups(CASES[args.device], interleave=args.device == "cpu"):
+        runs = []
+        for index, size, provider, repeats in group:
+            x = torch.rand(1, 3, *size, device=args.device)
+            run = make_runner(model, x, provider)
+            if cpu_peaks is None:
+                peaks[index] = peak_extra_bytes(run, args.device)  # doubles as the warm-up
+            else:
+                run()  # warm-up
+            runs.append((run, repeats))
         if args.peaks_to:
             continue
-        peak = peaks[index] if cpu_peaks is None else cpu_peaks[index]
-        seconds = _median_seconds(run, repeats, args.device)
-        label = f"{size[1]}x{size[0]}"
-        rows.append(dict(size=label, provider=provider, seconds=seconds, peak_extra_mib=peak / 2**20))
-        print(f"refine steps=2 {label:>9} {provider:>10}: {seconds * 1e3:10.1f} ms   "
-              f"peak beyond weights {peak / 2**20:9.1f} MiB", flush=True)
-        _write(args, rows, {})  # after every row: a run cut short by a time limit keeps its rows
+        for (index, size, provider, _), seconds in zip(group, _median_seconds(runs, args.device)):
+            peak = peaks[index] if cpu_peaks is None else cpu_peaks[index]
+            label = f"{size[1]}x{size[0]}"
+            rows.append(dict(size=label, provider=provider, seconds=seconds, peak_extra_mib=peak / 2**20))
+            print(f"refine steps=2 {label:>9} {provider:>10}: {seconds * 1e3:10.1f} ms   "
+                  f"peak beyond weights {peak / 2**20:9.1f} MiB", flush=True)
+        _write(args, rows, {})  # after every group: a run cut short by a time limit keeps its rows
+        del runs
     if args.peaks_to:
         with open(args.peaks_to, "w") as f:
             json.dump(peaks, f)

@@ -49,3 +49,13 @@ def test_main_reads_the_directory(tmp_path, capsys):
     assert decide_defaults.main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "pixel_ops.json: missing" in out and f"strip budget: {decide_defaults.DEFAULT_STRIP_MIB} MiB is the fastest" in out
+
+
+def test_layer_norm_kernel_verdict_follows_the_graph_replayed_rows():
+    refine = _refine(400, {})
+    assert decide_defaults.layer_norm_verdict(refine)[-1].endswith("keep the size rule")
+    refine["rows"].append(dict(size="512x512", provider="sipl_fast+graph+dwk+lnk", seconds=0.38, peak_extra_mib=520.0))
+    lines = decide_defaults.layer_norm_verdict(refine)
+    assert "1.05x" in lines[0] and lines[-1].startswith("LayerNorm2d kernel on small calls while capturing a graph: YES")
+    refine["rows"][-1]["seconds"] = 0.45
+    assert ": no " in decide_defaults.layer_norm_verdict(refine)[-1]

@@ -1,0 +1,18 @@
+"""bench/refine_table.py's timing: CPU providers of one size are timed in turn (round robin),
+so that a drifting machine slows each alike; a GPU's cases stay one group each."""
+import refine_table
+
+
+def test_cpu_cases_of_one_size_form_one_group_and_gpu_cases_stay_single():
+    cases = [((128, 128), "reference", 3), ((128, 128), "sipl_fast", 3), ((256, 256), "reference", 1)]
+    assert [[c[2] for c in g] for g in refine_table._groups(cases, interleave=True)] == \
+        [["reference", "sipl_fast"], ["reference"]]
+    assert [[c[0] for c in g] for g in refine_table._groups(cases, interleave=False)] == [[0], [1], [2]]
+
+
+def test_runs_are_timed_in_turn_with_their_own_repeat_counts():
+    calls = []
+    runs = [(lambda: calls.append("a"), 3), (lambda: calls.append("b"), 1), (lambda: calls.append("c"), 2)]
+    medians = refine_table._median_seconds(runs, "cpu")
+    assert calls == ["a", "b", "c", "a", "c", "a"]
+    assert len(medians) == 3 and all(m >= 0 for m in medians)
