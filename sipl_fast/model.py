@@ -69,8 +69,8 @@ class DictionaryCache:
         return (tuple((p.data_ptr(), p._version, p.dtype) for p in params), resolve_backend(device), autocast)
 
     def get(self, name: tuple, params: Sequence[torch.Tensor], compute):
-        if torch.is_grad_enabled() or not self.enabled:
-            return compute()
+        if torch.is_grad_enabled() or not self.enabled or torch.compiler.is_compiling():
+            return compute()  # a compiled graph recomputes: it may not key on data pointers
         signature = self._signature(params, params[0].device)
         hit = self._entries.get(name)
         if hit is not None and hit[0] == signature:

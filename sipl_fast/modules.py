@@ -38,11 +38,14 @@ if os.environ.get("SIPL_FAST_STRIP_ELEMENTS"):
 
 
 def streaming(x: torch.Tensor) -> bool:
-    """Whether blocks may run strip-wise and overwrite maps they own: autograd is off and the
-    backend is not ``reference``. The reference backend keeps the structure of the authors'
-    eager code too (whole maps, a new tensor for every sum): it is the baseline the benchmarks
-    compare against and the oracle of the tests, so it must not share these paths."""
-    return not torch.is_grad_enabled() and resolve_backend(x.device) != "reference"
+    """Whether blocks may run strip-wise and overwrite maps they own: autograd is off, the
+    backend is not ``reference`` and torch.compile is not tracing. The reference backend keeps
+    the structure of the authors' eager code too (whole maps, a new tensor for every sum): it
+    is the baseline the benchmarks compare against and the oracle of the tests. Under
+    torch.compile the compiler plans memory and fuses; unrolled strips would only multiply
+    the graph (a tiny model at 48x40 took 441 s to compile with them, on two CPU cores)."""
+    return (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and resolve_backend(x.device) != "reference")
 
 
 def strip_rows(x: torch.Tensor, live_channels: int) -> int | None:

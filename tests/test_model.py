@@ -190,3 +190,30 @@ def test_presets_are_valid():
         assert isinstance(SIPLPromptIR.from_preset(name), SIPLPromptIR)
     with pytest.raises(ValueError, match="unknown preset"):
         SIPLPromptIR.from_preset("huge")
+
+
+def test_torch_compile_traces_the_whole_model_in_one_graph(monkeypatch):
+    """fullgraph, without autograd (inference) and with it (a training pass): under
+    torch.compile the blocks run whole maps (no unrolled strips) and the dictionary cache
+    recomputes (a graph cannot key on data pointers); aot_eager runs the traced graph on the CPU."""
+    from sipl_fast import modules
+    monkeypatch.setitem(modules.STRIP_ELEMENTS, "cpu", 2000)  # eager would run in strips
+    model = _randomised(SIPLPromptIR(**SMALL)).eval()
+    x = torch.rand(1, 3, 24, 16)
+    with torch.no_grad():
+        expected = model(x)
+        model.dictionary_cache.clear()
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+    assert not model.dictionary_cache._entries
+    privileged = [f.detach() for f in model.encode(x)]
+    eager_grads = torch.autograd.grad(model(x, privileged_features=privileged).square().mean(),
+                                      list(model.parameters()), allow_unused=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    compiled_grads = torch.autograd.grad(compiled(x, privileged_features=privileged).square().mean(),
+                                         list(model.parameters()), allow_unused=True)
+    for eager, traced in zip(eager_grads, compiled_grads):
+        assert (eager is None) == (traced is None)
+        if eager is not None:
+            torch.testing.assert_close(traced, eager, rtol=1e-4, atol=1e-6)
