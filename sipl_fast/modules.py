@@ -113,15 +113,13 @@ class ChannelMix(NamedTuple):
         matrix = self.weight.flatten(1) if self.weight.dim() == 4 else self.weight
         matrix = (matrix if matrix.dtype == out.dtype else matrix.to(out.dtype)).expand(b, co, -1)
         x = x if x.dtype == out.dtype else x.to(out.dtype)
-        try:
-            if torch_impl.channels_innermost(out):  # token-major rows: out_t += x_t M^T
-                target = out.permute(0, 2, 3, 1).view(b, h * w, co)
-                target.baddbmm_(x.permute(0, 2, 3, 1).reshape(b, h * w, -1), matrix.transpose(1, 2))
-            else:
-                target = out.view(b, co, h * w)
-                target.baddbmm_(matrix, x.reshape(b, -1, h * w))
-        except RuntimeError:  # out's pixels are not one strided matrix (a column crop): no view
+        if h > 1 and out.stride(2) != w * out.stride(3):  # a column crop: its pixels are no matrix
             out.add_(torch.einsum("boi,bihw->bohw", matrix, x))
+        elif torch_impl.channels_innermost(out):  # pixel-major rows of channels: out_t += x_t M^T
+            out.permute(0, 2, 3, 1).view(b, h * w, co).baddbmm_(
+                x.permute(0, 2, 3, 1).reshape(b, h * w, -1), matrix.transpose(1, 2))
+        else:
+            out.view(b, co, h * w).baddbmm_(matrix, x.reshape(b, -1, h * w))
         if self.bias is not None:
             out.add_(self.bias.to(out.dtype).view(1, -1, 1, 1))
         return out
