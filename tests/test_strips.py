@@ -181,3 +181,23 @@ def test_cuda_streamed_block_equals_the_dense_block(monkeypatch):
         streamed = block(x.clone(), inplace=True)
     error = (streamed - expected).norm() / expected.norm()
     assert error <= 1e-5, error
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_channel_mix_adds_into_a_strip_in_place(channels_last, batch):
+    """cuBLAS takes the strip's strides as they are (or torch copies and writes back): only the
+    strip's rows change, by the float64 product."""
+    torch.manual_seed(0)
+    out = torch.randn(batch, 8, 20, 16, device="cuda")
+    if channels_last:
+        out = out.contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, 6, 7, 16, device="cuda")
+    weight, per_image = torch.randn(8, 6, 1, 1, device="cuda"), torch.randn(batch, 8, 6, device="cuda")
+    for mix, matrix in ((ChannelMix(weight, None), weight[:, :, 0, 0].expand(batch, 8, 6)),
+                        (ChannelMix(per_image, None), per_image)):
+        expected = out.double()
+        expected[..., 5:12, :] += torch.einsum("boi,bihw->bohw", matrix.double(), x.double())
+        mix.add_into(out[..., 5:12, :], x)
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
