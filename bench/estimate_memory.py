@@ -20,8 +20,9 @@ It also counts the kernels the call would launch (ops that are neither views nor
 the bytes they read and write (each input and output once, as the op sees it: a lower bound
 for convolutions and GEMMs, exact for elementwise passes); ``--traffic N`` lists the N op
 kinds that move the most. Bytes over a card's copy bandwidth bound the time from below: the
-first H200 session's unstripped refinement ran at 2.29x the reference loop where this count
-gives 2.2x less traffic, so at equal efficiency traffic predicts the ratio.
+first H200 session's unstripped refinement ran at 2.29x the reference loop of then (with an
+extra plain pass) where this count gives 2.3x less traffic (389 vs 901 GB), so at equal
+efficiency per byte traffic predicts the ratio.
 """
 from __future__ import annotations
 
