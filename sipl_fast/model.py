@@ -53,7 +53,8 @@ class DictionaryCache:
     input: the key/value side of cross_p{k} in the plain pass and the query side of
     p{k}_cross in the privileged pass. Entries are keyed by the storage and version counter
     of every parameter involved (in-place updates by an optimizer or load_state_dict bump the
-    version), the backend, and the autocast state; they are used only when autograd is off.
+    version), the backend, and the autocast state; they are used only when autograd is off and
+    the backend is not ``reference``.
     """
 
     def __init__(self):
@@ -69,9 +70,13 @@ class DictionaryCache:
         return (tuple((p.data_ptr(), p._version, p.dtype) for p in params), resolve_backend(device), autocast)
 
     def get(self, name: tuple, params: Sequence[torch.Tensor], compute):
-        if torch.is_grad_enabled() or not self.enabled or torch.compiler.is_compiling():
-            return compute()  # a compiled graph recomputes: it may not key on data pointers
-        signature = self._signature(params, params[0].device)
+        # Recompute under autograd, on the reference backend (the authors' code caches nothing)
+        # and while torch.compile traces (a graph may not key on data pointers).
+        device = params[0].device
+        if (torch.is_grad_enabled() or not self.enabled or torch.compiler.is_compiling()
+                or resolve_backend(device) == "reference"):
+            return compute()
+        signature = self._signature(params, device)
         hit = self._entries.get(name)
         if hit is not None and hit[0] == signature:
             return hit[1]

@@ -171,6 +171,14 @@ def test_dictionary_cache_follows_weight_changes():
     model.dictionary_cache.enabled = False
     with torch.no_grad():
         assert torch.equal(model(x), changed)
+    model.dictionary_cache.enabled = True
+    model.dictionary_cache.clear()
+    with torch.no_grad(), sipl_fast.use_backend("reference"):  # the authors' code caches nothing
+        model(x)
+    assert not model.dictionary_cache._entries
+    with torch.no_grad():
+        model(x)
+    assert model.dictionary_cache._entries
 
 
 def test_state_dict_round_trip_and_strict_load():
