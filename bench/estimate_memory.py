@@ -84,7 +84,6 @@ class LiveBytes(TorchDispatchMode):
                 self.at_peak = sorted(self.makers.values(), key=lambda m: -m[0])[:64]
         return out
 
-
     def _count_traffic(self, func, args, kwargs, out) -> None:
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]

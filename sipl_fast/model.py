@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from .backends import resolve_backend
 from .modules import (LAYERNORM_TYPES, OverlapPatchEmbed, Downsample, PromptGenBlock, ProxyFusionBlock,
-                      QuerySide, TransformerBlock, Upsample, conv1x1, conv3x3, transformer_stack)
+                      QuerySide, TransformerBlock, Upsample, conv1x1, conv3x3, streaming, transformer_stack)
 
 LEVELS = (1, 2, 3)  # Proxy Fusion sites; level k works at 1/2^k resolution with 2^k * dim channels
 
@@ -53,8 +53,8 @@ class DictionaryCache:
     input: the key/value side of cross_p{k} in the plain pass and the query side of
     p{k}_cross in the privileged pass. Entries are keyed by the storage and version counter
     of every parameter involved (in-place updates by an optimizer or load_state_dict bump the
-    version), the backend, and the autocast state; they are used only when autograd is off and
-    the backend is not ``reference``.
+    version), the backend, and the autocast state; they are used only where blocks are
+    ``streaming`` (modules.streaming).
     """
 
     def __init__(self):
@@ -70,13 +70,11 @@ class DictionaryCache:
         return (tuple((p.data_ptr(), p._version, p.dtype) for p in params), resolve_backend(device), autocast)
 
     def get(self, name: tuple, params: Sequence[torch.Tensor], compute):
-        # Recompute under autograd, on the reference backend (the authors' code caches nothing)
-        # and while torch.compile traces (a graph may not key on data pointers).
-        device = params[0].device
-        if (torch.is_grad_enabled() or not self.enabled or torch.compiler.is_compiling()
-                or resolve_backend(device) == "reference"):
+        # Only where blocks stream: not under autograd, not on the reference backend (the
+        # authors' code caches nothing), not while torch.compile traces (no data-pointer keys).
+        if not self.enabled or not streaming(params[0]):
             return compute()
-        signature = self._signature(params, device)
+        signature = self._signature(params, params[0].device)
         hit = self._entries.get(name)
         if hit is not None and hit[0] == signature:
             return hit[1]

@@ -102,13 +102,12 @@ class ChannelMix(NamedTuple):
         its gradient the weight's strides (DDP's buckets expect them)."""
         if self.weight.dim() == 4:
             return F.conv2d(x, self.weight, self.bias)
-        out = torch.einsum("boi,bihw->bohw", self.weight.to(x.dtype).expand(x.shape[0], -1, -1), x)
-        return out if self.bias is None else out + self.bias.to(out.dtype).view(1, -1, 1, 1)
+        return self.add_into(x.new_zeros((x.shape[0], self.weight.shape[1], *x.shape[2:])), x)
 
     def add_into(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """out += mix(x), in place, without autograd: one GEMM per batch whose epilogue reads and
-        writes out, so the branch never becomes a map of its own (a convolution and an add
-        would write it and read it back: two of the five passes over C channels)."""
+        """out += mix(x), in place: one GEMM per batch whose epilogue reads and writes out, so
+        the branch never becomes a map of its own (a convolution and an add would write it and
+        read it back: two of the five passes over C channels)."""
         b, co, h, w = out.shape
         matrix = self.weight.flatten(1) if self.weight.dim() == 4 else self.weight
         matrix = (matrix if matrix.dtype == out.dtype else matrix.to(out.dtype)).expand(b, co, -1)
@@ -132,13 +131,13 @@ def add_in_strips(prepare, mix: ChannelMix, x: torch.Tensor, live_channels: int,
     costs no pass of its own. With ``inplace`` (x owned by the caller) the sum overwrites x:
     each strip is added only after the next strip has read its halo row from the original
     x, so no second copy of x is needed."""
+    if not streaming(x):
+        return x + mix(prepare(x))
+    out = x if inplace else x.clone()
     pending_channels = mix.in_channels  # the previous strip's prepared rows, not yet added
     rows = strip_rows(x, live_channels + pending_channels)
     if rows is None:
-        if not streaming(x):
-            return x + mix(prepare(x))
-        return mix.add_into(x if inplace else x.clone(), prepare(x))
-    out = x if inplace else x.clone()
+        return mix.add_into(out, prepare(x))
     pending = None
     for lo, hi, top, bottom in strip_bounds(x.shape[-2], rows):
         prepared = prepare(x[..., lo:hi, :])[..., top - lo:bottom - lo, :]

@@ -1,6 +1,4 @@
 """Strip-wise inference of the blocks (sipl_fast.modules): exact, in place only where allowed."""
-import contextlib
-
 import pytest
 import torch
 
@@ -14,17 +12,6 @@ from sipl_fast.ops.torch_impl import gram as _split_gram
 def small_strips(monkeypatch):
     """A strip budget of a few rows for the test images (the default only strips large images)."""
     monkeypatch.setitem(modules.STRIP_ELEMENTS, "cpu", 3000)
-
-
-@contextlib.contextmanager
-def modules_strips_off():
-    """A budget no test image exceeds: the one-piece paths."""
-    saved = dict(modules.STRIP_ELEMENTS)
-    modules.STRIP_ELEMENTS.update(dict.fromkeys(saved, 1 << 40))
-    try:
-        yield
-    finally:
-        modules.STRIP_ELEMENTS.update(saved)
 
 
 def _randomised(module: torch.nn.Module) -> torch.nn.Module:
@@ -65,7 +52,8 @@ def test_add_in_strips_is_exact_and_overwrites_only_when_told(small_strips, inpl
     assert result.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if not inplace:
         assert torch.equal(x, original)
-    with torch.no_grad(), modules_strips_off():
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setitem(modules.STRIP_ELEMENTS, "cpu", 1 << 40)  # one piece
         torch.testing.assert_close(add_in_strips(conv, mix, original.clone(), 40, inplace), expected,
                                    rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(add_in_strips(conv, mix, original, 40, inplace), expected, rtol=1e-12, atol=1e-12)
