@@ -39,8 +39,8 @@ section device 20 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_versi
 section build 150 $PY -m pip install --no-build-isolation --no-deps -q -e .
 section info 30 $PY -c "import json, sipl_fast; print(json.dumps(sipl_fast.info()))"
 # Parallel workers: most of the time is Triton and inductor compilation, which is CPU-bound.
-section gpu-tests 150 $PY -m pytest -q -m gpu -p no:cacheprovider -n 8 tests --durations=15 --junitxml="$OUT/gpu_tests.xml"
-section refine 110 $PY bench/refine_table.py "$OUT/refine.json"
+section gpu-tests 150 $PY -m pytest -q -m gpu -p no:cacheprovider -n 12 tests --durations=15 --junitxml="$OUT/gpu_tests.xml"
+section refine 130 $PY bench/refine_table.py "$OUT/refine.json"
 section pixel-ops 75 $PY bench/pixel_ops_table.py "$OUT/pixel_ops.json" --dtypes fp32,amp --ops pointwise_depthwise,projection_gate,projection_dual_gate --compile-budget-s 5
 section profile 80 $PY bench/profile_gpu.py --json "$OUT/profile.json" --only "${PROFILE_ONLY:-}"
 section train-step 170 $PY bench/train_step_table.py --steps 5 --warmup 2 --providers "${TRAIN_PROVIDERS:-auto,auto+graph,auto+graph+dwk}" --json "$OUT/train_step.json"
