@@ -43,7 +43,7 @@ section gpu-tests 150 $PY -m pytest -q -m gpu -p no:cacheprovider -n 12 tests --
 section refine 130 $PY bench/refine_table.py "$OUT/refine.json"
 section pixel-ops 75 $PY bench/pixel_ops_table.py "$OUT/pixel_ops.json" --dtypes fp32,amp --ops pointwise_depthwise,projection_gate,projection_dual_gate --compile-budget-s 5
 section profile 80 $PY bench/profile_gpu.py --json "$OUT/profile.json" --only "${PROFILE_ONLY:-}"
-section train-step 170 $PY bench/train_step_table.py --steps 5 --warmup 2 --providers "${TRAIN_PROVIDERS:-auto,auto+graph,auto+graph+dwk}" --json "$OUT/train_step.json"
+section train-step 170 $PY bench/train_step_table.py --steps 5 --warmup 2 --providers "${TRAIN_PROVIDERS:-auto,auto+graph,auto+graph+aten}" --json "$OUT/train_step.json"
 section mdta 70 $PY bench/transposed_attention_table.py "$OUT/transposed_attention.json" --budget-s 50 --compile-budget-s 12
 section proxy-attention 70 $PY bench/proxy_attention_table.py "$OUT/proxy_attention.json" --budget-s 50 --compile-budget-s 12
 

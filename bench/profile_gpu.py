@@ -7,7 +7,7 @@ For each case: the wall time of one call, the summed time of the GPU kernels it 
 kernels is the bottleneck, and CUDA graphs pay), and the kernels with the most GPU time.
 Cases: the training step (base preset, 128x128, batch 8, bf16 autocast) with the providers of
 train_step_table.py, refinement with steps=2 at 512x512 (also the authors' loop, replayed from a CUDA graph with
-the depthwise kernels, "graph+dwk", eagerly with them, "dwk", and on the torch backend), and the MDTA and proxy-attention kernels (fwd+bwd) at their 512x512 shapes. CUDA only.
+its graph kernels, "graph", eagerly with the depthwise kernels, "dwk", and on the torch backend), and the MDTA and proxy-attention kernels (fwd+bwd) at their 512x512 shapes. CUDA only.
 """
 from __future__ import annotations
 
@@ -80,12 +80,12 @@ def cases():
     # Refinement first: issue 5's open target (the train-step cases take longest to build).
     yield "refine 512x512 steps=2", lambda: refinement("sipl_fast")
     yield "refine 512x512 steps=2 reference (authors' loop)", lambda: refinement("reference")
-    yield "refine 512x512 steps=2 graph+dwk", lambda: refinement("sipl_fast+graph+dwk")
+    yield "refine 512x512 steps=2 graph", lambda: refinement("sipl_fast+graph")
     yield "refine 512x512 steps=2 dwk", lambda: refinement("sipl_fast+dwk")
     yield "refine 512x512 steps=2 torch backend", lambda: refinement("torch")
 
     shape = dict(preset="base", batch=8, patch=128)
-    for provider in ("reference", "auto", "auto+graph", "auto+graph+nhwc", "auto+graph+dwk"):
+    for provider in ("reference", "auto", "auto+graph", "auto+graph+nhwc", "auto+graph+aten"):
         yield f"train step bf16 {provider}", lambda provider=provider: _default_routing(
             make_step(provider, device, amp=True, **shape)[0])
 

@@ -1,11 +1,10 @@
 """Refinement with steps=2 of the full model: the authors' loop on the reference backend vs
-sipl_fast's Refiner (default backend; "+graph": a step captured in a CUDA graph and replayed;
-"+nhwc": on channels-last activations; "+dwk": the depthwise convolutions, and the
-feed-forward's depthwise convolution + gate, by sipl_fast's Triton kernels,
-``ops.kernels_forced``; "+lnk": LayerNorm2d by its Triton kernel on every call, also the small
-ones the default routes to torch, whose measured loss may have been launch cost, which a CUDA
-graph does not pay; "+sN": strips of N MiB instead of modules.STRIP_ELEMENTS's), time and
-peak memory beyond the resident weights.
+sipl_fast's Refiner (default backend; "+graph": a step captured in a CUDA graph and replayed,
+which records the kernels of ops.graph_kernels("refine"); "+aten": the graph records what
+eager calls run instead (SIPL_FAST_GRAPH_KERNELS=0); "+nhwc": on channels-last activations;
+"+dwk": the depthwise convolutions, and the feed-forward's depthwise convolution + gate, by
+sipl_fast's Triton kernels in eager calls too, ``ops.kernels_forced``; "+sN": strips of N MiB
+instead of modules.STRIP_ELEMENTS's), time and peak memory beyond the resident weights.
 
     python bench/refine_table.py OUT.json                 # CUDA: 512x512 and 1280x720
     python bench/refine_table.py OUT.json --device cpu    # CPU: 128x128 and 256x256
@@ -27,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from unittest import mock
 
 import torch
 
@@ -38,12 +38,11 @@ from peak_memory import peak_extra_bytes
 
 CASES = {
     "cuda": [((512, 512), "reference", 1), ((512, 512), "torch", 2), ((512, 512), "sipl_fast", 3),
-             ((512, 512), "sipl_fast+graph", 3), ((512, 512), "sipl_fast+graph+nhwc", 3),
-             ((512, 512), "sipl_fast+dwk", 3), ((512, 512), "sipl_fast+graph+dwk", 3),
-             ((512, 512), "sipl_fast+graph+dwk+lnk", 3),
-             ((512, 512), "sipl_fast+graph+dwk+s48", 3), ((512, 512), "sipl_fast+graph+dwk+s96", 3),
-             ((512, 512), "sipl_fast+graph+dwk+s192", 3), ((512, 512), "sipl_fast+graph+dwk+s512", 3),
-             ((720, 1280), "sipl_fast", 2)],
+             ((512, 512), "sipl_fast+dwk", 3), ((512, 512), "sipl_fast+graph", 3),
+             ((512, 512), "sipl_fast+graph+aten", 3), ((512, 512), "sipl_fast+graph+nhwc", 3),
+             ((512, 512), "sipl_fast+graph+s144", 3), ((512, 512), "sipl_fast+graph+s256", 3),
+             ((512, 512), "sipl_fast+graph+s512", 3),
+             ((720, 1280), "sipl_fast", 2), ((720, 1280), "sipl_fast+graph", 2)],
     "cpu": [((128, 128), "reference", 3), ((128, 128), "sipl_fast", 3),
             ((256, 256), "reference", 2), ((256, 256), "sipl_fast", 2)],
 }
@@ -99,7 +98,8 @@ def make_runner(model, x, provider: str):
         return run
     name, *extras = provider.split("+")
     backend = "torch" if name == "torch" else None
-    forced = (ops.DEPTHWISE_OPS if "dwk" in extras else ()) + (("layer_norm2d",) if "lnk" in extras else ())
+    forced = ops.DEPTHWISE_OPS if "dwk" in extras else ()
+    graph_kernels = {"SIPL_FAST_GRAPH_KERNELS": "0" if "aten" in extras else "1"}
     strip_mib = next((int(e[1:]) for e in extras if e.startswith("s") and e[1:].isdigit()), None)
     options = dict(steps=2, channels_last=True if "nhwc" in extras else None)  # None: the device default
     if "graph" in extras:  # one Refiner kept: its first call captures, later ones replay
@@ -109,7 +109,7 @@ def make_runner(model, x, provider: str):
 
     def run():
         with sipl_fast.use_backend(backend) if backend else contextlib.nullcontext(), ops.kernels_forced(*forced), \
-                _strip_budget(x.device.type, strip_mib):
+                _strip_budget(x.device.type, strip_mib), mock.patch.dict(os.environ, graph_kernels):
             return refiner(x)
     return run
 

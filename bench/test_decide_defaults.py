@@ -6,13 +6,14 @@ import json
 import decide_defaults
 
 
-def _refine(dwk_ms: float, budgets: dict) -> dict:
+def _refine(graph_ms: float, budgets: dict) -> dict:
     rows = [dict(size="512x512", provider="reference", seconds=0.8, peak_extra_mib=2400.0),
             dict(size="512x512", provider="sipl_fast", seconds=0.9, peak_extra_mib=560.0),
-            dict(size="512x512", provider="sipl_fast+graph", seconds=0.5, peak_extra_mib=500.0),
-            dict(size="512x512", provider="sipl_fast+graph+dwk", seconds=dwk_ms / 1e3, peak_extra_mib=520.0),
+            dict(size="512x512", provider="sipl_fast+dwk", seconds=0.95, peak_extra_mib=540.0),
+            dict(size="512x512", provider="sipl_fast+graph+aten", seconds=0.5, peak_extra_mib=500.0),
+            dict(size="512x512", provider="sipl_fast+graph", seconds=graph_ms / 1e3, peak_extra_mib=520.0),
             dict(size="1280x720", provider="sipl_fast", seconds=2.0, peak_extra_mib=1200.0)]
-    rows += [dict(size="512x512", provider=f"sipl_fast+graph+dwk+s{mib}", seconds=s, peak_extra_mib=m)
+    rows += [dict(size="512x512", provider=f"sipl_fast+graph+s{mib}", seconds=s, peak_extra_mib=m)
              for mib, (s, m) in budgets.items()]
     return {"rows": rows}
 
@@ -22,16 +23,24 @@ def _pixel_ops(triton_ms: float, torch_ms: float) -> dict:
                         "ms_per_pass": {"triton": triton_ms, "torch": torch_ms, "reference": 9.0}}]}
 
 
-def test_kernels_that_win_everywhere_are_switched_on():
-    lines = decide_defaults.depthwise_verdict(_refine(400, {}), _pixel_ops(2.0, 5.0))
-    assert lines[-1].startswith("depthwise kernels as the CUDA default: YES"), lines
-    assert "1.25x" in lines[0] and "2.50x" in lines[1]
+def test_graph_kernels_are_kept_where_the_replay_wins():
+    lines = decide_defaults.graph_kernels_verdict(_refine(400, {}))
+    assert "graph kernels 1.25x (400.0 vs 500.0 ms)" in lines[0] and lines[-1].endswith("keep"), lines
+    assert decide_defaults.graph_kernels_verdict(_refine(600, {}))[-1].endswith("DROP")
+    assert decide_defaults.graph_kernels_verdict(None)[-1].startswith("graph kernels: no measurement")
 
 
-def test_a_loss_anywhere_keeps_aten():
-    lines = decide_defaults.depthwise_verdict(_refine(400, {}), _pixel_ops(6.0, 5.0))
-    assert lines[-1].startswith("depthwise kernels as the CUDA default: no"), lines
-    assert decide_defaults.depthwise_verdict(None, None)[-1].endswith("keep ATen's")
+def test_eager_depthwise_kernels_need_every_measurement_to_win():
+    refine = _refine(400, {})
+    lines = decide_defaults.eager_depthwise_verdict(refine, _pixel_ops(2.0, 5.0))
+    assert "0.95x" in lines[0] and "2.50x" in lines[1], lines
+    assert lines[-1].startswith("depthwise kernels in eager calls: no"), lines  # the eager refinement lost
+    refine["rows"][2]["seconds"] = 0.6
+    assert decide_defaults.eager_depthwise_verdict(refine, _pixel_ops(2.0, 5.0))[-1].startswith(
+        "depthwise kernels in eager calls: YES")
+    assert decide_defaults.eager_depthwise_verdict(refine, _pixel_ops(6.0, 5.0))[-1].startswith(
+        "depthwise kernels in eager calls: no")
+    assert decide_defaults.eager_depthwise_verdict(None, None)[-1].endswith("keep ATen's")
 
 
 def test_the_fastest_budget_within_the_memory_target_wins():
@@ -49,13 +58,4 @@ def test_main_reads_the_directory(tmp_path, capsys):
     assert decide_defaults.main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "pixel_ops.json: missing" in out and f"strip budget: {decide_defaults.DEFAULT_STRIP_MIB} MiB is the fastest" in out
-
-
-def test_layer_norm_kernel_verdict_follows_the_graph_replayed_rows():
-    refine = _refine(400, {})
-    assert decide_defaults.layer_norm_verdict(refine)[-1].endswith("keep the size rule")
-    refine["rows"].append(dict(size="512x512", provider="sipl_fast+graph+dwk+lnk", seconds=0.38, peak_extra_mib=520.0))
-    lines = decide_defaults.layer_norm_verdict(refine)
-    assert "1.05x" in lines[0] and lines[-1].startswith("LayerNorm2d kernel on small calls while capturing a graph: YES")
-    refine["rows"][-1]["seconds"] = 0.45
-    assert ": no " in decide_defaults.layer_norm_verdict(refine)[-1]
+    assert "graph kernels (ops.graph_kernels): keep" in out

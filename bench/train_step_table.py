@@ -7,10 +7,12 @@ autocast. On CPU: the tiny preset, 64 x 64 crops, batch 2, fp32. "auto" is the b
 sipl_fast picks by itself (triton on CUDA, torch on CPU) in the trainer's default layout (NHWC
 on the CPU, NCHW on CUDA); "reference" is the authors' eager math in NCHW; "+graph" replays the whole step as a CUDA graph (``--cuda-graph``: the eager step at
 these sizes is bound by the CPU issuing kernels); "+nhwc" trains on channels-last activations
-(``--channels-last``: cuDNN's depthwise convolutions instead of ATen's NCHW kernels); "+dwk"
+(``--channels-last``: cuDNN's depthwise convolutions instead of ATen's NCHW kernels); the graph
+records the kernels of ops.graph_kernels("train") (the depthwise convolutions by sipl_fast's
+Triton kernels), "+aten" what eager steps run instead (SIPL_FAST_GRAPH_KERNELS=0); "+dwk"
 runs the depthwise convolutions (and, in the no-grad plain pass, the feed-forward's fused
-depthwise convolution + gate) with sipl_fast's Triton kernels (``ops.kernels_forced(*ops.DEPTHWISE_OPS)``;
-ATen's stay the default until this is measured). The step is ``Trainer.train_step``: the no-grad plain
+depthwise convolution + gate) with the Triton kernels in eager steps too
+(``ops.kernels_forced(*ops.DEPTHWISE_OPS)``). The step is ``Trainer.train_step``: the no-grad plain
 pass and encoder on the clean batch, the privileged pass on the degraded batch, L1, backward,
 clipping, AdamW.
 Peak memory: on CUDA the allocator's peak over the whole measurement (warm-up, the capture
@@ -18,17 +20,19 @@ for "+graph", the timed steps), in total and beyond what was allocated before th
 (the weights and the batch); a graph's private pool is allocated while it is captured, so the
 peak covers it. On the CPU the resident-set peak of one step beyond the RSS before it (rough:
 memory freed by earlier steps is reused without raising the RSS, so CPU numbers understate).
-Prints a table and JSON; takes about two minutes on an H100 (ten configurations).
+Prints a table and JSON; takes about two minutes on an H100 (fourteen configurations).
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import os
 import sys
 import tempfile
 import time
 from datetime import date
+from unittest import mock
 
 import torch
 
@@ -38,7 +42,8 @@ from peak_memory import peak_extra_bytes
 from sipl_fast.train import GRAPH_WARMUP_STEPS, TrainOptions, Trainer
 
 PROVIDERS = {"cpu": ("reference", "auto"),
-             "cuda": ("reference", "auto", "reference+graph", "auto+graph", "auto+graph+nhwc", "auto+graph+dwk")}
+             "cuda": ("reference", "auto", "reference+graph", "auto+graph", "auto+graph+nhwc", "auto+graph+aten",
+                      "auto+dwk")}
 
 
 def default_shape(device: torch.device) -> dict:
@@ -69,9 +74,10 @@ def make_step(provider: str, device: torch.device, preset: str, batch: int, patc
     gt, lq = gt.to(device), lq.to(device)
 
     forced = ops.DEPTHWISE_OPS if "dwk" in extras else ()
+    graph_kernels = {"SIPL_FAST_GRAPH_KERNELS": "0" if "aten" in extras else "1"}
 
     def step():
-        with sipl_fast.use_backend(backend), ops.kernels_forced(*forced):
+        with sipl_fast.use_backend(backend), ops.kernels_forced(*forced), mock.patch.dict(os.environ, graph_kernels):
             return trainer.train_step(lq, gt)
 
     return step, trainer

@@ -22,17 +22,14 @@ LAYERNORM_TYPES = ("WithBias", "BiasFree")
 
 
 # Elements a strip may hold alive at once (its intermediates together) when blocks are
-# ``streaming``: 16 MiB of float32 on the CPU (cache-sized), 144 MiB on a GPU. Smaller strips
-# mean less memory and more, smaller kernels. On an H200 a 512x512 refinement held 0.19x
-# (graph-replayed) to 0.22x (eager) the reference loop's peak memory with strips of 32 MiB per
-# widest intermediate, issuing ~9x the kernels of an unstripped pass
-# (bench/results/h200_2026-11-27_session2.md). With the encoder features freed during the
-# last pass (Refiner._step) and the residual branches mixed into the sum in place
-# (ChannelMix.add_into), 144 MiB estimates 447 MiB at 512x512 on fake tensors (the measured
-# strips: 424 MiB) with 1.7x fewer ops; scaled as that estimate compared with the H200's eager
-# peak (x1.24), 0.23x of the reference's (target <= 0.25x; 160 MiB would give 0.245x).
-# bench/results/strip_budget_2026-11-27.md has the sweep; SIPL_FAST_STRIP_ELEMENTS sets both.
-STRIP_ELEMENTS = {"cpu": 1 << 22, "cuda": 9 << 22}
+# ``streaming``: 16 MiB of float32 on the CPU (cache-sized), 192 MiB on a GPU. Smaller strips
+# mean less memory and more, smaller kernels. Swept on an H200 (512x512 refinement, steps=2,
+# graph-replayed, depthwise kernels; bench/results/h200_2026-11-27d.md): 96 / 144 / 192 / 512 MiB
+# ran 1.65x / 1.88x / 2.15x / 2.30x the reference loop's speed with 0.15x / 0.18x / 0.21x /
+# 0.47x its peak memory; eagerly 144 MiB peaked at 0.196x. 192 MiB is the fastest within the
+# issue's 0.25x. bench/results/strip_budget_2026-11-27.md has the CPU and fake-tensor sweeps;
+# SIPL_FAST_STRIP_ELEMENTS sets both.
+STRIP_ELEMENTS = {"cpu": 1 << 22, "cuda": 12 << 22}
 if os.environ.get("SIPL_FAST_STRIP_ELEMENTS"):
     STRIP_ELEMENTS = dict.fromkeys(STRIP_ELEMENTS, int(os.environ["SIPL_FAST_STRIP_ELEMENTS"]))
 

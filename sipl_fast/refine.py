@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import ops
 from .ops import extension
 
 
@@ -116,6 +117,9 @@ class Refiner:
         self._state = state
         self._graph = None
 
+    def _channels_last(self, device: torch.device) -> bool:
+        return self.channels_last if self.channels_last is not None else device.type == "cpu"
+
     # ------------------------------------------------------------------ entry
     def __call__(self, x: torch.Tensor):
         channels = self.model.config["inp_channels"]
@@ -141,8 +145,7 @@ class Refiner:
     # ------------------------------------------------------------------ one batch
     def _step(self, current: torch.Tensor) -> torch.Tensor:
         """y_t from x_{t-1}: one shared encoder pass, the plain decode, PI, the privileged decode."""
-        channels_last = self.channels_last if self.channels_last is not None else current.device.type == "cpu"
-        if channels_last:  # the layout propagates through every layer from the input
+        if self._channels_last(current.device):  # the layout propagates through every layer from the input
             current = current.contiguous(memory_format=torch.channels_last)
         encoded = self.model.encode_all(current)
         initial = self.model.decode(current, encoded)
@@ -188,14 +191,15 @@ class Refiner:
         key = (tuple(x.shape), x.dtype, state.current().data_ptr(), self.blend, weights)
         if self._graph is None or self._graph[0] != key:
             current = state.current()
-            warm = torch.cuda.Stream()
-            warm.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(warm):  # autotuning and allocations happen before capture
-                self._step(current.clone())
-            torch.cuda.current_stream().wait_stream(warm)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                state.step(self._step(current), self.blend)
+            with ops.kernels_forced(*ops.graph_kernels("refine", self._channels_last(x.device))):
+                warm = torch.cuda.Stream()
+                warm.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(warm):  # compilation, autotuning and allocations happen before capture
+                    self._step(current.clone())
+                torch.cuda.current_stream().wait_stream(warm)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    state.step(self._step(current), self.blend)
             self._graph = (key, graph)
             state.current().copy_(x)
         history = []

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
+from . import ops
 from .checkpoint import (FORMAT, RESUME_NAME, WEIGHTS_NAME, CheckpointError, load_resume_state, save_resume_state,
                          save_weights)
 from .data.datasets import EvalSample, open_source
@@ -158,7 +159,7 @@ class CapturedStep:
         cache = trainer.model.dictionary_cache
         enabled, cache.enabled = cache.enabled, False  # a value cached outside would never update
         try:
-            with torch.cuda.graph(self.graph):
+            with ops.kernels_forced(*ops.graph_kernels("train")), torch.cuda.graph(self.graph):
                 self.loss = trainer._optimizer_step(self.lq, self.gt)
         finally:
             cache.enabled = enabled
@@ -315,7 +316,8 @@ class Trainer:
         main = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(main)
-        with torch.cuda.stream(side):
+        # the kernels the capture records compile and autotune here
+        with torch.cuda.stream(side), ops.kernels_forced(*ops.graph_kernels("train")):
             loss = self._optimizer_step(lq, gt)
         main.wait_stream(side)
         self._warm_steps += 1

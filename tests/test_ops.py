@@ -242,6 +242,26 @@ def test_cuda_routes_and_forced_kernels(monkeypatch):
             pass
 
 
+def test_graph_kernels_name_what_a_cuda_graph_records(monkeypatch):
+    """Graphs record the depthwise kernels (training and refinement) and LayerNorm2d's kernel on
+    every call (refinement, NCHW maps: its kernel would copy channels-last ones); with
+    SIPL_FAST_GRAPH_KERNELS=0 they record what eager calls run. Forced, they route every call."""
+    from sipl_fast.ops import layer_norm2d_triton, pointwise_depthwise_gate_triton
+    monkeypatch.delenv("SIPL_FAST_GRAPH_KERNELS", raising=False)
+    assert ops.graph_kernels("train") == ops.DEPTHWISE_OPS
+    assert ops.graph_kernels("refine") == ops.DEPTHWISE_OPS + ("layer_norm2d",)
+    assert ops.graph_kernels("refine", channels_last=True) == ops.DEPTHWISE_OPS
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        small = torch.empty(1, 96, 40, 56, device="cuda")
+    with sipl_fast.use_backend("triton"), torch.no_grad(), ops.kernels_forced(*ops.graph_kernels("refine")):
+        assert ops.backend_module("layer_norm2d", small) is layer_norm2d_triton
+        assert ops.backend_module("pointwise_depthwise_gate", small) is pointwise_depthwise_gate_triton
+    monkeypatch.setenv("SIPL_FAST_GRAPH_KERNELS", "0")
+    assert ops.graph_kernels("refine") == ops.graph_kernels("train") == ()
+    with pytest.raises(ValueError, match="site must be 'refine' or 'train'"):
+        ops.graph_kernels("eval")
+
+
 def test_info_reports_the_build():
     report = sipl_fast.info()
     for key in ("extension_loaded", "cuda_kernels_compiled", "arch_list", "triton_available", "backends"):

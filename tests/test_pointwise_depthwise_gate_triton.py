@@ -175,7 +175,8 @@ def test_gpu_sipl_shapes(shape, dtype, dual):
 
 
 @pytest.mark.gpu
-def test_gpu_torch_compile_traces_the_custom_op():
+def test_gpu_torch_compile_traces_the_custom_op(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # as in test_depthwise_triton's compile test
     inputs = _inputs(2, 48, 127, 32, 32, torch.float32)
     op = pointwise_depthwise_gate_triton.pointwise_depthwise_gate
     with torch.no_grad():

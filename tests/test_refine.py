@@ -250,3 +250,30 @@ def test_cuda_refine_and_graph_replay_equal_the_authors_loop():
     assert _relative_error(again, torch.flip(expected, dims=[0])) <= 1e-3
     nhwc = Refiner(model, steps=2, cuda_graph=True, channels_last=True)
     assert _relative_error(nhwc(x), expected) <= 1e-3
+
+
+@pytest.mark.gpu
+def test_cuda_graph_records_the_graph_kernels(monkeypatch):
+    """A refinement graph's warm-up and capture run the kernels of ops.graph_kernels("refine")
+    (the depthwise kernels, LayerNorm2d's on small maps too); eager refinement runs ATen's."""
+    import collections
+    from sipl_fast.ops import layer_norm2d_triton, pointwise_depthwise_gate_triton, pointwise_depthwise_triton
+    for name in ("SIPL_FAST_ALL_KERNELS", "SIPL_FAST_KERNELS", "SIPL_FAST_GRAPH_KERNELS"):
+        monkeypatch.delenv(name, raising=False)
+    calls = collections.Counter()
+    for module, name in ((pointwise_depthwise_triton, "depthwise3x3"),
+                         (pointwise_depthwise_gate_triton, "depthwise3x3_gate"),
+                         (layer_norm2d_triton, "layer_norm2d_forward")):
+        def counted(*args, _original=getattr(module, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(module, name, counted)
+    model = _randomised(SIPLPromptIR(**SMALL)).eval().cuda()
+    x = torch.rand(1, 3, 40, 56, device="cuda")  # maps far below LayerNorm2d's eager size rule
+    with sipl_fast.use_backend("reference"):
+        expected = authors_loop(model, x, 2)
+    eager = model.refine(x, steps=2)
+    assert not calls
+    replayed = Refiner(model, steps=2, cuda_graph=True)(x)
+    assert set(calls) == {"depthwise3x3", "depthwise3x3_gate", "layer_norm2d_forward"}, calls
+    assert _relative_error(eager, expected) <= 1e-3 and _relative_error(replayed, expected) <= 1e-3

@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from sipl_fast import ops
 from sipl_fast.checkpoint import CheckpointError, load_model, load_resume_state
 from sipl_fast.data.datasets import EvalSample
 from sipl_fast.train import (GRAPH_WARMUP_STEPS, OptionsError, TrainOptions, Trainer, evaluate, format_table,
@@ -239,10 +240,11 @@ def test_cuda_graph_replays_the_eager_step(tmp_path, monkeypatch, amp):
     graphed, _ = _cuda_run(tmp_path, "graph", True, steps, amp=amp)
     start = {k: v.clone() for k, v in eager.model.state_dict().items()}
     eager_losses = []
-    for lq, gt in batches:
-        eager.model.train()
-        eager_losses.append(eager._optimizer_step(lq, gt).item())
-        eager.scheduler.step()
+    with ops.kernels_forced(*ops.graph_kernels("train")):  # the kernels the graph records
+        for lq, gt in batches:
+            eager.model.train()
+            eager_losses.append(eager._optimizer_step(lq, gt).item())
+            eager.scheduler.step()
     graph_losses = [graphed.train_step(lq, gt).item() for lq, gt in batches]
     assert graphed._captured is not None and eager._captured is None
     torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(eager_losses), rtol=1e-4, atol=0)

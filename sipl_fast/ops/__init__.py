@@ -18,7 +18,7 @@ from ..backends import resolve_backend, triton_interpreter
 from . import reference, torch_impl
 
 __all__ = ["proxy_attention", "transposed_attention", "layer_norm2d", "gated_gelu", "pointwise_depthwise",
-           "pointwise_depthwise_gate", "backend_module", "kernels_forced", "DEPTHWISE_OPS"]
+           "pointwise_depthwise_gate", "backend_module", "kernels_forced", "DEPTHWISE_OPS", "graph_kernels"]
 
 # Triton modules are imported on first use: importing triton costs a second and is not
 # needed by the reference and torch backends.
@@ -40,14 +40,30 @@ _TRITON_MODULES = {
 # its forward alone ran 1.7-12x faster than the torch formulation (which transposes NCHW to
 # NHWC and back) on calls of >= 32k pixels, slower on smaller ones (bf16;
 # bench/results/h200_2026-11-27/run2_norm_gate.json): it runs where no gradient is recorded
-# (refinement, the training step's plain pass) and the call is large. The depthwise 3x3 kernels
-# (pointwise_depthwise, pointwise_depthwise_gate) have not run on a GPU yet: ATen's convolution stays the
-# default until bench/pixel_ops_table.py and bench/refine_table.py ("+dwk") have measured them.
+# (refinement, the training step's plain pass) and the call is large.
 # SIPL_FAST_ALL_KERNELS=1 runs every kernel anyway (kernel tests, benchmarks);
 # SIPL_FAST_KERNELS=op[,op...] or ``with ops.kernels_forced(op, ...)`` runs the named ops' kernels.
 LAYER_NORM_KERNEL_MIN_PIXELS = 1 << 15
 # The ops whose kernels are depthwise 3x3 convolutions ("+dwk" in the benchmarks).
 DEPTHWISE_OPS = ("pointwise_depthwise", "pointwise_depthwise_gate")
+# graph_kernels: the kernels a CUDA graph records (sipl_fast.refine and sipl_fast.train force
+# them around a graph's warm-up and capture). Replayed, the depthwise kernels ran the 512x512
+# refinement 1.27x and the bf16 training step 1.43x faster than ATen's convolutions (fp32
+# 1.23x), and LayerNorm2d's kernel on every call, small ones too, the refinement another 1.17x
+# (H200, bench/results/h200_2026-11-27d.md). Launched eagerly, where issuing kernels from the
+# CPU bounds these sizes, the depthwise kernels lost (0.90x): eager calls keep ATen's.
+
+
+def graph_kernels(site: str, channels_last: bool = False) -> tuple[str, ...]:
+    """The ops whose kernels a CUDA graph of ``site`` ("refine" or "train") records;
+    SIPL_FAST_GRAPH_KERNELS=0: none (graphs record what eager calls run)."""
+    if site not in ("refine", "train"):
+        raise ValueError(f"graph_kernels: site must be 'refine' or 'train', got {site!r}")
+    if os.environ.get("SIPL_FAST_GRAPH_KERNELS", "1") == "0":
+        return ()
+    # LayerNorm2d's kernel: forward only measured (training keeps torch's), and it would copy
+    # channels-last maps that torch's layer norm reads in place.
+    return DEPTHWISE_OPS + (("layer_norm2d",) if site == "refine" and not channels_last else ())
 
 
 def _pixels(x: torch.Tensor) -> int:
