@@ -31,10 +31,19 @@ class UsageError(ValueError):
     """Arguments that argparse cannot check on its own."""
 
 
-def _default_device() -> str:
+def _device(option: str | None):
+    """--device, else CUDA where available, else the CPU; a bad name or an absent device is one error."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(option or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise UsageError(f"--device: {option!r} is not a device (cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {option}: sipl-fast runs on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {option}: CUDA is not available on this machine")
+    return device
 
 
 # --------------------------------------------------------------------------- commands
@@ -47,6 +56,8 @@ def cmd_demo(args) -> None:
 def cmd_train(args) -> None:
     from .train import TrainOptions, train
 
+    if args.device is not None:
+        _device(args.device)
     options = TrainOptions(data=args.data, tasks=args.tasks, preset=args.config, steps=args.steps, batch=args.batch,
                            patch=args.patch, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
                            clip=args.clip, ema=args.ema, amp=args.amp, cuda_graph=args.cuda_graph,
@@ -90,24 +101,28 @@ def cmd_restore(args) -> None:
 
     from .checkpoint import load_model
     from .images import image_size, read_image, write_png
+    from .refine import Refiner
 
     if args.tile is not None and (args.tile < 8 or args.tile % 8 or not 0 <= args.overlap < args.tile):
         raise UsageError(f"--tile must be a multiple of 8 and 0 <= --overlap < --tile "
                          f"(got {args.tile}, {args.overlap})")
     if args.steps < 0:
         raise UsageError("--steps must be >= 0")
+    device = _device(args.device)
+    if args.cuda_graph and device.type != "cuda":
+        raise UsageError(f"--cuda-graph needs a CUDA device (got {device})")
     inputs = [Path(p) for p in args.inputs]
     for path in inputs:
         image_size(path)                         # unreadable or missing input: fail before writing anything
     targets = _output_paths(inputs, Path(args.out))
-    model, _ = load_model(args.checkpoint, device=args.device or _default_device())
-    device = next(model.parameters()).device
+    model, _ = load_model(args.checkpoint, device=device)
+    # One refiner for every file: its iteration state, and with --cuda-graph its captured step,
+    # serve each image (or tile) of the same size again.
+    refiner = Refiner(model, steps=args.steps, tile=args.tile, overlap=args.overlap, cuda_graph=args.cuda_graph)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     for path in tqdm(inputs, desc="restore", disable=len(inputs) < 2 or args.no_progress):
         image = read_image(path)
-        with torch.inference_mode():
-            restored = model.refine(image.rgb[None].to(device), steps=args.steps, tile=args.tile,
-                                    overlap=args.overlap)
+        restored = refiner(image.rgb[None].to(device))
         write_png(targets[path], restored[0].cpu(), image.alpha, image.grayscale, image.bit_depth, image.exif)
         print(f"{path} -> {targets[path]} ({image.size[1]}x{image.size[0]}, {image.bit_depth}-bit"
               f"{', grayscale' if image.grayscale else ''}{', alpha kept' if image.alpha is not None else ''})")
@@ -123,7 +138,7 @@ def cmd_eval(args) -> None:
         tasks = resolve_tasks(args.tasks)
     except ValueError as exc:
         raise UsageError(f"--tasks: {exc}") from None
-    model, meta = load_model(args.checkpoint, device=args.device or _default_device())
+    model, meta = load_model(args.checkpoint, device=_device(args.device))
     samples = open_source(args.data).eval_set(tasks, args.size or None, seed=args.seed)
     evaluation = evaluate(model, samples, steps=args.steps, progress=not args.no_progress)
     print(f"PSNR (dB) / SSIM, {args.checkpoint} on {args.data}:")
@@ -198,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--tile", type=int, default=None, help="restore in tiles of this size (multiple of 8)")
     restore.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels")
     restore.add_argument("--device", default=None)
+    restore.add_argument("--cuda-graph", action="store_true",
+                         help="replay a captured refinement step (CUDA; pays where images or --tile tiles share a size)")
     restore.add_argument("--no-progress", action="store_true")
     restore.set_defaults(run=cmd_restore)
 

@@ -193,6 +193,35 @@ def test_bad_checkpoint_one_error_line_no_traceback_no_outputs(inputs, checkpoin
     assert not out.exists()
 
 
+@pytest.mark.parametrize("flags, message", [(["--device", "tpu"], "--device: 'tpu' is not a device"),
+                                            (["--device", "meta"], "sipl-fast runs on cpu or cuda"),
+                                            (["--device", "cpu", "--cuda-graph"], "--cuda-graph needs a CUDA device")])
+def test_restore_device_errors_are_one_line_and_write_nothing(inputs, checkpoint, tmp_path, capsys, flags, message):
+    out = tmp_path / "out"
+    code = main(["restore", str(inputs / "gray.png"), "--checkpoint", str(checkpoint), "--out", str(out), *flags])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("sipl-fast: error: ") and message in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA where there is none")
+def test_eval_on_an_absent_cuda_device_is_one_error(checkpoint, capsys):
+    assert main(["eval", "--checkpoint", str(checkpoint), "--device", "cuda"]) == 1
+    assert "CUDA is not available on this machine" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_cuda_restore_with_a_graph_equals_eager_restore(inputs, checkpoint, tmp_path):
+    """One captured step replayed over every tile (all of one size) and two files."""
+    files = [str(inputs / "odd.png"), str(inputs / "photo.jpg")]
+    common = ["--checkpoint", str(checkpoint), "--steps", "2", "--tile", "64", "--overlap", "16", "--device", "cuda"]
+    assert main(["restore", *files, "--out", str(tmp_path / "eager"), *common]) == 0
+    assert main(["restore", *files, "--out", str(tmp_path / "graph"), "--cuda-graph", *common]) == 0
+    for name in ("odd.png", "photo.png"):
+        eager, graph = (read_image(tmp_path / run / name).rgb for run in ("eager", "graph"))
+        assert (eager - graph).abs().max() <= 2 / 255, name  # 8-bit outputs: rounding may flip a level or two
+
+
 def test_restore_rejects_bad_tiles(inputs, checkpoint, tmp_path, capsys):
     code = main(["restore", str(inputs / "odd.png"), "--checkpoint", str(checkpoint), "--out", str(tmp_path),
                  "--tile", "100"])
@@ -224,7 +253,8 @@ def test_missing_data_folder_is_one_error(checkpoint, tmp_path, capsys):
                                             (["--patch", "12"], "--patch must be a positive multiple of 8"),
                                             (["--steps", "0"], "--steps and --batch must be positive"),
                                             (["--cuda-graph", "--device", "cpu"],
-                                             "--cuda-graph needs a single CUDA process")])
+                                             "--cuda-graph needs a single CUDA process"),
+                                            (["--device", "tpu"], "--device: 'tpu' is not a device")])
 def test_train_option_errors_are_one_line(tmp_path, capsys, flags, message):
     code = main(["train", "--out", str(tmp_path / "run"), "--no-progress", *flags])
     assert code == 1
