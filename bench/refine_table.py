@@ -4,7 +4,9 @@ which records the kernels of ops.graph_kernels("refine"); "+aten": the graph rec
 eager calls run instead (SIPL_FAST_GRAPH_KERNELS=0); "+nhwc": on channels-last activations;
 "+dwk": the depthwise convolutions, and the feed-forward's depthwise convolution + gate, by
 sipl_fast's Triton kernels in eager calls too, ``ops.kernels_forced``; "+sN": strips of N MiB
-instead of modules.STRIP_ELEMENTS's), time and peak memory beyond the resident weights.
+instead of modules.STRIP_ELEMENTS's; "+tf32": float32 matrix products in TF32,
+torch.backends.cuda.matmul.allow_tf32, for the reference loop too), time and peak memory
+beyond the resident weights.
 
     python bench/refine_table.py OUT.json                 # CUDA: 512x512 and 1280x720
     python bench/refine_table.py OUT.json --device cpu    # CPU: 128x128 and 256x256
@@ -42,6 +44,7 @@ CASES = {
              ((512, 512), "sipl_fast+graph+aten", 3), ((512, 512), "sipl_fast+graph+nhwc", 3),
              ((512, 512), "sipl_fast+graph+s144", 3), ((512, 512), "sipl_fast+graph+s256", 3),
              ((512, 512), "sipl_fast+graph+s512", 3),
+             ((512, 512), "reference+tf32", 1), ((512, 512), "sipl_fast+graph+tf32", 3),
              ((720, 1280), "sipl_fast", 2), ((720, 1280), "sipl_fast+graph", 2)],
     "cpu": [((128, 128), "reference", 3), ((128, 128), "sipl_fast", 3),
             ((256, 256), "reference", 2), ((256, 256), "sipl_fast", 2)],
@@ -91,27 +94,36 @@ def make_model(device) -> SIPLPromptIR:
 
 def make_runner(model, x, provider: str):
     """A zero-argument callable refining x with steps=2 as ``provider`` does (see the docstring)."""
-    if provider == "reference":
-        def run():
-            with sipl_fast.use_backend("reference"):
-                return authors_loop(model, x, steps=2)
-        return run
     name, *extras = provider.split("+")
-    backend = "torch" if name == "torch" else None
+    if name == "reference":
+        refiner = lambda image: authors_loop(model, image, steps=2)  # noqa: E731
+    elif "graph" in extras:  # one Refiner kept: its first call captures, later ones replay
+        refiner = Refiner(model, steps=2, cuda_graph=True, channels_last=True if "nhwc" in extras else None)
+    else:  # as a user calls it; channels_last None: the device default
+        refiner = lambda image: model.refine(image, steps=2, channels_last=True if "nhwc" in extras else None)  # noqa: E731
+    backend = {"reference": "reference", "torch": "torch"}.get(name)
     forced = ops.DEPTHWISE_OPS if "dwk" in extras else ()
     graph_kernels = {"SIPL_FAST_GRAPH_KERNELS": "0" if "aten" in extras else "1"}
     strip_mib = next((int(e[1:]) for e in extras if e.startswith("s") and e[1:].isdigit()), None)
-    options = dict(steps=2, channels_last=True if "nhwc" in extras else None)  # None: the device default
-    if "graph" in extras:  # one Refiner kept: its first call captures, later ones replay
-        refiner = Refiner(model, cuda_graph=True, **options)
-    else:
-        refiner = lambda image: model.refine(image, **options)  # noqa: E731 - as a user calls it
 
     def run():
         with sipl_fast.use_backend(backend) if backend else contextlib.nullcontext(), ops.kernels_forced(*forced), \
-                _strip_budget(x.device.type, strip_mib), mock.patch.dict(os.environ, graph_kernels):
+                _strip_budget(x.device.type, strip_mib), mock.patch.dict(os.environ, graph_kernels), \
+                _tf32_matmuls("tf32" in extras):
             return refiner(x)
     return run
+
+
+@contextlib.contextmanager
+def _tf32_matmuls(allowed: bool):
+    """float32 matrix products (cuBLAS and the proxy-attention kernel) in TF32 within the block
+    where ``allowed``, as cuDNN's convolutions already are by default."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allowed or previous
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 @contextlib.contextmanager
@@ -177,12 +189,13 @@ def main(argv=None) -> int:
     by = {(r["size"], r["provider"]): r for r in rows}
     summary = {}
     for (size, provider), row in by.items():
-        ref = by.get((size, "reference"))
-        if provider != "reference" and ref:
+        baseline = "reference+tf32" if "tf32" in provider.split("+") else "reference"  # the same arithmetic
+        ref = by.get((size, baseline))
+        if not provider.startswith("reference") and ref:
             summary[f"{size} {provider}"] = dict(speedup=ref["seconds"] / row["seconds"],
                                                  memory_ratio=row["peak_extra_mib"] / ref["peak_extra_mib"])
             print(f"refine {size} {provider}: {ref['seconds'] / row['seconds']:.2f}x faster than the "
-                  f"reference loop, {row['peak_extra_mib'] / ref['peak_extra_mib']:.3f}x its peak memory")
+                  f"{baseline} loop, {row['peak_extra_mib'] / ref['peak_extra_mib']:.3f}x its peak memory")
     if ("1280x720", "sipl_fast") in by:
         total = by[("1280x720", "sipl_fast")]["peak_extra_mib"] + weight_bytes / 2**20
         summary["1280x720 total GiB"] = total / 1024

@@ -1,5 +1,5 @@
-"""bench/refine_table.py's timing: CPU providers of one size are timed in turn (round robin),
-so that a drifting machine slows each alike; a GPU's cases stay one group each."""
+"""bench/refine_table.py: CPU providers of one size are timed in turn (round robin),
+so that a drifting machine slows each alike; a GPU's cases stay one group each; the runners."""
 import refine_table
 
 
@@ -16,3 +16,24 @@ def test_runs_are_timed_in_turn_with_their_own_repeat_counts():
     medians = refine_table._median_seconds(runs, "cpu")
     assert calls == ["a", "b", "c", "a", "c", "a"]
     assert len(medians) == 3 and all(m >= 0 for m in medians)
+
+
+def test_runners_refine_as_their_provider_names_say():
+    """The reference runner is the authors' loop on the reference backend, sipl_fast's the
+    Refiner; "+tf32" allows TF32 products only while it runs."""
+    import torch
+
+    import sipl_fast
+    from sipl_fast import SIPLPromptIR
+    from sipl_fast.refine import authors_loop
+
+    torch.manual_seed(0)
+    model = SIPLPromptIR.from_preset("tiny").eval()
+    x = torch.rand(1, 3, 24, 32)
+    with sipl_fast.use_backend("reference"):
+        expected = authors_loop(model, x, steps=2)
+    before = torch.backends.cuda.matmul.allow_tf32
+    for provider in ("reference", "reference+tf32", "sipl_fast", "torch+s1"):
+        got = refine_table.make_runner(model, x, provider)()
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5, msg=provider)
+    assert torch.backends.cuda.matmul.allow_tf32 == before

@@ -183,12 +183,27 @@ def summary(rows: list[dict], copy_gbs: float | None) -> dict:
     return out
 
 
+def _autotuned_configs() -> dict:
+    """{kernel: {autotuning key: the config it picked}} after a run with
+    SIPL_FAST_TRITON_AUTOTUNE=1 (the picks to compare with the launchers' plans); {} otherwise."""
+    if os.environ.get("SIPL_FAST_TRITON_AUTOTUNE", "0") != "1" or not torch.cuda.is_available():
+        return {}
+    from sipl_fast.kernels import transposed_attention as kernels
+    picked = {name: {str(key): str(config) for key, config in tuned.cache.items()}
+              for name, tuned in (("gram_partials", kernels._gram_partials_tuned),
+                                  ("channel_mix", kernels._channel_mix_tuned))}
+    for name, configs in picked.items():
+        for key, config in configs.items():
+            print(f"autotuned {name} {key}: {config}")
+    return {"autotuned": picked}
+
+
 def main(argv=None) -> int:
     return harness.attention_table_main(
         argv, doc=__doc__, script="transposed_attention_table", dtypes=DTYPES, providers=PROVIDERS, shapes=SHAPES,
         smoke_shapes=SMOKE_SHAPES, budget_s=85.0, compile_budget_s=30.0, card_rate=harness.copy_bandwidth_gbs,
         run_table=run_table, summary=summary,
-        extra_report=lambda args: {"fp32_triton_precision": "tf32" if args.tf32 else "3xTF32"})
+        extra_report=lambda args: {"fp32_triton_precision": "tf32" if args.tf32 else "3xTF32", **_autotuned_configs()})
 
 
 if __name__ == "__main__":
