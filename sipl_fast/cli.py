@@ -184,8 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     train.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run")
     train.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
-    train.add_argument("--cuda-graph", action="store_true",
-                       help="replay the training step as a CUDA graph (one GPU; fixed batch shape)")
+    train.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                       help="replay the training step as a CUDA graph (default: on a single GPU process; "
+                            "--no-cuda-graph steps eagerly)")
     train.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                        help="NHWC activations (default: on the CPU, where oneDNN's convolutions are faster "
                             "on them; off on CUDA, where --channels-last makes cuDNN run the depthwise convolutions)")

@@ -202,7 +202,7 @@ def test_evaluate_reports_every_task_and_step():
 def test_cuda_bf16_training_learns(tmp_path):
     trainer = Trainer(_options(tmp_path, steps=20, warmup=2, lr=1e-3, tasks="noise50", device="cuda", amp=True,
                                batch=4, patch=64))
-    assert trainer.use_amp
+    assert trainer.use_amp and trainer.cuda_graph  # graph-replayed steps by default on one CUDA process
     batch = next(trainer._batches(0))
     lq, gt = batch["lq"].cuda(), batch["gt"].cuda()
     losses = [trainer.train_step(lq, gt).item() for _ in range(20)]
@@ -217,6 +217,7 @@ def test_cuda_bf16_training_learns(tmp_path):
 def test_cuda_graph_needs_a_cuda_device(tmp_path):
     with pytest.raises(OptionsError, match="--cuda-graph needs a single CUDA process"):
         Trainer(_options(tmp_path, cuda_graph=True))
+    assert not Trainer(_options(tmp_path)).cuda_graph  # the default: graphs on one CUDA process only
 
 
 def _cuda_run(tmp_path, name, cuda_graph, steps, **overrides):
