@@ -9,8 +9,9 @@
 # Sections run in priority order, each with a time limit, under one overall deadline
 # (DEADLINE_S, default 420 s), so one slow part cannot starve the rest. The summary at the end
 # lists every section's status, the headline lines of each table and what the run says about
-# the defaults that wait for a measurement (bench/decide_defaults.py: the depthwise kernels,
-# the strip budget). With a 480 s limit on the whole call: DEADLINE_S=455.
+# the defaults that wait for a measurement (bench/decide_defaults.py: the graph kernels, the
+# eager depthwise kernels, the strip budget). With a 480 s limit on the whole call:
+# DEADLINE_S=455 (the sections up to mdta-autotune then fit; at most 8 files come back).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/run}
@@ -41,11 +42,14 @@ section info 30 $PY -c "import json, sipl_fast; print(json.dumps(sipl_fast.info(
 # Parallel workers: most of the time is Triton and inductor compilation, which is CPU-bound.
 section gpu-tests 150 $PY -m pytest -q -m gpu -p no:cacheprovider -n 12 tests --durations=15 --junitxml="$OUT/gpu_tests.xml"
 section refine 130 $PY bench/refine_table.py "$OUT/refine.json"
-section pixel-ops 75 $PY bench/pixel_ops_table.py "$OUT/pixel_ops.json" --dtypes fp32,amp --ops pointwise_depthwise,projection_gate,projection_dual_gate --compile-budget-s 5
-section profile 80 $PY bench/profile_gpu.py --json "$OUT/profile.json" --only "${PROFILE_ONLY:-}"
-section train-step 170 $PY bench/train_step_table.py --steps 5 --warmup 2 --providers "${TRAIN_PROVIDERS:-auto,auto+graph,auto+graph+aten}" --json "$OUT/train_step.json"
+section train-step 100 $PY bench/train_step_table.py --steps 5 --warmup 2 --providers "${TRAIN_PROVIDERS:-auto,auto+graph,auto+graph+aten}" --json "$OUT/train_step.json"
+section profile 70 $PY bench/profile_gpu.py --json "$OUT/profile.json" --only "${PROFILE_ONLY:-refine}"
+# The autotuner's picks for MDTA's two streaming kernels (reported in the JSON), to compare
+# with the launchers' plans: on the H200 it found tiles 1.5x faster for the dec1 forward.
+section mdta-autotune 70 env SIPL_FAST_TRITON_AUTOTUNE=1 $PY bench/transposed_attention_table.py "$OUT/mdta_autotune.json" --budget-s 50 --compile-budget-s 1
 section mdta 70 $PY bench/transposed_attention_table.py "$OUT/transposed_attention.json" --budget-s 50 --compile-budget-s 12
 section proxy-attention 70 $PY bench/proxy_attention_table.py "$OUT/proxy_attention.json" --budget-s 50 --compile-budget-s 12
+section pixel-ops 75 $PY bench/pixel_ops_table.py "$OUT/pixel_ops.json" --dtypes fp32,amp --ops pointwise_depthwise,projection_gate,projection_dual_gate --compile-budget-s 5
 
 {
 echo
@@ -53,7 +57,7 @@ echo "=== summary"
 printf '%s\n' "${summary[@]}"
 grep -aE "^(FAILED|ERROR) " "$LOG" | head -40
 grep -aE "[0-9]+ (passed|failed)" "$LOG" | tail -2
-grep -aiE "target|speed-up|speedup|faster than|TFLOP/s|copy bandwidth|matmul|ms/step|peak|^== " "$LOG" | grep -av "^ *#" | tail -80
+grep -aiE "target|speed-up|speedup|faster than|TFLOP/s|copy bandwidth|matmul|ms/step|peak|^== |^autotuned " "$LOG" | grep -av "^ *#" | tail -80
 echo
 echo "=== defaults waiting for a measurement (bench/decide_defaults.py)"
 timeout 20 $PY bench/decide_defaults.py "$OUT"

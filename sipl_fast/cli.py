@@ -31,8 +31,9 @@ class UsageError(ValueError):
     """Arguments that argparse cannot check on its own."""
 
 
-def _device(option: str | None):
-    """--device, else CUDA where available, else the CPU; a bad name or an absent device is one error."""
+def _device(option: str | None, cuda_graph: bool = False):
+    """--device, else CUDA where available, else the CPU; a bad name, an absent device or
+    --cuda-graph off CUDA is one error."""
     import torch
 
     try:
@@ -43,6 +44,8 @@ def _device(option: str | None):
         raise UsageError(f"--device {option}: sipl-fast runs on cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {option}: CUDA is not available on this machine")
+    if cuda_graph and device.type != "cuda":
+        raise UsageError(f"--cuda-graph needs a CUDA device (got {device})")
     return device
 
 
@@ -108,9 +111,7 @@ def cmd_restore(args) -> None:
                          f"(got {args.tile}, {args.overlap})")
     if args.steps < 0:
         raise UsageError("--steps must be >= 0")
-    device = _device(args.device)
-    if args.cuda_graph and device.type != "cuda":
-        raise UsageError(f"--cuda-graph needs a CUDA device (got {device})")
+    device = _device(args.device, args.cuda_graph)
     inputs = [Path(p) for p in args.inputs]
     for path in inputs:
         image_size(path)                         # unreadable or missing input: fail before writing anything
@@ -138,9 +139,9 @@ def cmd_eval(args) -> None:
         tasks = resolve_tasks(args.tasks)
     except ValueError as exc:
         raise UsageError(f"--tasks: {exc}") from None
-    model, meta = load_model(args.checkpoint, device=_device(args.device))
+    model, meta = load_model(args.checkpoint, device=_device(args.device, args.cuda_graph))
     samples = open_source(args.data).eval_set(tasks, args.size or None, seed=args.seed)
-    evaluation = evaluate(model, samples, steps=args.steps, progress=not args.no_progress)
+    evaluation = evaluate(model, samples, steps=args.steps, progress=not args.no_progress, cuda_graph=args.cuda_graph)
     print(f"PSNR (dB) / SSIM, {args.checkpoint} on {args.data}:")
     print(format_table(evaluation))
     if args.json:
@@ -229,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=1234, help="seed of the synthetic degradations")
     evaluate.add_argument("--json", default=None, help="also write the scores to this JSON file")
     evaluate.add_argument("--device", default=None)
+    evaluate.add_argument("--cuda-graph", action="store_true",
+                          help="replay a captured refinement step (CUDA; pays where samples share a size, e.g. --size)")
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(run=cmd_eval)
 

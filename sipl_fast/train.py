@@ -557,13 +557,17 @@ class Evaluation:
 
 
 def evaluate(model, samples: Sequence[EvalSample], steps: int = 2, keep_outputs: bool = False,
-             progress: bool = False) -> Evaluation:
+             progress: bool = False, cuda_graph: bool = False) -> Evaluation:
     """PSNR/SSIM per task at refinement steps 0..steps (outputs clamped to [0, 1]).
 
     Step 0 is the plain pass; step t applies the authors' loop t times (x_t = y_t), which is
     what ``model.refine(x, steps=t)`` returns (sample sides are multiples of 8, so no padding).
+    ``cuda_graph``: one captured step replayed for every sample of a size (CUDA).
     """
+    from .refine import Refiner
+
     device = next(model.parameters()).device
+    refine_step = Refiner(model, steps=1, cuda_graph=cuda_graph)
     was_training = model.training
     model.eval()
     per_task: dict[str, list[list[tuple[float, float]]]] = {}
@@ -575,7 +579,7 @@ def evaluate(model, samples: Sequence[EvalSample], steps: int = 2, keep_outputs:
             results = [model(lq)]
             current = lq
             for _ in range(steps):
-                current = model.refine(current, steps=1)
+                current = refine_step(current)
                 results.append(current)
         results = [r.clamp(0, 1) for r in results]
         per_task.setdefault(sample.task, []).append(

@@ -1,5 +1,6 @@
 """The sipl-fast command line (restore, eval, info, errors) and the image files it reads and writes."""
 import hashlib
+import json
 import os
 import struct
 import subprocess
@@ -208,6 +209,20 @@ def test_restore_device_errors_are_one_line_and_write_nothing(inputs, checkpoint
 def test_eval_on_an_absent_cuda_device_is_one_error(checkpoint, capsys):
     assert main(["eval", "--checkpoint", str(checkpoint), "--device", "cuda"]) == 1
     assert "CUDA is not available on this machine" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(checkpoint), "--device", "cpu", "--cuda-graph"]) == 1
+    assert "--cuda-graph needs a CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_cuda_eval_with_a_graph_scores_as_eager_eval(checkpoint, tmp_path):
+    scores = {}
+    for flags in ([], ["--cuda-graph"]):
+        report = tmp_path / f"scores{len(flags)}.json"
+        assert main(["eval", "--checkpoint", str(checkpoint), "--data", "skimage", "--tasks", "noise25,haze",
+                     "--steps", "2", "--size", "32", "--device", "cuda", "--json", str(report), *flags]) == 0
+        scores[len(flags)] = json.loads(report.read_text())["average"]
+    assert scores[1]["psnr"] == pytest.approx(scores[0]["psnr"], abs=1e-3)
+    assert scores[1]["ssim"] == pytest.approx(scores[0]["ssim"], abs=1e-4)
 
 
 @pytest.mark.gpu
