@@ -4,7 +4,8 @@
 
 For each case: the wall time of one call, the summed time of the GPU kernels it launched
 (torch.profiler), their ratio (how busy the GPU was: well below 1 means the CPU issuing
-kernels is the bottleneck, and CUDA graphs pay), and the kernels with the most GPU time.
+kernels is the bottleneck, and CUDA graphs pay), the kernels with the most GPU time, and the
+functions with the most CPU time of one call (cProfile).
 Cases: the training step (base preset, 128x128, batch 8, bf16 autocast) with the providers of
 train_step_table.py, refinement with steps=2 at 512x512 (also the authors' loop, replayed from a CUDA graph with
 its graph kernels, "graph", eagerly with the depthwise kernels, "dwk", and on the torch backend), and the MDTA and proxy-attention kernels (fwd+bwd) at their 512x512 shapes. CUDA only.
@@ -12,8 +13,11 @@ its graph kernels, "graph", eagerly with the depthwise kernels, "dwk", and on th
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
+import re
 import sys
 import time
 from collections import defaultdict
@@ -51,7 +55,22 @@ def kernel_breakdown(fn, warmup: int = 3) -> dict:
     kernels = sorted(([name, ms, count] for name, (ms, count) in by_name.items()), key=lambda e: -e[1])
     gpu = sum(ms for _, ms, _ in kernels)
     return {"wall_ms": wall * 1e3, "gpu_ms": gpu, "busy": gpu / (wall * 1e3),
-            "launches": sum(count for _, _, count in kernels), "kernels": kernels}
+            "launches": sum(count for _, _, count in kernels), "kernels": kernels, "cpu": cpu_breakdown(fn)}
+
+
+def cpu_breakdown(fn, top: int = 40) -> list:
+    """Where the CPU time of one call goes, by function (cProfile's own time: Python code, and
+    the torch, Triton and extension calls it makes, which include their launches), for the
+    cases where issuing kernels bounds the wall time: [[function, own ms, calls], ...]."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    fn()
+    torch.cuda.synchronize()
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # {(file, line, name): (calls, primitive, own s, cumulative s, callers)}
+    rows = [[f"{os.path.basename(file)}:{line}({name})", own * 1e3, calls]
+            for (file, line, name), (calls, _, own, _, _) in stats.items()]
+    return sorted(rows, key=lambda row: -row[1])[:top]
 
 
 def _default_routing(fn):
@@ -78,7 +97,7 @@ def cases():
                                                          torch.rand(1, 3, 512, 512, device=device), provider))
 
     # Refinement first: issue 5's open target (the train-step cases take longest to build).
-    yield "refine 512x512 steps=2", lambda: refinement("sipl_fast")
+    yield "refine 512x512 steps=2 eager", lambda: refinement("sipl_fast")
     yield "refine 512x512 steps=2 reference (authors' loop)", lambda: refinement("reference")
     yield "refine 512x512 steps=2 graph", lambda: refinement("sipl_fast+graph")
     yield "refine 512x512 steps=2 dwk", lambda: refinement("sipl_fast+dwk")
@@ -104,15 +123,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", default=None)
     parser.add_argument("--top", type=int, default=12)
-    parser.add_argument("--only", default="", help="comma list: profile only cases whose name contains one")
+    parser.add_argument("--only", default="", help="regular expression: profile only the cases whose name it matches")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_gpu.py needs CUDA")
         return 1
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": {}}
-    wanted = [w for w in args.only.split(",") if w]
     for name, make in cases():
-        if wanted and not any(w in name for w in wanted):
+        if args.only and not re.search(args.only, name):
             continue
         result = kernel_breakdown(make())
         report["cases"][name] = result
@@ -120,6 +138,9 @@ def main(argv=None) -> int:
               f"(GPU busy {100 * result['busy']:.0f}%), {result['launches']} launches", flush=True)
         for kernel, ms, count in result["kernels"][:args.top]:
             print(f"  {ms:9.3f} ms {count:6d}x  {kernel[:110]}")
+        print("  CPU, own time per function (cProfile, one call):")
+        for function, ms, count in result["cpu"][:args.top]:
+            print(f"  {ms:9.3f} ms {count:6d}x  {function[:110]}")
         torch.cuda.empty_cache()
         if args.json:  # after every case: a run cut short by its time limit keeps what it measured
             with open(args.json, "w") as f:
