@@ -47,8 +47,8 @@ section profile 90 $PY bench/profile_gpu.py --json "$OUT/profile.json" --only "$
 # The autotuner's picks for MDTA's two streaming kernels (reported in the JSON), to compare
 # with the launchers' plans: on the H200 it found tiles 1.5x faster for the dec1 forward.
 section mdta-autotune 70 env SIPL_FAST_TRITON_AUTOTUNE=1 $PY bench/transposed_attention_table.py "$OUT/mdta_autotune.json" --budget-s 50 --compile-budget-s 1
-section mdta 70 $PY bench/transposed_attention_table.py "$OUT/transposed_attention.json" --budget-s 50 --compile-budget-s 12
-section proxy-attention 70 $PY bench/proxy_attention_table.py "$OUT/proxy_attention.json" --budget-s 50 --compile-budget-s 12
+section mdta 90 $PY bench/transposed_attention_table.py "$OUT/transposed_attention.json" --budget-s 70 --compile-budget-s 12
+section proxy-attention 90 $PY bench/proxy_attention_table.py "$OUT/proxy_attention.json" --budget-s 70 --compile-budget-s 12
 section pixel-ops 75 $PY bench/pixel_ops_table.py "$OUT/pixel_ops.json" --dtypes fp32,amp --ops pointwise_depthwise,projection_gate,projection_dual_gate --compile-budget-s 5
 
 {

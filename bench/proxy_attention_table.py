@@ -42,7 +42,7 @@ PROVIDERS = ("triton", "torch", "compile", "reference")
 MODES = ("fwd", "fwd+bwd")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 TARGET_VS_TORCH, TARGET_VS_REFERENCE, TARGET_MATMUL_FRACTION = 1.5, 3.0, 0.5
-SPEEDUP_TARGETS = {"vs_torch_best": TARGET_VS_TORCH, "vs_reference": TARGET_VS_REFERENCE}  # fwd+bwd
+SPEEDUP_TARGETS = harness.with_graph_targets({"vs_torch_best": TARGET_VS_TORCH, "vs_reference": TARGET_VS_REFERENCE})
 
 
 @dataclass(frozen=True)
@@ -127,14 +127,11 @@ def measure(shape: Shape, dtype: torch.dtype, mode: str, provider: str, device: 
 
 
 def speedups(results: dict) -> dict:
-    """triton's speed-up over the best torch formulation and over the reference (None if unmeasured)."""
-    if not results.get("triton"):
-        return {"vs_torch_best": None, "vs_reference": None}
-    torch_times = [results[p]["ms"] for p in ("torch", "compile") if results.get(p)]
-    return {
-        "vs_torch_best": min(torch_times) / results["triton"]["ms"] if torch_times else None,
-        "vs_reference": results["reference"]["ms"] / results["triton"]["ms"] if results.get("reference") else None,
-    }
+    """triton's speed-up over the best torch formulation and over the reference, eager and
+    replayed from CUDA graphs ("_graph"); None where unmeasured."""
+    return {f"{name}{suffix}": harness.speedup(results, baselines, key)
+            for suffix, key in (("", "ms"), ("_graph", "graph_ms"))
+            for name, baselines in (("vs_torch_best", ("torch", "compile")), ("vs_reference", ("reference",)))}
 
 
 def _cell(result) -> str:
@@ -146,16 +143,17 @@ def format_row(row: dict, providers) -> str:
     target_torch, target_ref = (TARGET_VS_TORCH, TARGET_VS_REFERENCE) if row["mode"] == "fwd+bwd" else (None, None)
     return (f"{row['shape']:20} {row['dtype']:5} {row['mode']:7}"
             + "".join(_cell(row["results"].get(p)) for p in providers)
-            + harness.ratio_cell(ratios["vs_torch_best"], target_torch, 11)
-            + harness.ratio_cell(ratios["vs_reference"], target_ref, 11))
+            + "".join(harness.ratio_cell(ratios[f"vs_torch_best{suffix}"], target_torch, 11)
+                      + harness.ratio_cell(ratios[f"vs_reference{suffix}"], target_ref, 11) for suffix in ("", "_graph")))
 
 
 def run_table(shapes, dtypes, providers, device: str, budget_s: float, compile_budget_s: float) -> list[dict]:
     """Measures every (shape, dtype, mode) row, printing each as it completes."""
     budget = harness.Budget(budget_s, compile_budget_s)
-    print(f"{'':34}" + "".join(f"{p:>24}" for p in providers) + f"{'triton speed-up vs':>22}")
+    print(f"{'':34}" + "".join(f"{p:>24}" for p in providers) + f"{'triton speed-up vs':>22}"
+          + f"{'replayed (CUDA graphs)':>24}")
     print(f"{'shape':20} {'dtype':5} {'mode':7}" + f"{'time  TFLOP/s  peak':>24}" * len(providers)
-          + f"{'torch best':>11}{'reference':>11}")
+          + f"{'torch best':>11}{'reference':>11}" * 2)
     return harness.measure_rows(
         shapes, dtypes, MODES, providers, budget, speedups, format_row,
         lambda shape, dtype, mode, provider: measure(shape, DTYPES[dtype], mode, provider, device))
@@ -169,6 +167,8 @@ def summary(rows: list[dict], matmul: float | None) -> dict:
         "matmul_bf16_TFLOPs": matmul,
         "fwd_65536x4096_bf16_TFLOPs": forward["TFLOPs"] if forward else None,
         "fwd_fraction_of_matmul": forward["TFLOPs"] / matmul if forward and matmul else None,
+        "fwd_graph_fraction_of_matmul": (forward["TFLOPs_graph"] / matmul
+                                         if forward and forward.get("TFLOPs_graph") and matmul else None),
         **harness.fwd_bwd_speedups(rows, SPEEDUP_TARGETS),
     }
     print()
@@ -178,6 +178,9 @@ def summary(rows: list[dict], matmul: float | None) -> dict:
         print(f"triton forward 65536x4096 bf16: {out['fwd_65536x4096_bf16_TFLOPs']:.0f} TFLOP/s = "
               f"{100 * out['fwd_fraction_of_matmul']:.0f}% of the matmul rate (target >= "
               f"{100 * TARGET_MATMUL_FRACTION:.0f}%)")
+    if out["fwd_graph_fraction_of_matmul"] is not None:
+        print(f"triton forward 65536x4096 bf16, replayed from a CUDA graph: "
+              f"{100 * out['fwd_graph_fraction_of_matmul']:.0f}% of the matmul rate")
     harness.print_speedup_targets(out, SPEEDUP_TARGETS)
     return out
 

@@ -112,10 +112,29 @@ def peak_mib(run, device: str) -> float | None:
 
 def measured(run, device: str, rate_key: str, rate_per_ms: float) -> dict:
     """One table cell: first-call seconds, median ms, the rate (``rate_per_ms`` / ms, stored
-    under ``rate_key``) and the peak memory above the inputs."""
+    under ``rate_key``), the peak memory above the inputs and, on CUDA, the same call replayed
+    from a CUDA graph ("graph_ms", "<rate_key>_graph"): the kernels' time without the CPU's
+    launch cost, which bounds the eager time of small calls (the H200's do_bench medians of
+    the fused ops were up to 4x their kernels' time) and differs between providers."""
     first_call = first_call_s(run, device)
     ms = time_ms(run, device)
-    return {"ms": ms, rate_key: rate_per_ms / ms, "peak_MiB": peak_mib(run, device), "first_call_s": first_call}
+    graph_ms = graph_time_ms(run) if device == "cuda" else None
+    return {"ms": ms, rate_key: rate_per_ms / ms, "graph_ms": graph_ms,
+            f"{rate_key}_graph": rate_per_ms / graph_ms if graph_ms else None,
+            "peak_MiB": peak_mib(run, device), "first_call_s": first_call}
+
+
+def speedup(results: dict, baselines, key: str = "ms") -> float | None:
+    """triton's speed-up over the fastest of ``baselines`` by ``key`` ("ms" or "graph_ms"),
+    None where triton or every baseline is unmeasured."""
+    ours = (results.get("triton") or {}).get(key)
+    times = [results[p][key] for p in baselines if results.get(p) and results[p].get(key)]
+    return min(times) / ours if ours and times else None
+
+
+def with_graph_targets(targets: dict) -> dict:
+    """The speed-up targets, each also for the graph-replayed times ("<name>_graph")."""
+    return {**targets, **{f"{name}_graph": target for name, target in targets.items()}}
 
 
 def cell_text(result: dict | None, rate_key: str, unit: str, rate_width: int, width: int) -> str:

@@ -49,7 +49,7 @@ MODES = ("fwd", "fwd+bwd")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 TENSORS_MOVED = {"fwd": 4, "fwd+bwd": 11}
 TARGET_VS_REFERENCE, TARGET_VS_COMPILE, TARGET_COPY_FRACTION = 2.5, 1.3, 0.7
-SPEEDUP_TARGETS = {"vs_reference": TARGET_VS_REFERENCE, "vs_compile": TARGET_VS_COMPILE}  # fwd+bwd
+SPEEDUP_TARGETS = harness.with_graph_targets({"vs_reference": TARGET_VS_REFERENCE, "vs_compile": TARGET_VS_COMPILE})  # fwd+bwd
 
 
 @dataclass(frozen=True)
@@ -111,22 +111,14 @@ def make_runner(shape: Shape, dtype: torch.dtype, mode: str, provider: str, devi
 def measure(shape: Shape, dtype: torch.dtype, mode: str, provider: str, device: str) -> dict:
     run, _ = make_runner(shape, dtype, mode, provider, device)
     moved = TENSORS_MOVED[mode] * shape.stream_bytes(dtype)
-    result = harness.measured(run, device, "GBs", moved / 1e6)
-    if device == "cuda" and provider == "triton" and mode == "fwd" and shape.name == COPY_TARGET_CASE:
-        # The bandwidth target is the kernels': also timed replayed from a CUDA graph, without
-        # the CPU's launch gaps between the forward's four kernels (H200: 0.12 ms of kernels
-        # in a 0.18 ms do_bench median, bench/results/h200_2026-11-27b).
-        graph_ms = harness.graph_time_ms(run)
-        result["GBs_graph"] = moved / 1e6 / graph_ms if graph_ms else None
-    return result
+    return harness.measured(run, device, "GBs", moved / 1e6)
 
 
 def speedups(results: dict) -> dict:
-    """triton's speed-up over reference and over compile (None where unmeasured)."""
-    triton_result = results.get("triton")
-    ratio = lambda other: (results[other]["ms"] / triton_result["ms"]
-                           if triton_result and results.get(other) else None)
-    return {"vs_reference": ratio("reference"), "vs_compile": ratio("compile"), "vs_torch": ratio("torch")}
+    """triton's speed-up over reference, compile and torch, eager and replayed from CUDA graphs
+    ("_graph"; the bandwidth target is the kernels'); None where unmeasured."""
+    return {f"vs_{other}{suffix}": harness.speedup(results, (other,), key)
+            for suffix, key in (("", "ms"), ("_graph", "graph_ms")) for other in ("reference", "compile", "torch")}
 
 
 def _cell(result) -> str:
@@ -138,17 +130,18 @@ def format_row(row: dict, providers) -> str:
     training = row["mode"] == "fwd+bwd"
     return (f"{row['shape']:17} {row['dtype']:5} {row['mode']:7}"
             + "".join(_cell(row["results"].get(p)) for p in providers)
-            + harness.ratio_cell(ratios["vs_reference"], TARGET_VS_REFERENCE if training else None, 10)
-            + harness.ratio_cell(ratios["vs_compile"], TARGET_VS_COMPILE if training else None, 10)
-            + harness.ratio_cell(ratios["vs_torch"], None, 10))
+            + "".join(harness.ratio_cell(ratios[f"vs_reference{suffix}"], TARGET_VS_REFERENCE if training else None, 10)
+                      + harness.ratio_cell(ratios[f"vs_compile{suffix}"], TARGET_VS_COMPILE if training else None, 10)
+                      + harness.ratio_cell(ratios[f"vs_torch{suffix}"], None, 10) for suffix in ("", "_graph")))
 
 
 def run_table(shapes, dtypes, providers, device: str, budget_s: float, compile_budget_s: float) -> list[dict]:
     """Measures every (dtype, shape, mode) row, printing each as it completes."""
     budget = harness.Budget(budget_s, compile_budget_s)
-    print(f"{'':31}" + "".join(f"{p:>25}" for p in providers) + f"{'triton speed-up vs':>26}")
+    print(f"{'':31}" + "".join(f"{p:>25}" for p in providers) + f"{'triton speed-up vs':>26}"
+          + f"{'replayed (CUDA graphs)':>30}")
     print(f"{'shape':17} {'dtype':5} {'mode':7}" + f"{'time    GB/s    peak':>25}" * len(providers)
-          + f"{'reference':>10}{'compile':>10}{'torch':>10}")
+          + f"{'reference':>10}{'compile':>10}{'torch':>10}" * 2)
     return harness.measure_rows(
         shapes, dtypes, MODES, providers, budget, speedups, format_row,
         lambda shape, dtype, mode, provider: measure(shape, DTYPES[dtype], mode, provider, device))
