@@ -312,6 +312,19 @@ def test_pointwise_depthwise_under_autocast_gives_parameter_dtype_gradients():
         assert (a - b).abs().max() <= 2e-2 * b.abs().max()
 
 
+def test_layer_norm2d_keeps_a_16_bit_map_16_bit_under_autocast():
+    """Autocast would run F.layer_norm in float32; the torch formulation switches it off for
+    the call (and only enters that context where autocast is on)."""
+    x = torch.randn(2, 6, 5, 7).bfloat16()
+    weight, bias = torch.randn(6), torch.randn(6)
+    with sipl_fast.use_backend("torch"):
+        plain = ops.layer_norm2d(x, weight, bias, 1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = ops.layer_norm2d(x, weight, bias, 1e-5)
+    assert plain.dtype == autocast.dtype == torch.bfloat16
+    torch.testing.assert_close(autocast, plain, rtol=0, atol=0)
+
+
 def test_pointwise_depthwise_rejects_bad_weights():
     with pytest.raises(ValueError, match="pointwise_depthwise: weights must be"):
         ops.pointwise_depthwise(torch.randn(1, 4, 5, 5), torch.randn(8, 3, 1, 1), None, torch.randn(8, 1, 3, 3), None)
