@@ -234,7 +234,7 @@ def test_cuda_restore_with_a_graph_equals_eager_restore(inputs, checkpoint, tmp_
     assert main(["restore", *files, "--out", str(tmp_path / "graph"), "--cuda-graph", *common]) == 0
     for name in ("odd.png", "photo.png"):
         eager, graph = (read_image(tmp_path / run / name).rgb for run in ("eager", "graph"))
-        assert (eager - graph).abs().max() <= 2 / 255, name  # 8-bit outputs: rounding may flip a level or two
+        assert (eager - graph).abs().max() <= 2.5 / 255, name  # 8-bit outputs: rounding may flip a level or two
 
 
 def test_restore_rejects_bad_tiles(inputs, checkpoint, tmp_path, capsys):
