@@ -275,18 +275,18 @@ class TransposedAttention(nn.Module):
         """The attention matrix per head from strips of x: the Gram matrix and row norms of q
         and k accumulated strip by strip."""
         b, dim, h, _ = x.shape
+        heads = self.num_heads
         accumulate = torch.float64 if x.dtype == torch.float64 else torch.float32
-        c = dim // self.num_heads
-        gram = torch.zeros(b, self.num_heads, c, c, device=x.device, dtype=accumulate)
-        sq_q = torch.zeros(b, self.num_heads, c, device=x.device, dtype=accumulate)
-        sq_k = torch.zeros_like(sq_q)
+        c = dim // heads
+        gram = torch.zeros(b, heads, c, c, device=x.device, dtype=accumulate)
+        squares = torch.zeros(b, 2 * heads, c, device=x.device, dtype=accumulate)  # |q_i|^2 heads, then |k_j|^2
         for lo, hi, top, bottom in strip_bounds(h, rows):
             qk = self._projected_channels(norm(x[..., lo:hi, :]), 0, 2 * dim)[..., top - lo:bottom - lo, :]
-            q, k = (torch_impl.rows(t, self.num_heads).to(accumulate) for t in qk.chunk(2, dim=1))
-            gram += torch_impl.gram(q, k)
-            sq_q += torch_impl.row_norms(q, squared=True)
-            sq_k += torch_impl.row_norms(k, squared=True)
-        return torch_impl.channel_attention(gram, sq_q.sqrt(), sq_k.sqrt(), self.temperature)
+            qk_rows = torch_impl.rows(qk, 2 * heads).to(accumulate)  # q's heads, then k's
+            gram += torch_impl.gram(qk_rows[:, :heads], qk_rows[:, heads:])
+            squares += torch_impl.row_norms(qk_rows, squared=True)  # q and k in one reduction (launches)
+        norms = squares.sqrt()
+        return torch_impl.channel_attention(gram, norms[:, :heads], norms[:, heads:], self.temperature)
 
     def _output_mix(self, attn: torch.Tensor) -> ChannelMix:
         """project_out after the attention as one (C, C) matrix per image: project_out(A v)
