@@ -45,7 +45,8 @@ section refine 130 $PY bench/refine_table.py "$OUT/refine.json"
 section train-step 100 $PY bench/train_step_table.py --steps 5 --warmup 2 --providers "${TRAIN_PROVIDERS:-auto,auto+graph,auto+graph+aten}" --json "$OUT/train_step.json"
 section profile 90 $PY bench/profile_gpu.py --json "$OUT/profile.json" --only "${PROFILE_ONLY:-refine 512x512 steps=2 (eager|graph|reference)|train step bf16 (reference|auto)$}"
 # The autotuner's picks for MDTA's two streaming kernels (reported in the JSON), to compare
-# with the launchers' plans: on the H200 it found tiles 1.5x faster for the dec1 forward.
+# with the launchers' plans (16-bit streams at the planned pipeline depth: deeper ones are
+# not exact; with them the H200's dec1 bf16 forward ran 1.5x faster).
 section mdta-autotune 70 env SIPL_FAST_TRITON_AUTOTUNE=1 $PY bench/transposed_attention_table.py "$OUT/mdta_autotune.json" --budget-s 50 --compile-budget-s 1
 section mdta 90 $PY bench/transposed_attention_table.py "$OUT/transposed_attention.json" --budget-s 70 --compile-budget-s 12
 section proxy-attention 90 $PY bench/proxy_attention_table.py "$OUT/proxy_attention.json" --budget-s 70 --compile-budget-s 12

@@ -151,14 +151,18 @@ def _mix_plan(c_pad: int, element_size: int, streams: int, precision: str):
 
 def _candidates() -> list:
     return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
-            for n in (16, 32, 64, 128, 256) for w in (4, 8) for s in (2, 3, 4)]
+            for n in (16, 32, 64, 128, 256) for w in (4, 8) for s in (1, 2, 3, 4)]
 
 
-def _near(configs, plan: dict, fits) -> list:
+def _near(configs, plan: dict, fits, element_size: int) -> list:
     """Autotuning candidates: the plan's BLOCK_N, half and double it, no fewer warps than
-    planned (fewer spill registers), whose shared memory fits."""
+    planned (fewer spill registers), whose shared memory fits; 16-bit streams only at the
+    planned pipelining depth (_STAGES_16BIT: deeper pipelines gave wrong, nondeterministic
+    results on the H200)."""
     lengths = (plan["BLOCK_N"] // 2, plan["BLOCK_N"], plan["BLOCK_N"] * 2)
-    near = [c for c in configs if c.kwargs["BLOCK_N"] in lengths and c.num_warps >= plan["num_warps"] and fits(c)]
+    stages_ok = lambda c: element_size != 2 or c.num_stages == plan["num_stages"]  # noqa: E731
+    near = [c for c in configs if c.kwargs["BLOCK_N"] in lengths and c.num_warps >= plan["num_warps"] and fits(c)
+            and stages_ok(c)]
     planned = [c for c in configs if c.kwargs["BLOCK_N"] == plan["BLOCK_N"]
                and c.num_warps == plan["num_warps"] and c.num_stages == plan["num_stages"]]
     return near or planned
@@ -168,7 +172,7 @@ def _prune_gram(configs, named_args, **kwargs):
     size, block_c = named_args["x_ptr"].element_size(), kwargs["BLOCK_C"]
     plan = _gram_plan(block_c, size, kwargs["PRECISION"])  # BLOCK_C = min(C_PAD, 128)
     return _near(configs, plan,
-                 lambda c: c.num_stages * 2 * block_c * c.kwargs["BLOCK_N"] * size <= _SHARED_MEMORY_BUDGET)
+                 lambda c: c.num_stages * 2 * block_c * c.kwargs["BLOCK_N"] * size <= _SHARED_MEMORY_BUDGET, size)
 
 
 def _prune_mix(configs, named_args, **kwargs):
@@ -177,7 +181,7 @@ def _prune_mix(configs, named_args, **kwargs):
     plan = _mix_plan(kwargs["BLOCK_K"], size, streams, kwargs["PRECISION"])
     return _near(configs, plan, lambda c: _mix_shared_bytes(
         kwargs["BLOCK_K"], kwargs["BLOCK_I"], c.kwargs["BLOCK_N"], c.num_stages, size, streams,
-        kwargs["PRECISION"]) <= _SHARED_MEMORY_BUDGET)
+        kwargs["PRECISION"]) <= _SHARED_MEMORY_BUDGET, size)
 
 
 # ----------------------------------------------------------------------------------------

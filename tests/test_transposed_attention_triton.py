@@ -312,3 +312,20 @@ def test_gpu_torch_compile_fullgraph():
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     for a, b in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_autotuning_keeps_16_bit_streams_at_the_planned_pipeline_depth():
+    """SIPL_FAST_TRITON_AUTOTUNE's candidates: 16-bit streams only at the planned num_stages
+    (deeper pipelines gave wrong, nondeterministic bf16 results on the H200), float32 streams
+    at any depth; the planned configuration itself is among the candidates."""
+    from sipl_fast.kernels import transposed_attention as kernels
+    configs = kernels._candidates()
+    for dtype in (torch.bfloat16, torch.float16):
+        named = {"x_ptr": torch.empty(1, dtype=dtype)}
+        gram = kernels._prune_gram(configs, named, BLOCK_C=64, PRECISION="ieee")
+        mix = kernels._prune_mix(configs, named, BLOCK_K=64, BLOCK_I=64, DUAL=False, PRECISION="ieee")
+        plan = kernels._gram_plan(64, 2, "ieee")
+        assert gram and mix and {c.num_stages for c in gram + mix} == {plan["num_stages"]}
+        assert any(c.kwargs["BLOCK_N"] == plan["BLOCK_N"] and c.num_warps == plan["num_warps"] for c in gram)
+    wide = kernels._prune_gram(configs, {"x_ptr": torch.empty(1)}, BLOCK_C=64, PRECISION="tf32x3")
+    assert len({c.num_stages for c in wide}) > 1
