@@ -22,7 +22,7 @@ from pathlib import Path
 from .checkpoint import CheckpointError
 from .data.datasets import DataError
 from .images import ImageReadError
-from .train import OptionsError
+from .train import OptionsError, available_device
 
 USER_ERRORS = (CheckpointError, DataError, ImageReadError, OptionsError)
 
@@ -32,18 +32,9 @@ class UsageError(ValueError):
 
 
 def _device(option: str | None, cuda_graph: bool = False):
-    """--device, else CUDA where available, else the CPU; a bad name, an absent device or
-    --cuda-graph off CUDA is one error."""
-    import torch
-
-    try:
-        device = torch.device(option or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise UsageError(f"--device: {option!r} is not a device (cpu, cuda or cuda:N)") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {option}: sipl-fast runs on cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {option}: CUDA is not available on this machine")
+    """--device (train.available_device: one error for a bad name or an absent device), and
+    one for --cuda-graph off CUDA."""
+    device = available_device(option)
     if cuda_graph and device.type != "cuda":
         raise UsageError(f"--cuda-graph needs a CUDA device (got {device})")
     return device
@@ -59,8 +50,6 @@ def cmd_demo(args) -> None:
 def cmd_train(args) -> None:
     from .train import TrainOptions, train
 
-    if args.device is not None:
-        _device(args.device)
     options = TrainOptions(data=args.data, tasks=args.tasks, preset=args.config, steps=args.steps, batch=args.batch,
                            patch=args.patch, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
                            clip=args.clip, ema=args.ema, amp=args.amp, cuda_graph=args.cuda_graph,
@@ -99,7 +88,6 @@ def _output_paths(inputs: list[Path], out: Path) -> dict[Path, Path]:
 
 
 def cmd_restore(args) -> None:
-    import torch
     from tqdm.auto import tqdm
 
     from .checkpoint import load_model

@@ -134,11 +134,24 @@ def pick_device(option: str | None) -> torch.device:
     torch.cuda.set_device and the NCCL collectives need one.
     """
     if option is not None:
-        device = torch.device(option)
+        try:
+            device = torch.device(option)
+        except RuntimeError:
+            raise OptionsError(f"--device: {option!r} is not a device (cpu, cuda or cuda:N)") from None
+        if device.type not in ("cpu", "cuda"):
+            raise OptionsError(f"--device {option}: sipl-fast runs on cpu or cuda")
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def available_device(option: str | None) -> torch.device:
+    """pick_device's device, which this machine must have (one error where it has no CUDA)."""
+    device = pick_device(option)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise OptionsError(f"--device {option}: CUDA is not available on this machine")
     return device
 
 
@@ -203,7 +216,7 @@ class Trainer:
         from .model import SIPLPromptIR
 
         self.options = opts = copy.deepcopy(options)
-        self.device = pick_device(opts.device)
+        self.device = available_device(opts.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)   # NCCL collectives use the current device
         self.dist = Distributed.from_environment(self.device.type)
