@@ -7,6 +7,7 @@ they are computed.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import NamedTuple
 
@@ -83,6 +84,32 @@ def _residual(x: torch.Tensor, branch: torch.Tensor, inplace: bool) -> torch.Ten
     return x.add_(branch) if inplace and streaming(x) else x + branch
 
 
+def convolution_precision(x: torch.Tensor):
+    """A context in which cuBLAS computes float32 products on ``x``'s device at the precision
+    torch gives float32 convolutions: TF32 when torch.backends.cudnn.allow_tf32 (torch's
+    default), whatever torch.backends.cuda.matmul.allow_tf32 says. For GEMMs that stand in
+    for 1x1 convolutions (ChannelMix): the authors' project_out is an nn.Conv2d, which cuDNN
+    runs in TF32 by default, while the same product through cuBLAS ran on the CUDA cores in
+    full float32 (about 40 ms of a 512x512 refinement's 300 ms of kernels on an H200). The
+    matmul flag is process-wide: it is set for the block and restored after it."""
+    if not (x.is_cuda and x.dtype == torch.float32):
+        return contextlib.nullcontext()
+    wanted = torch.backends.cudnn.allow_tf32
+    if torch.backends.cuda.matmul.allow_tf32 == wanted:
+        return contextlib.nullcontext()
+    return _matmul_tf32(wanted)
+
+
+@contextlib.contextmanager
+def _matmul_tf32(allowed: bool):
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 class ChannelMix(NamedTuple):
     """The 1x1 mix that ends a residual branch: per pixel, a (Co, Ci) matrix times the channels
     (+ bias). weight is a 1x1 convolution's (Co, Ci, 1, 1), shared by the images, or
@@ -109,13 +136,14 @@ class ChannelMix(NamedTuple):
         matrix = self.weight.flatten(1) if self.weight.dim() == 4 else self.weight
         matrix = (matrix if matrix.dtype == out.dtype else matrix.to(out.dtype)).expand(b, co, -1)
         x = x if x.dtype == out.dtype else x.to(out.dtype)
-        if h > 1 and out.stride(2) != w * out.stride(3):  # a column crop: its pixels are no matrix
-            out.add_(torch.einsum("boi,bihw->bohw", matrix, x))
-        elif torch_impl.channels_innermost(out):  # pixel-major rows of channels: out_t += x_t M^T
-            out.permute(0, 2, 3, 1).view(b, h * w, co).baddbmm_(
-                x.permute(0, 2, 3, 1).reshape(b, h * w, -1), matrix.transpose(1, 2))
-        else:
-            out.view(b, co, h * w).baddbmm_(matrix, x.reshape(b, -1, h * w))
+        with convolution_precision(out):
+            if h > 1 and out.stride(2) != w * out.stride(3):  # a column crop: its pixels are no matrix
+                out.add_(torch.einsum("boi,bihw->bohw", matrix, x))
+            elif torch_impl.channels_innermost(out):  # pixel-major rows of channels: out_t += x_t M^T
+                out.permute(0, 2, 3, 1).view(b, h * w, co).baddbmm_(
+                    x.permute(0, 2, 3, 1).reshape(b, h * w, -1), matrix.transpose(1, 2))
+            else:
+                out.view(b, co, h * w).baddbmm_(matrix, x.reshape(b, -1, h * w))
         if self.bias is not None:
             out.add_(self.bias.to(out.dtype).view(1, -1, 1, 1))
         return out

@@ -1,6 +1,8 @@
 """Strip-wise inference of the blocks (sipl_fast.modules): exact, in place only where allowed."""
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sipl_fast import modules
 from sipl_fast.modules import (BlockStack, ChannelMix, ChannelNorm, GatedFFN, TransformerBlock,
@@ -171,12 +173,73 @@ def test_cuda_streamed_block_equals_the_dense_block(monkeypatch):
     assert error <= 1e-5, error
 
 
+class _MatmulPrecisionSeen(TorchDispatchMode):
+    """Records torch.backends.cuda.matmul.allow_tf32 as each product op is dispatched."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in ("baddbmm_", "bmm", "mm", "einsum"):
+            self.seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def set_matmul_tf32():
+    """Sets torch.backends.cuda.matmul.allow_tf32 for the test (monkeypatch cannot: the flag is
+    a module __getattr__, not an attribute) and restores it after."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+
+    def set_flag(allowed: bool) -> None:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
+    yield set_flag
+    torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+@pytest.mark.parametrize("cudnn_tf32,matmul_tf32", [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("device,dtype", [("cuda", torch.float32), ("cuda", torch.bfloat16), ("cpu", torch.float32)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channel_mix_products_follow_the_convolution_tf32_setting(monkeypatch, set_matmul_tf32, device, dtype,
+                                                                 channels_last, cudnn_tf32, matmul_tf32):
+    """A ChannelMix stands in for a 1x1 convolution: its float32 CUDA products run while cuBLAS
+    has the convolutions' TF32 setting (cudnn.allow_tf32), and the matmul flag is restored
+    after; other dtypes and devices leave the flag alone. Fake CUDA tensors: no GPU needed."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", cudnn_tf32)
+    set_matmul_tf32(matmul_tf32)
+    spy = _MatmulPrecisionSeen()
+    with FakeTensorMode(), spy:
+        out = torch.zeros(2, 8, 6, 5, device=device, dtype=dtype)
+        if channels_last:
+            out = out.contiguous(memory_format=torch.channels_last)
+        x = torch.ones(2, 4, 6, 5, device=device, dtype=dtype)
+        ChannelMix(torch.ones(8, 4, 1, 1, device=device, dtype=dtype), None).add_into(out, x)
+        ChannelMix(torch.ones(8, 4, 1, 1, device=device, dtype=dtype), None).add_into(out[..., 1:4], x[..., 1:4])
+    expected = cudnn_tf32 if (device, dtype) == ("cuda", torch.float32) else matmul_tf32
+    assert spy.seen and set(spy.seen) == {expected}
+    assert torch.backends.cuda.matmul.allow_tf32 == matmul_tf32
+
+
+def test_matmul_tf32_is_restored_after_an_error(set_matmul_tf32):
+    set_matmul_tf32(False)
+    with pytest.raises(RuntimeError, match="inside"):
+        with modules._matmul_tf32(True):
+            assert torch.backends.cuda.matmul.allow_tf32
+            raise RuntimeError("inside")
+    assert not torch.backends.cuda.matmul.allow_tf32
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("cudnn_tf32", [False, True])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_cuda_channel_mix_adds_into_a_strip_in_place(channels_last, batch):
+def test_cuda_channel_mix_adds_into_a_strip_in_place(monkeypatch, channels_last, batch, cudnn_tf32):
     """cuBLAS takes the strip's strides as they are (or torch copies and writes back): only the
-    strip's rows change, by the float64 product."""
+    strip's rows change, by the float64 product (to TF32's 2^-11 relative rounding of the
+    operands, summed over 6 products, where convolutions may use TF32)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", cudnn_tf32)
+    tolerance = 1e-2 if cudnn_tf32 else 1e-5
     torch.manual_seed(0)
     out = torch.randn(batch, 8, 20, 16, device="cuda")
     if channels_last:
@@ -188,4 +251,4 @@ def test_cuda_channel_mix_adds_into_a_strip_in_place(channels_last, batch):
         expected = out.double()
         expected[..., 5:12, :] += torch.einsum("boi,bihw->bohw", matrix.double(), x.double())
         mix.add_into(out[..., 5:12, :], x)
-        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance)
