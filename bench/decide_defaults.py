@@ -8,6 +8,8 @@ the directory and prints, with the numbers behind each line:
   kernels, LayerNorm2d's on every call): "sipl_fast+graph" must beat "sipl_fast+graph+aten";
 - whether eager calls should take the depthwise kernels too: "sipl_fast+dwk" must beat
   "sipl_fast" and the kernels must not lose the per-pass total of their ops in float32 or amp;
+- whether ChannelMix's GEMMs should keep following the convolutions' TF32 setting:
+  "sipl_fast+graph" must beat "sipl_fast+graph+fp32mix" (the mixes in full float32);
 - the fastest strip budget ("+sN" rows, and the default) whose peak memory stays within the
   issue's 0.25x of the reference loop's, at 512x512. These rows replay a CUDA graph, whose
   peak ran 8-13 % under the eager one's (H200): the eager default row is printed too, and a
@@ -72,6 +74,15 @@ def eager_depthwise_verdict(refine: dict | None, pixel_ops: dict | None) -> list
                     "(sipl_fast/ops/__init__.py, the DEPTHWISE_OPS rule)"]
 
 
+def mix_precision_verdict(refine: dict | None) -> list[str]:
+    lines, votes = _speedup_line(_refine_rows(refine) if refine else {},
+                                 "refinement 512x512 replayed: TF32 mixes", "sipl_fast+graph+fp32mix", "sipl_fast+graph")
+    if not votes:
+        return ["mix precision: no measurement, keep the convolutions' setting (modules.convolution_precision)"]
+    return lines + [f"mix precision (modules.convolution_precision): {'keep' if votes[0] else 'DROP'} the "
+                    "convolutions' TF32 setting"]
+
+
 def strip_verdict(refine: dict | None) -> list[str]:
     if not refine:
         return ["strip budget: no measurement"]
@@ -109,7 +120,9 @@ def main(argv=None) -> int:
         return 2
     directory = Path(args[0])
     refine, pixel_ops = _load(directory, "refine.json"), _load(directory, "pixel_ops.json")
-    for line in graph_kernels_verdict(refine) + eager_depthwise_verdict(refine, pixel_ops) + strip_verdict(refine):
+    verdicts = (graph_kernels_verdict(refine) + mix_precision_verdict(refine)
+                + eager_depthwise_verdict(refine, pixel_ops) + strip_verdict(refine))
+    for line in verdicts:
         print(line)
     return 0
 

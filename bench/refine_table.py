@@ -5,8 +5,10 @@ eager calls run instead (SIPL_FAST_GRAPH_KERNELS=0); "+nhwc": on channels-last a
 "+dwk": the depthwise convolutions, and the feed-forward's depthwise convolution + gate, by
 sipl_fast's Triton kernels in eager calls too, ``ops.kernels_forced``; "+sN": strips of N MiB
 instead of modules.STRIP_ELEMENTS's; "+tf32": float32 matrix products in TF32,
-torch.backends.cuda.matmul.allow_tf32, for the reference loop too), time and peak memory
-beyond the resident weights.
+torch.backends.cuda.matmul.allow_tf32, for the reference loop too; "+fp32mix": the 1x1
+mixes that ChannelMix runs as cuBLAS GEMMs in full float32, as before they followed the
+convolutions' TF32 setting, modules.convolution_precision), time and peak memory beyond the
+resident weights.
 
     python bench/refine_table.py OUT.json                 # CUDA: 512x512 and 1280x720
     python bench/refine_table.py OUT.json --device cpu    # CPU: 128x128 and 256x256
@@ -44,6 +46,7 @@ CASES = {
              ((512, 512), "sipl_fast+graph+aten", 3), ((512, 512), "sipl_fast+graph+nhwc", 3),
              ((512, 512), "sipl_fast+graph+s144", 3), ((512, 512), "sipl_fast+graph+s256", 3),
              ((512, 512), "sipl_fast+graph+s512", 3),
+             ((512, 512), "sipl_fast+graph+fp32mix", 3),
              ((512, 512), "reference+tf32", 1), ((512, 512), "sipl_fast+graph+tf32", 3),
              ((720, 1280), "sipl_fast", 2), ((720, 1280), "sipl_fast+graph", 2)],
     "cpu": [((128, 128), "reference", 3), ((128, 128), "sipl_fast", 3),
@@ -109,21 +112,19 @@ def make_runner(model, x, provider: str):
     def run():
         with sipl_fast.use_backend(backend) if backend else contextlib.nullcontext(), ops.kernels_forced(*forced), \
                 _strip_budget(x.device.type, strip_mib), mock.patch.dict(os.environ, graph_kernels), \
-                _tf32_matmuls("tf32" in extras):
+                _matmul_precision(extras):
             return refiner(x)
     return run
 
 
-@contextlib.contextmanager
-def _tf32_matmuls(allowed: bool):
-    """float32 matrix products (cuBLAS and the proxy-attention kernel) in TF32 within the block
-    where ``allowed``, as cuDNN's convolutions already are by default."""
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = allowed or previous
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
+def _matmul_precision(extras: list) -> contextlib.AbstractContextManager:
+    """"+tf32": float32 matrix products (cuBLAS and the proxy-attention kernel) in TF32, as
+    cuDNN's convolutions are by default; "+fp32mix": ChannelMix's GEMMs in full float32."""
+    if "tf32" in extras:
+        return modules.matmul_tf32(True)
+    if "fp32mix" in extras:
+        return mock.patch.object(modules, "convolution_precision", lambda x: contextlib.nullcontext())
+    return contextlib.nullcontext()
 
 
 @contextlib.contextmanager

@@ -30,6 +30,16 @@ def test_graph_kernels_are_kept_where_the_replay_wins():
     assert decide_defaults.graph_kernels_verdict(None)[-1].startswith("graph kernels: no measurement")
 
 
+def test_tf32_mixes_are_kept_where_the_replay_wins():
+    refine = _refine(400, {})
+    refine["rows"].append(dict(size="512x512", provider="sipl_fast+graph+fp32mix", seconds=0.44, peak_extra_mib=520.0))
+    lines = decide_defaults.mix_precision_verdict(refine)
+    assert "TF32 mixes 1.10x (400.0 vs 440.0 ms)" in lines[0] and "keep" in lines[-1], lines
+    refine["rows"][-1]["seconds"] = 0.39
+    assert "DROP" in decide_defaults.mix_precision_verdict(refine)[-1]
+    assert decide_defaults.mix_precision_verdict(_refine(400, {}))[-1].startswith("mix precision: no measurement")
+
+
 def test_eager_depthwise_kernels_need_every_measurement_to_win():
     refine = _refine(400, {})
     lines = decide_defaults.eager_depthwise_verdict(refine, _pixel_ops(2.0, 5.0))

@@ -20,7 +20,8 @@ def test_runs_are_timed_in_turn_with_their_own_repeat_counts():
 
 def test_runners_refine_as_their_provider_names_say():
     """The reference runner is the authors' loop on the reference backend, sipl_fast's the
-    Refiner; "+tf32" allows TF32 products only while it runs."""
+    Refiner; "+tf32" allows TF32 products and "+fp32mix" keeps the mixes in float32 only
+    while it runs."""
     import torch
 
     import sipl_fast
@@ -32,8 +33,10 @@ def test_runners_refine_as_their_provider_names_say():
     x = torch.rand(1, 3, 24, 32)
     with sipl_fast.use_backend("reference"):
         expected = authors_loop(model, x, steps=2)
-    before = torch.backends.cuda.matmul.allow_tf32
-    for provider in ("reference", "reference+tf32", "sipl_fast", "torch+s1"):
-        got = refine_table.make_runner(model, x, provider)()
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5, msg=provider)
+    before, precision = torch.backends.cuda.matmul.allow_tf32, sipl_fast.modules.convolution_precision
+    for provider in ("reference", "reference+tf32", "sipl_fast", "torch+s1", "sipl_fast+fp32mix"):
+        run = refine_table.make_runner(model, x, provider)
+        for _ in range(2):  # a runner's contexts are made anew for each call
+            torch.testing.assert_close(run(), expected, rtol=1e-4, atol=1e-5, msg=provider)
     assert torch.backends.cuda.matmul.allow_tf32 == before
+    assert sipl_fast.modules.convolution_precision is precision

@@ -97,11 +97,12 @@ def convolution_precision(x: torch.Tensor):
     wanted = torch.backends.cudnn.allow_tf32
     if torch.backends.cuda.matmul.allow_tf32 == wanted:
         return contextlib.nullcontext()
-    return _matmul_tf32(wanted)
+    return matmul_tf32(wanted)
 
 
 @contextlib.contextmanager
-def _matmul_tf32(allowed: bool):
+def matmul_tf32(allowed: bool):
+    """torch.backends.cuda.matmul.allow_tf32 = ``allowed`` within the block, restored after."""
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = allowed
     try:

@@ -224,7 +224,7 @@ def test_channel_mix_products_follow_the_convolution_tf32_setting(monkeypatch, s
 def test_matmul_tf32_is_restored_after_an_error(set_matmul_tf32):
     set_matmul_tf32(False)
     with pytest.raises(RuntimeError, match="inside"):
-        with modules._matmul_tf32(True):
+        with modules.matmul_tf32(True):
             assert torch.backends.cuda.matmul.allow_tf32
             raise RuntimeError("inside")
     assert not torch.backends.cuda.matmul.allow_tf32
