@@ -67,9 +67,15 @@ _SUM_BLOCK_CHUNKS = 8  # chunk slots it loads at a time (fixed: it fixes the sum
 # ----------------------------------------------------------------------------------------
 _AUTOTUNE = os.environ.get("SIPL_FAST_TRITON_AUTOTUNE", "0") == "1" and not _INTERPRET
 # 16-bit streams run without software pipelining: with it (num_stages 3) the H200 gave
-# run-to-run differences and 2-15x the reference's bf16 error (a tile feeds both wgmma and
-# register math); with num_stages=1 every bf16 GPU test passed (bench/results/). The knob
-# (SIPL_FAST_MDTA_16BIT_STAGES=3) brings pipelining back for experiments.
+# run-to-run differences and 2-15x the reference's bf16 error; with num_stages=1 every bf16
+# GPU test passed (bench/results/). Known Triton bugs match (found in the seventh session, not
+# yet confirmed on a GPU): triton-lang/triton#6691 (open: a pipelined loop whose loaded tile
+# feeds both tl.dot and a tl.sum, as the Gram kernel's norms do, computes wrong results at
+# num_stages >= 2) and #11047 (fixed upstream in 2026-07, after triton 3.6: with more than 4
+# warps the wgmma wait does not order the other warpgroup's reads of a pipelined buffer before
+# it is refilled). Float32 escapes both: 3xTF32 splits each tile in registers and stores the
+# parts, so no dot reads the pipelined buffer. The knob (SIPL_FAST_MDTA_16BIT_STAGES=3) brings
+# pipelining back for experiments.
 _STAGES_16BIT = int(os.environ.get("SIPL_FAST_MDTA_16BIT_STAGES", "1"))
 _STAGE_BYTES = 32 * 1024  # stream tiles loaded per pipeline stage
 _SHARED_MEMORY_BUDGET = 200 * 1024  # H100: 227 KB per block, minus what Triton adds
