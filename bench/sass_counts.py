@@ -1,7 +1,8 @@
-"""Static SASS of the depthwise kernels compiled for sm_90, without a GPU: instructions per
-output and registers per thread, for each kernel as shipped and for each of its two tile paths
-(interior tiles unmasked, edge tiles masked). A proxy for the issue cost of these
-memory-streaming kernels where no GPU is at hand to time them.
+"""Static SASS of the depthwise kernels compiled for sm_90, without a GPU: instructions and
+load instructions per output and registers per thread. For the row-streaming forward (and its
+fused gate) the count is that of the unrolled row loop, the steady state; the weight gradient
+has no loop. A proxy for the issue and L1 cost of these memory-streaming kernels where no GPU
+is at hand to time them.
 
     python bench/sass_counts.py [--size 512x512]
 
@@ -26,33 +27,13 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from sipl_fast.kernels import depthwise3x3 as dw  # noqa: E402
-from sipl_fast.kernels import depthwise3x3_gate as gate  # noqa: E402
+
+_ADDRESS = re.compile(r"/\*([0-9a-f]{4})\*/")
+_OPCODE = re.compile(r"\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)")
 
 
-@triton.jit
-def _forward_path(x_ptr, w_ptr, b_ptr, out_ptr, planes, channels, height, width, sx_b, sx_c, sx_h, sx_w,
-                  so_b, so_c, so_h, HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr, WIDE: tl.constexpr,
-                  MASKED: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    """depthwise3x3_fwd_kernel with one tile path for every tile."""
-    _, batch, channel, plane_mask, rows, cols, _ = dw._tile(planes, channels, height, width, BLOCK_C, BLOCK_H, BLOCK_W)
-    acc = dw._convolved(x_ptr + batch * sx_b + channel * sx_c, w_ptr, b_ptr, channel, plane_mask, rows, cols,
-                        height, width, sx_h, sx_w, HAS_BIAS, False, MASKED, COMPUTE, WIDE, BLOCK_C, BLOCK_H, BLOCK_W)
-    dw._store_tile(out_ptr, acc, batch, channel, plane_mask, rows, cols, height, width, so_b, so_c, so_h)
-
-
-@triton.jit
-def _gate_path(x_ptr, w_ptr, b_ptr, out_ptr, planes, half, height, width, sx_b, sx_c, sx_h, sx_w,
-               so_b, so_c, so_h, HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr, WIDE: tl.constexpr,
-               MASKED: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    """depthwise3x3_gate_fwd_kernel (GDFN gate) with one tile path for every tile."""
-    _, batch, channel, plane_mask, rows, cols, _ = dw._tile(planes, half, height, width, BLOCK_C, BLOCK_H, BLOCK_W)
-    out = gate._gated(x_ptr + batch * sx_b, w_ptr, b_ptr, channel, channel + half, plane_mask, rows, cols,
-                      height, width, sx_c, sx_h, sx_w, HAS_BIAS, False, MASKED, COMPUTE, WIDE, BLOCK_C, BLOCK_H, BLOCK_W)
-    dw._store_tile(out_ptr, out, batch, channel, plane_mask, rows, cols, height, width, so_b, so_c, so_h)
-
-
-def sass(kernel, constants: dict, warps: int) -> tuple[collections.Counter, int]:
-    """(instruction counts by opcode, registers per thread) of ``kernel`` compiled for sm_90."""
+def sass(kernel, constants: dict, warps: int) -> tuple[list[tuple[int, str]], int]:
+    """((address, instruction) of ``kernel`` compiled for sm_90 in order, registers per thread)."""
     target = GPUTarget("cuda", 90, 32)
     backend = triton.compiler.make_backend(target)
     constants = {name: value for name, value in constants.items() if name in kernel.arg_names}
@@ -71,31 +52,65 @@ def sass(kernel, constants: dict, warps: int) -> tuple[collections.Counter, int]
         listing = subprocess.run([os.path.join(tools, "nvdisasm"), "-c", cubin], capture_output=True, text=True).stdout
         usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", cubin], capture_output=True,
                                text=True).stdout
-    opcodes = collections.Counter(match.group(2).split(".")[0] for match in
-                                  re.finditer(r"\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", listing))
-    return opcodes, int(re.search(r"REG:(\d+)", usage).group(1))
+    return instructions(listing), int(re.search(r"REG:(\d+)", usage).group(1))
+
+
+def instructions(listing: str) -> list[tuple[int, str]]:
+    """(address, text) of each instruction of an nvdisasm listing; labels become ("label", name)."""
+    out = []
+    for line in listing.splitlines():
+        label = re.match(r"\s*\.(L_x_\d+):", line)
+        address = _ADDRESS.search(line)
+        if label:
+            out.append((-1, label.group(1)))
+        elif address and _OPCODE.search(line):
+            out.append((int(address.group(1), 16), line))
+    return out
+
+
+def opcodes(code: list[tuple[int, str]]) -> collections.Counter:
+    return collections.Counter(_OPCODE.search(text).group(2).split(".")[0] for address, text in code if address >= 0)
+
+
+def longest_loop(code: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """The instructions of the longest backward branch's loop (the unrolled row loop), or []."""
+    labels, best = {}, []
+    for index, (address, text) in enumerate(code):
+        if address < 0:
+            labels[text] = index
+            continue
+        target = re.search(r"BRA `\(\.(L_x_\d+)\)", text)
+        if target and labels.get(target.group(1)) is not None:
+            body = [entry for entry in code[labels[target.group(1)]:index + 1] if entry[0] >= 0]
+            best = max(best, body, key=len)
+    return best
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", default="512x512", help="HxW of the planes (picks the tile config)")
+    parser.add_argument("--size", default="512x512", help="HxW of the planes (picks the configs)")
     args = parser.parse_args(argv)
     height, width = map(int, args.size.split("x"))
+    common = dict(COMPUTE=tl.float32, HAS_BIAS=True, FLIP=False, WIDE=False, sx_w=1, sd_w=1)
+    block_c, rows, block_w, warps = dw.stream_config(height, width)
+    step = block_c * block_w / (warps * 32)  # outputs per thread and row
+    streams = dict(BLOCK_C=block_c, BLOCK_R=rows, BLOCK_W=block_w, **common)
+    print(f"forward: {block_c}x{block_w} columns per row step, {rows} rows, {warps} warps: "
+          f"{step:.0f} outputs per thread and row; loop unrolled {dw._UNROLL.value}x")
+    for name, gate in (("forward", 0), ("gate", 1)):
+        code, registers = sass(dw.depthwise3x3_fwd_kernel, {**streams, "GATE": gate}, warps)
+        loop = opcodes(longest_loop(code))
+        outputs = step * dw._UNROLL.value
+        print(f"{name:16} {sum(loop.values()) / outputs:6.1f} per output, {loop['LDG'] / outputs:5.2f} loads per "
+              f"output, {registers:3d} registers; loop: " + ", ".join(f"{op} {n}" for op, n in loop.most_common(6)))
     block_c, block_h, block_w, warps = dw.tile_config(height, width)
-    outputs_per_thread = block_c * block_h * block_w / (warps * 32)
-    base = dict(BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, COMPUTE=tl.float32, HAS_BIAS=True, FLIP=False,
-                DUAL=False, WIDE=False, sx_w=1, sd_w=1)
-    cases = [("forward", dw.depthwise3x3_fwd_kernel, {}), ("forward, interior path", _forward_path, {"MASKED": False}),
-             ("forward, edge path", _forward_path, {"MASKED": True}),
-             ("gate", gate.depthwise3x3_gate_fwd_kernel, {}), ("gate, interior path", _gate_path, {"MASKED": False}),
-             ("gate, edge path", _gate_path, {"MASKED": True}), ("weight gradient", dw.depthwise3x3_wgrad_kernel, {})]
-    print(f"tiles of {block_c}x{block_h}x{block_w}, {warps} warps: {outputs_per_thread:.0f} outputs per thread")
-    for name, kernel, extra in cases:
-        opcodes, registers = sass(kernel, {**base, **extra}, warps)
-        total = sum(opcodes.values())
-        common = ", ".join(f"{op} {count}" for op, count in opcodes.most_common(6))
-        print(f"{name:24} {total:5d} instructions, {total / outputs_per_thread:6.1f} per output, "
-              f"{registers:3d} registers; {common}")
+    per_thread = block_c * block_h * block_w / (warps * 32)
+    code, registers = sass(dw.depthwise3x3_wgrad_kernel, dict(BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w,
+                                                              **common), warps)
+    counts = opcodes(code)
+    print(f"{'weight gradient':16} {sum(counts.values()) / per_thread:6.1f} per output, "
+          f"{counts['LDG'] / per_thread:5.2f} loads per output, {registers:3d} registers (tiles of "
+          f"{block_c}x{block_h}x{block_w}, both tile paths in the count)")
     return 0
 
 

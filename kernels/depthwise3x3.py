@@ -7,9 +7,12 @@ a 4.2 TB/s card and took a third of the GPU time of a training step and of a ref
 (bench/results/h200_2026-11-27_session2.md), so each pass here is one streaming read and
 one write, the nine taps coming from cache.
 
-- forward: a program computes a BLOCK_H x BLOCK_W tile of BLOCK_C consecutive (b, c) planes
-  (several only where planes are small, e.g. the 16 x 16 latent level of a training crop)
-  from nine shifted, masked loads of x (the zero padding is the mask).
+- forward: a program streams down BLOCK_R rows of a BLOCK_W-column strip of BLOCK_C
+  consecutive (b, c) planes (several only where planes are narrow), keeping three input rows
+  in registers: each step loads the next row once at columns c - 1, c and c + 1 (the zero
+  padding is the mask) and writes one output row. Three loads per output instead of nine;
+  see _ROW_STREAMING for why that matters. With GATE the same loop convolves channel c and
+  c + h and writes their gate (depthwise3x3_gate.py).
 - input gradient: the same kernel on dout with the taps mirrored (FLIP): the transpose of a
   stride-1, padding-1 3x3 correlation is the correlation with the kernel rotated by 180 degrees.
 - weight and bias gradients: a program reduces each plane's tile to ten numbers (nine tap
@@ -27,11 +30,14 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["depthwise3x3", "depthwise3x3_weight_grad", "tile_config", "launch_config", "grid", "compute_dtype",
-           "wide_offsets"]
+from .gated_gelu import _gelu
+
+__all__ = ["depthwise3x3", "depthwise3x3_weight_grad", "convolve_rows", "tile_config", "stream_config",
+           "launch_config", "grid", "compute_dtype", "wide_offsets"]
 
 # Read once, like triton itself: TRITON_INTERPRET must be set before this module is imported.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_UNROLL = tl.constexpr(3)  # the forward's row loop (see _STEP_ELEMENTS)
 
 
 @triton.jit
@@ -63,13 +69,10 @@ def _centre(rows, cols, stride_h, stride_w, WIDE: tl.constexpr):
     return rows * stride_h + cols * stride_w
 
 
-# Tiles whose one-pixel halo lies inside the map (half the tiles of a 512-wide map's rows)
-# load their taps without masks, each at the tile's pointers plus one scalar offset; edge
-# tiles mask each tap and index it on its own. Compiled for sm_90 with the 512x512 tiles
-# (bench/sass_counts.py), the interior path issues 29 % (convolution) and 30 % (convolution +
-# gate) fewer instructions per output than the masked one; registers per thread: forward 96
-# (107 with masks everywhere), gate 168 (135: still 3 programs per SM), weight gradient 72 (56).
-# Not yet timed on a GPU.
+# Weight gradient: tiles whose one-pixel halo lies inside the map (half the tiles of a
+# 512-wide map's rows) load their taps without masks, each at the tile's pointers plus one
+# scalar offset; edge tiles mask each tap and index it on its own (sm_90 SASS: 142.5
+# instructions per output with masks everywhere, bench/results/depthwise_sass_2026-11-27.md).
 @triton.jit
 def _shifted(x_planes, centre, plane_mask, rows, cols, height, width, stride_h, stride_w,
              di: tl.constexpr, dj: tl.constexpr, MASKED: tl.constexpr, COMPUTE: tl.constexpr):
@@ -85,50 +88,118 @@ def _shifted(x_planes, centre, plane_mask, rows, cols, height, width, stride_h, 
     return values.to(COMPUTE)
 
 
+# _ROW_STREAMING. The tile kernel this replaced loaded each of the nine taps of every output
+# from global memory (L1 hits mostly). The taps at columns c - 1 and c + 1 are not 16-byte
+# aligned, so each was a scalar load whose warp-wide access spans four 128-byte lines:
+# compiled for sm_90 (bench/sass_counts.py), 7.4 loads per output on interior tiles, six of
+# them such scalar loads, ~0.84 L1 wavefronts per output and plane, which at one wavefront per
+# SM per clock puts a floor of ~28 ms under the 512x512 refinement's ~4.4 G gated outputs of
+# two planes each (the fused gate took 51 ms on the H200, at 1.0 TB/s). Streaming rows, each
+# input row is loaded once per column shift: 2.25 load instructions and ~0.28 wavefronts per
+# output and plane (bench/results/depthwise_sass_2026-11-27b.md). Not yet timed on a GPU.
 @triton.jit
-def _convolved(x_planes, w_ptr, b_ptr, channel, plane_mask, rows, cols, height, width, stride_h, stride_w,
-               HAS_BIAS: tl.constexpr, FLIP: tl.constexpr, MASKED: tl.constexpr, COMPUTE: tl.constexpr,
-               WIDE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    """The depthwise 3x3 convolution of the planes at x_planes (channel: their weights' rows)
-    over the tile, as a (BLOCK_C, BLOCK_H, BLOCK_W) block of COMPUTE."""
-    centre = x_planes if MASKED else x_planes + _centre(rows, cols, stride_h, stride_w, WIDE)
-    acc = tl.zeros((BLOCK_C, BLOCK_H, BLOCK_W), dtype=COMPUTE)
-    for i in tl.static_range(3):
-        for j in tl.static_range(3):
-            tap = (8 - (3 * i + j)) if FLIP else (3 * i + j)
-            weight = tl.load(w_ptr + channel * 9 + tap, mask=plane_mask, other=0.0).to(COMPUTE)
-            acc += weight * _shifted(x_planes, centre, plane_mask, rows, cols, height, width, stride_h, stride_w,
-                                     i - 1, j - 1, MASKED, COMPUTE)
+def _row(planes, row, height, stride_h, stride_w, mask_l, mask_c, mask_r, COMPUTE: tl.constexpr,
+         WIDE: tl.constexpr):
+    """Row ``row`` of the planes (``planes``: pointers to their row 0 at this program's
+    columns) at columns c - 1, c and c + 1, as COMPUTE; zeros outside the map."""
+    if (row >= 0) & (row < height):
+        at = planes + (tl.cast(row, tl.int64) * stride_h if WIDE else row * stride_h)
+        left = tl.load(at - stride_w, mask=mask_l, other=0.0).to(COMPUTE)
+        centre = tl.load(at, mask=mask_c, other=0.0).to(COMPUTE)
+        right = tl.load(at + stride_w, mask=mask_r, other=0.0).to(COMPUTE)
+    else:
+        left = tl.zeros(mask_c.shape, COMPUTE)
+        centre = tl.zeros(mask_c.shape, COMPUTE)
+        right = tl.zeros(mask_c.shape, COMPUTE)
+    return left, centre, right
+
+
+@triton.jit
+def _taps(w_ptr, channel, plane_mask, FLIP: tl.constexpr, COMPUTE: tl.constexpr):
+    """The planes' nine 3x3 weights in row-major order (rotated by 180 degrees with FLIP),
+    each (BLOCK_C, 1) COMPUTE."""
+    base = w_ptr + channel * 9
+    t0 = tl.load(base + (8 if FLIP else 0), mask=plane_mask, other=0.0).to(COMPUTE)
+    t1 = tl.load(base + (7 if FLIP else 1), mask=plane_mask, other=0.0).to(COMPUTE)
+    t2 = tl.load(base + (6 if FLIP else 2), mask=plane_mask, other=0.0).to(COMPUTE)
+    t3 = tl.load(base + (5 if FLIP else 3), mask=plane_mask, other=0.0).to(COMPUTE)
+    t4 = tl.load(base + 4, mask=plane_mask, other=0.0).to(COMPUTE)
+    t5 = tl.load(base + (3 if FLIP else 5), mask=plane_mask, other=0.0).to(COMPUTE)
+    t6 = tl.load(base + (2 if FLIP else 6), mask=plane_mask, other=0.0).to(COMPUTE)
+    t7 = tl.load(base + (1 if FLIP else 7), mask=plane_mask, other=0.0).to(COMPUTE)
+    t8 = tl.load(base + (0 if FLIP else 8), mask=plane_mask, other=0.0).to(COMPUTE)
+    return t0, t1, t2, t3, t4, t5, t6, t7, t8
+
+
+@triton.jit
+def _bias(b_ptr, channel, plane_mask, HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr):
     if HAS_BIAS:
-        acc += tl.load(b_ptr + channel, mask=plane_mask, other=0.0).to(COMPUTE)
-    return acc
+        return tl.load(b_ptr + channel, mask=plane_mask, other=0.0).to(COMPUTE)
+    return tl.zeros(channel.shape, COMPUTE)
+
+
+@triton.jit
+def _convolved_row(above_l, above_c, above_r, here_l, here_c, here_r, below_l, below_c, below_r,
+                   t0, t1, t2, t3, t4, t5, t6, t7, t8, bias):
+    return (bias + t0 * above_l + t1 * above_c + t2 * above_r + t3 * here_l + t4 * here_c + t5 * here_r
+            + t6 * below_l + t7 * below_c + t8 * below_r)
 
 
 @triton.jit
 def depthwise3x3_fwd_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, planes, channels, height, width,
     sx_b, sx_c, sx_h, sx_w, so_b, so_c, so_h,
-    HAS_BIAS: tl.constexpr, FLIP: tl.constexpr, COMPUTE: tl.constexpr, WIDE: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FLIP: tl.constexpr, GATE: tl.constexpr, COMPUTE: tl.constexpr,
+    WIDE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    _, batch, channel, plane_mask, rows, cols, inside = _tile(planes, channels, height, width,
-                                                              BLOCK_C, BLOCK_H, BLOCK_W)
-    x_planes = x_ptr + batch * sx_b + channel * sx_c
-    if inside:
-        acc = _convolved(x_planes, w_ptr, b_ptr, channel, plane_mask, rows, cols, height, width, sx_h, sx_w,
-                         HAS_BIAS, FLIP, False, COMPUTE, WIDE, BLOCK_C, BLOCK_H, BLOCK_W)
-    else:
-        acc = _convolved(x_planes, w_ptr, b_ptr, channel, plane_mask, rows, cols, height, width, sx_h, sx_w,
-                         HAS_BIAS, FLIP, True, COMPUTE, WIDE, BLOCK_C, BLOCK_H, BLOCK_W)
-    _store_tile(out_ptr, acc, batch, channel, plane_mask, rows, cols, height, width, so_b, so_c, so_h)
+    """Output rows [first, first + BLOCK_R) of BLOCK_C planes (b, c) at BLOCK_W columns.
 
-
-@triton.jit
-def _store_tile(out_ptr, value, batch, channel, plane_mask, rows, cols, height, width, so_b, so_c, so_h):
-    """value, the tile of the planes (batch, channel), into out (unit column stride), masked to the map."""
-    mask = plane_mask & (rows < height) & (cols < width)
-    tl.store(out_ptr + batch * so_b + channel * so_c + rows.to(tl.int64) * so_h + cols,
-             value.to(out_ptr.dtype.element_ty), mask=mask)
+    GATE 0: out = depthwise3x3(x) (taps mirrored with FLIP). GATE 1 / 2 (the feed-forward's
+    gates, x holding 2 * ``channels`` channels): with h1, h2 the convolutions of channels c
+    and c + channels, out = gelu(h1) * h2, and with 2 also + gelu(h2) * h1."""
+    first_plane = tl.program_id(0).to(tl.int64) * BLOCK_C
+    plane = first_plane + tl.arange(0, BLOCK_C)[:, None]
+    plane_mask = plane < planes
+    batch = plane // channels
+    channel = plane % channels
+    tiles_w = tl.cdiv(width, BLOCK_W)
+    first = (tl.program_id(1) // tiles_w) * BLOCK_R
+    cols = (tl.program_id(1) % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
+    col_offsets = cols.to(tl.int64) * sx_w if WIDE else cols * sx_w
+    mask_l = plane_mask & (cols >= 1) & (cols <= width)
+    mask_c = plane_mask & (cols < width)
+    mask_r = plane_mask & (cols + 1 < width)
+    image = x_ptr + batch * sx_b + col_offsets
+    xa = image + channel * sx_c
+    t0, t1, t2, t3, t4, t5, t6, t7, t8 = _taps(w_ptr, channel, plane_mask, FLIP, COMPUTE)
+    bias = _bias(b_ptr, channel, plane_mask, HAS_BIAS, COMPUTE)
+    a_l, a_c, a_r = _row(xa, first - 1, height, sx_h, sx_w, mask_l, mask_c, mask_r, COMPUTE, WIDE)
+    h_l, h_c, h_r = _row(xa, first, height, sx_h, sx_w, mask_l, mask_c, mask_r, COMPUTE, WIDE)
+    if GATE:
+        paired = channel + channels  # int64: (c + h) * stride passes 2**31 on large maps
+        xb = image + paired * sx_c
+        u0, u1, u2, u3, u4, u5, u6, u7, u8 = _taps(w_ptr, paired, plane_mask, False, COMPUTE)
+        bias_b = _bias(b_ptr, paired, plane_mask, HAS_BIAS, COMPUTE)
+        b_al, b_ac, b_ar = _row(xb, first - 1, height, sx_h, sx_w, mask_l, mask_c, mask_r, COMPUTE, WIDE)
+        b_hl, b_hc, b_hr = _row(xb, first, height, sx_h, sx_w, mask_l, mask_c, mask_r, COMPUTE, WIDE)
+    out_rows = out_ptr + batch * so_b + channel * so_c + cols
+    for row in tl.range(first, tl.minimum(first + BLOCK_R, height), loop_unroll_factor=_UNROLL):
+        n_l, n_c, n_r = _row(xa, row + 1, height, sx_h, sx_w, mask_l, mask_c, mask_r, COMPUTE, WIDE)
+        out = _convolved_row(a_l, a_c, a_r, h_l, h_c, h_r, n_l, n_c, n_r, t0, t1, t2, t3, t4, t5, t6, t7, t8, bias)
+        a_l, a_c, a_r = h_l, h_c, h_r
+        h_l, h_c, h_r = n_l, n_c, n_r
+        if GATE:
+            b_nl, b_nc, b_nr = _row(xb, row + 1, height, sx_h, sx_w, mask_l, mask_c, mask_r, COMPUTE, WIDE)
+            other = _convolved_row(b_al, b_ac, b_ar, b_hl, b_hc, b_hr, b_nl, b_nc, b_nr,
+                                   u0, u1, u2, u3, u4, u5, u6, u7, u8, bias_b)
+            b_al, b_ac, b_ar = b_hl, b_hc, b_hr
+            b_hl, b_hc, b_hr = b_nl, b_nc, b_nr
+            gated = _gelu(out) * other
+            if GATE == 2:
+                gated += _gelu(other) * out
+            out = gated
+        tl.store(out_rows + (tl.cast(row, tl.int64) * so_h if WIDE else row * so_h),
+                 out.to(out_ptr.dtype.element_ty), mask=mask_c)
 
 
 @triton.jit
@@ -167,23 +238,42 @@ def depthwise3x3_wgrad_kernel(
     tl.store(slots + 9, tl.sum(tl.sum(dout, axis=2), axis=1), mask=slot_mask)
 
 
-# Outputs per program: on a GPU 2048 (16 per thread of 4 warps); the interpreter runs one
-# program at a time, vectorised over its block, so it takes far larger blocks.
+# Weight gradient tiles: outputs per program, on a GPU 2048 (16 per thread of 4 warps); the
+# interpreter runs one program at a time, vectorised over its block, so it takes far larger blocks.
 _BLOCK_ELEMENTS = 16384 if _INTERPRET else 2048
+# _STEP_ELEMENTS, _ROWS. Forward rows: outputs per row step of a program, on a GPU 512 (4 per thread of 4 warps: one
+# 16-byte load per thread and column shift), and rows per program: 18 (two halo rows per 18,
+# read from L2; a multiple of the loop's unroll factor, 3, whose unrolled body rotates the three
+# rows by renaming registers instead of copying them: sm_90 SASS 20.8 instead of 28
+# instructions per output).
+_STEP_ELEMENTS = 1024 if _INTERPRET else 512
+_ROWS = 8 if _INTERPRET else 18
 
 
 def tile_config(height: int, width: int) -> tuple[int, int, int, int]:
-    """(BLOCK_C, BLOCK_H, BLOCK_W, num_warps) for planes of this size: rows of up to 128 columns
-    (coalesced 256-512 byte row segments; 32 in the interpreter, so tests span several tiles),
-    as many rows as fit, and several planes per program where a plane is smaller than that."""
+    """Weight gradient: (BLOCK_C, BLOCK_H, BLOCK_W, num_warps) for planes of this size: rows of
+    up to 128 columns (coalesced 256-512 byte row segments; 32 in the interpreter, so tests span
+    several tiles), as many rows as fit, and several planes per program where a plane is smaller."""
     block_w = min(32 if _INTERPRET else 128, max(16, triton.next_power_of_2(width)))
     block_h = min(triton.next_power_of_2(height), 16 if _INTERPRET else _BLOCK_ELEMENTS // block_w)
     return max(1, _BLOCK_ELEMENTS // (block_h * block_w)), block_h, block_w, 1 if _INTERPRET else 4
 
 
-def launch_config(x: torch.Tensor, tile: tuple[int, int, int] | None) -> tuple[int, int, int, int]:
-    block_c, block_h, block_w, num_warps = tile_config(*x.shape[-2:])
-    return (*tile, num_warps) if tile else (block_c, block_h, block_w, num_warps)
+def stream_config(height: int, width: int) -> tuple[int, int, int, int]:
+    """Forward (and the fused gate): (BLOCK_C, BLOCK_R, BLOCK_W, num_warps): strips of up to 512
+    columns (32 in the interpreter, so tests span several), _ROWS rows, and several planes per
+    program where a row is narrower than a step."""
+    block_w = min(32 if _INTERPRET else 512, max(16, triton.next_power_of_2(width)))
+    return max(1, _STEP_ELEMENTS // block_w), min(_ROWS, height), block_w, 1 if _INTERPRET else 4
+
+
+def launch_config(x: torch.Tensor, tile: tuple[int, ...] | None, config=tile_config) -> tuple[int, int, int, int]:
+    """(BLOCK_C, rows, BLOCK_W, num_warps) from ``config`` for x's planes, or ``tile``: three
+    blocks, optionally with the warps (tests, bench/depthwise_sweep.py)."""
+    block_c, rows, block_w, num_warps = config(*x.shape[-2:])
+    if not tile:
+        return block_c, rows, block_w, num_warps
+    return (*tile[:3], tile[3] if len(tile) > 3 else num_warps)
 
 
 def compute_dtype(*tensors: torch.Tensor):
@@ -196,7 +286,8 @@ def wide_offsets(*maps: torch.Tensor) -> bool:
 
 
 def grid(x: torch.Tensor, block_c: int, block_h: int, block_w: int, channels: int | None = None) -> tuple[int, int]:
-    """Programs for x's planes (``channels`` per image where fewer than x's) in tiles."""
+    """Programs for x's planes (``channels`` per image where fewer than x's) in tiles of
+    block_h rows and block_w columns."""
     batch, x_channels, height, width = x.shape
     channels = x_channels if channels is None else channels
     tiles = triton.cdiv(height, block_h) * triton.cdiv(width, block_w)
@@ -206,24 +297,30 @@ def grid(x: torch.Tensor, block_c: int, block_h: int, block_w: int, channels: in
     return triton.cdiv(batch * channels, block_c), tiles
 
 
-def depthwise3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 flip: bool = False, tile: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """The depthwise 3x3 convolution of x (B, C, H, W) with weight (C, 1, 3, 3) (contiguous) and
-    an optional bias (C,), as a new contiguous tensor of x's dtype; ``flip`` mirrors the taps
-    (the input gradient: depthwise3x3(dout, weight, flip=True)); ``tile`` (BLOCK_C, BLOCK_H,
-    BLOCK_W) overrides tile_config (tests)."""
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+def convolve_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+                  flip: bool = False, gate: int = 0, tile: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Launches depthwise3x3_fwd_kernel over out's planes (see it for ``gate``) and returns out."""
     if out.numel() == 0:
         return out
-    block_c, block_h, block_w, num_warps = launch_config(x, tile)
-    batch, channels, height, width = x.shape
-    depthwise3x3_fwd_kernel[grid(x, block_c, block_h, block_w)](
+    block_c, block_r, block_w, num_warps = launch_config(x, tile, stream_config)
+    batch, channels, height, width = out.shape
+    depthwise3x3_fwd_kernel[grid(out, block_c, block_r, block_w)](
         x, weight, bias if bias is not None else weight, out, batch * channels, channels, height, width,
         *x.stride(), *out.stride()[:3],
-        HAS_BIAS=bias is not None, FLIP=flip, COMPUTE=compute_dtype(x, weight), WIDE=wide_offsets(x),
-        BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=num_warps,
+        HAS_BIAS=bias is not None, FLIP=flip, GATE=gate, COMPUTE=compute_dtype(x, weight), WIDE=wide_offsets(x, out),
+        BLOCK_C=block_c, BLOCK_R=block_r, BLOCK_W=block_w, num_warps=num_warps,
     )
     return out
+
+
+def depthwise3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 flip: bool = False, tile: tuple[int, ...] | None = None) -> torch.Tensor:
+    """The depthwise 3x3 convolution of x (B, C, H, W) with weight (C, 1, 3, 3) (contiguous) and
+    an optional bias (C,), as a new contiguous tensor of x's dtype; ``flip`` mirrors the taps
+    (the input gradient: depthwise3x3(dout, weight, flip=True)); ``tile`` (BLOCK_C, BLOCK_R,
+    BLOCK_W[, num_warps]) overrides stream_config (tests)."""
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return convolve_rows(x, weight, bias, out, flip=flip, tile=tile)
 
 
 def depthwise3x3_weight_grad(dout: torch.Tensor, x: torch.Tensor,

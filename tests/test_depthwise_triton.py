@@ -80,11 +80,13 @@ def test_kernels_on_strided_maps(layout, tile):
     torch.testing.assert_close(grad_bias, bias.grad, **exact)
 
 
-def test_interior_tiles_load_without_masks_and_edge_tiles_with_them():
-    """A map of 4x8 tiles with two planes each, where the inner tiles' halos lie inside the
-    map (the unmasked path) and the outer ones cross its edges, and an odd plane count leaves
-    the last program's planes partly empty (masked): forward, input gradient, weight gradient
-    and the fused gate equal float64 ATen everywhere."""
+def test_row_chunks_strips_and_tile_paths_equal_aten():
+    """Blocks of two planes, 4 rows and 8 columns on a 14x30 map: the forward and the fused gate
+    stream 4-row chunks of 8-column strips (each chunk's first row reads the previous chunk's
+    last, strips meet inside the map, the last chunk and strip are partial), the weight
+    gradient's inner tiles take its unmasked path and the outer ones the masked one, and an odd
+    plane count leaves the last program's planes partly empty: forward, input gradient, weight
+    gradient and the fused gate equal float64 ATen everywhere."""
     x = torch.randn(1, 5, 14, 30, dtype=torch.float64, device=DEVICE)  # rows 4..11, cols 8..23: interior
     weight = torch.randn(5, 1, 3, 3, dtype=torch.float64, device=DEVICE)
     bias = torch.randn(5, dtype=torch.float64, device=DEVICE)
@@ -155,26 +157,27 @@ def test_random_shapes_match_float64(batch, channels, hidden, height, width, bia
 
 
 def compile_for_sm90() -> list[str]:
-    """Compiles the three depthwise kernels (and the fused gate's) with the GPU tile configs of
-    SIPL's plane sizes for sm_90 (no GPU needed; the interpreter checks none of what the
-    compiler does) and returns the failures. Needs TRITON_INTERPRET unset before the kernels
-    are imported, hence its own process."""
+    """Compiles the depthwise kernels (the row-streaming forward with each gate, the weight
+    gradient) with the GPU configs of SIPL's plane sizes for sm_90 (no GPU needed; the
+    interpreter checks none of what the compiler does) and returns the failures. Needs
+    TRITON_INTERPRET unset before the kernels are imported, hence its own process."""
     import triton
     from triton.backends.compiler import GPUTarget
     from sipl_fast.kernels import depthwise3x3 as kernels
-    from sipl_fast.kernels.depthwise3x3_gate import depthwise3x3_gate_fwd_kernel
     target = GPUTarget("cuda", 90, 32)
     backend = triton.compiler.make_backend(target)
     failures = []
-    for kernel in (kernels.depthwise3x3_fwd_kernel, kernels.depthwise3x3_wgrad_kernel, depthwise3x3_gate_fwd_kernel):
+    variants = [(kernels.depthwise3x3_fwd_kernel, kernels.stream_config, {"GATE": gate, "FLIP": gate == 0})
+                for gate in (0, 1, 2)] + [(kernels.depthwise3x3_wgrad_kernel, kernels.tile_config, {})]
+    for kernel, config, flags in variants:
         for dtype in ("bf16", "fp32"):
             for plane in ((512, 512), (720, 1280), (64, 64), (16, 16), (7, 9)):
-                block_c, block_h, block_w, warps = kernels.tile_config(*plane)
-                constants = dict(BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, COMPUTE=triton.language.float32,
-                                 WIDE=plane == (720, 1280))  # both offset widths compile
-                for flag in ("HAS_BIAS", "FLIP", "DUAL"):
-                    if flag in kernel.arg_names:
-                        constants[flag] = True
+                block_c, rows, block_w, warps = config(*plane)
+                rows_name = "BLOCK_R" if "BLOCK_R" in kernel.arg_names else "BLOCK_H"
+                constants = dict(BLOCK_C=block_c, BLOCK_W=block_w, COMPUTE=triton.language.float32,
+                                 WIDE=plane == (720, 1280), **{rows_name: rows}, **flags)  # both offset widths
+                if "HAS_BIAS" in kernel.arg_names:
+                    constants["HAS_BIAS"] = True
                 signature = {name: "constexpr" if name in constants else
                              (("*fp32" if name in ("w_ptr", "b_ptr", "partial_ptr") else f"*{dtype}")
                               if name.endswith("_ptr") else "i32") for name in kernel.arg_names}
@@ -183,7 +186,8 @@ def compile_for_sm90() -> list[str]:
                     options = backend.parse_options({"num_warps": warps, "num_stages": 1})
                     triton.compile(source, target=target, options=options.__dict__)
                 except Exception as error:  # noqa: BLE001 - reported with its config
-                    failures.append(f"{kernel.fn.__name__} {dtype} {plane}: {type(error).__name__}: {str(error)[-600:]}")
+                    failures.append(f"{kernel.fn.__name__} {flags} {dtype} {plane}: {type(error).__name__}: "
+                                    f"{str(error)[-600:]}")
     return failures
 
 
