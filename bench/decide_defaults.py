@@ -2,14 +2,16 @@
 
     python bench/decide_defaults.py bench/results/run
 
-Reads refine.json (bench/refine_table.py) and pixel_ops.json (bench/pixel_ops_table.py) from
-the directory and prints, with the numbers behind each line:
+Reads refine.json (bench/refine_table.py), pixel_ops.json (bench/pixel_ops_table.py) and
+depthwise_sweep.json (bench/depthwise_sweep.py) from the directory and prints, with the numbers behind each line:
 - whether CUDA graphs should keep recording the kernels of ops.graph_kernels (the depthwise
   kernels, LayerNorm2d's on every call): "sipl_fast+graph" must beat "sipl_fast+graph+aten";
 - whether eager calls should take the depthwise kernels too: "sipl_fast+dwk" must beat
   "sipl_fast" and the kernels must not lose the per-pass total of their ops in float32 or amp;
 - whether ChannelMix's GEMMs should keep following the convolutions' TF32 setting:
   "sipl_fast+graph" must beat "sipl_fast+graph+fp32mix" (the mixes in full float32);
+- whether the row-streaming depthwise kernels' launch configuration (stream_config) is the
+  fastest of bench/depthwise_sweep.py's candidates at the refinement's shapes;
 - the fastest strip budget ("+sN" rows, and the default) whose peak memory stays within the
   issue's 0.25x of the reference loop's, at 512x512. These rows replay a CUDA graph, whose
   peak ran 8-13 % under the eager one's (H200): the eager default row is printed too, and a
@@ -113,6 +115,27 @@ def strip_verdict(refine: dict | None) -> list[str]:
                     f"(modules.STRIP_ELEMENTS['cuda'] = {best << 18}; now {DEFAULT_STRIP_MIB} MiB)"]
 
 
+def depthwise_config_verdict(sweep: dict | None) -> list[str]:
+    """The fastest launch configuration of the row-streaming depthwise kernels per shape
+    (bench/depthwise_sweep.py) against the planned one (kernels/depthwise3x3.stream_config)."""
+    if not sweep:
+        return ["depthwise configs: no measurement, keep stream_config"]
+    lines, gains = [], []
+    for result in sweep["results"]:
+        if result["planned_vs_best"] is None:
+            continue
+        gains.append(result["planned_vs_best"])
+        lines.append(f"depthwise {result['case']['name']}: best {result['best']} "
+                     f"{result['planned_vs_best']:.2f}x the planned config, {result['best_vs_aten']:.2f}x ATen")
+    wrong = [result["case"]["name"] for result in sweep["results"]
+             if not all(row["exact"] for row in result["configs"])]
+    if wrong:
+        lines.append(f"depthwise configs NOT EXACT at {', '.join(wrong)}: a kernel bug, fix before tuning")
+    if gains and max(gains) > 1.05:
+        return lines + ["depthwise configs: retune stream_config (a shape ran > 5 % faster with another config)"]
+    return lines + ["depthwise configs: keep stream_config"]
+
+
 def main(argv=None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
@@ -120,8 +143,9 @@ def main(argv=None) -> int:
         return 2
     directory = Path(args[0])
     refine, pixel_ops = _load(directory, "refine.json"), _load(directory, "pixel_ops.json")
+    sweep = _load(directory, "depthwise_sweep.json")
     verdicts = (graph_kernels_verdict(refine) + mix_precision_verdict(refine)
-                + eager_depthwise_verdict(refine, pixel_ops) + strip_verdict(refine))
+                + eager_depthwise_verdict(refine, pixel_ops) + depthwise_config_verdict(sweep) + strip_verdict(refine))
     for line in verdicts:
         print(line)
     return 0

@@ -10,8 +10,9 @@
 # (DEADLINE_S, default 420 s), so one slow part cannot starve the rest. The summary at the end
 # lists every section's status, the headline lines of each table and what the run says about
 # the defaults that wait for a measurement (bench/decide_defaults.py: the graph kernels, the
-# eager depthwise kernels, the strip budget). With a 480 s limit on the whole call:
-# DEADLINE_S=455 (the sections up to mdta-autotune then fit; at most 8 files come back).
+# TF32 mixes, the eager depthwise kernels, the depthwise launch configs, the strip budget).
+# With a 480 s limit on the whole call: DEADLINE_S=455 (the sections up to train-step then
+# fit; at most 8 files come back).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/run}
@@ -42,8 +43,11 @@ section info 30 $PY -c "import json, sipl_fast; print(json.dumps(sipl_fast.info(
 # Parallel workers: most of the time is Triton and inductor compilation, which is CPU-bound.
 section gpu-tests 150 $PY -m pytest -q -m gpu -p no:cacheprovider -n 12 tests --durations=15 --junitxml="$OUT/gpu_tests.xml"
 section refine 130 $PY bench/refine_table.py "$OUT/refine.json"
-section train-step 100 $PY bench/train_step_table.py --steps 5 --warmup 2 --providers "${TRAIN_PROVIDERS:-auto,auto+graph,auto+graph+aten}" --json "$OUT/train_step.json"
+# Launch configurations of the row-streaming depthwise kernels (the fused GDFN depthwise + gate
+# was the largest kernel of a replayed refinement), each checked bit for bit against the plan.
+section depthwise-sweep 60 $PY bench/depthwise_sweep.py "$OUT/depthwise_sweep.json"
 section profile 90 $PY bench/profile_gpu.py --json "$OUT/profile.json" --only "${PROFILE_ONLY:-refine 512x512 steps=2 (eager|graph|reference)|train step bf16 (reference|auto)$}"
+section train-step 100 $PY bench/train_step_table.py --steps 5 --warmup 2 --providers "${TRAIN_PROVIDERS:-auto,auto+graph,auto+graph+aten}" --json "$OUT/train_step.json"
 # The autotuner's picks for MDTA's two streaming kernels (reported in the JSON), to compare
 # with the launchers' plans (16-bit streams at the planned pipeline depth: deeper ones are
 # not exact; with them the H200's dec1 bf16 forward ran 1.5x faster).
@@ -58,7 +62,7 @@ echo "=== summary"
 printf '%s\n' "${summary[@]}"
 grep -aE "^(FAILED|ERROR) " "$LOG" | head -40
 grep -aE "[0-9]+ (passed|failed)" "$LOG" | tail -2
-grep -aiE "target|speed-up|speedup|faster than|TFLOP/s|copy bandwidth|matmul|ms/step|peak|^== |^autotuned " "$LOG" | grep -av "^ *#" | tail -80
+grep -aiE "target|speed-up|speedup|faster than|TFLOP/s|copy bandwidth|matmul|ms/step|peak|^== |^autotuned |planned config" "$LOG" | grep -av "^ *#" | tail -80
 echo
 echo "=== defaults waiting for a measurement (bench/decide_defaults.py)"
 timeout 20 $PY bench/decide_defaults.py "$OUT"

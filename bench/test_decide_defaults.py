@@ -69,3 +69,14 @@ def test_main_reads_the_directory(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "pixel_ops.json: missing" in out and f"strip budget: {decide_defaults.DEFAULT_STRIP_MIB} MiB is the fastest" in out
     assert "graph kernels (ops.graph_kernels): keep" in out
+
+
+def test_depthwise_configs_are_retuned_where_another_wins():
+    def sweep(gain, exact=True):
+        return {"results": [{"case": {"name": "dec1 gdfn strip"}, "best": [1, 18, 256, 4], "planned_vs_best": gain,
+                             "best_vs_aten": 2.0, "configs": [{"exact": exact}]}]}
+    lines = decide_defaults.depthwise_config_verdict(sweep(1.2))
+    assert "best [1, 18, 256, 4] 1.20x the planned config" in lines[0] and "retune" in lines[-1], lines
+    assert decide_defaults.depthwise_config_verdict(sweep(1.01))[-1].endswith("keep stream_config")
+    assert any("NOT EXACT" in line for line in decide_defaults.depthwise_config_verdict(sweep(1.0, exact=False)))
+    assert decide_defaults.depthwise_config_verdict(None)[-1].startswith("depthwise configs: no measurement")
