@@ -1,7 +1,6 @@
 """Static SASS of the depthwise kernels compiled for sm_90, without a GPU: instructions and
-load instructions per output and registers per thread. For the row-streaming forward (and its
-fused gate) the count is that of the unrolled row loop, the steady state; the weight gradient
-has no loop. A proxy for the issue and L1 cost of these memory-streaming kernels where no GPU
+load instructions per output and registers per thread, counted in the unrolled row loop of
+each kernel (the forward, its fused gate, the weight gradient): the steady state. A proxy for the issue and L1 cost of these memory-streaming kernels where no GPU
 is at hand to time them.
 
     python bench/sass_counts.py [--size 512x512]
@@ -95,22 +94,15 @@ def main(argv=None) -> int:
     block_c, rows, block_w, warps = dw.stream_config(height, width)
     step = block_c * block_w / (warps * 32)  # outputs per thread and row
     streams = dict(BLOCK_C=block_c, BLOCK_R=rows, BLOCK_W=block_w, **common)
-    print(f"forward: {block_c}x{block_w} columns per row step, {rows} rows, {warps} warps: "
-          f"{step:.0f} outputs per thread and row; loop unrolled {dw._UNROLL.value}x")
-    for name, gate in (("forward", 0), ("gate", 1)):
-        code, registers = sass(dw.depthwise3x3_fwd_kernel, {**streams, "GATE": gate}, warps)
+    print(f"{block_c}x{block_w} columns per row step, {rows} rows, {warps} warps: "
+          f"{step:.0f} outputs per thread and row; row loops unrolled {dw._UNROLL.value}x")
+    for name, kernel, gate in (("forward", dw.depthwise3x3_fwd_kernel, 0), ("gate", dw.depthwise3x3_fwd_kernel, 1),
+                               ("weight gradient", dw.depthwise3x3_wgrad_kernel, None)):
+        code, registers = sass(kernel, {**streams, "GATE": gate}, warps)
         loop = opcodes(longest_loop(code))
         outputs = step * dw._UNROLL.value
         print(f"{name:16} {sum(loop.values()) / outputs:6.1f} per output, {loop['LDG'] / outputs:5.2f} loads per "
               f"output, {registers:3d} registers; loop: " + ", ".join(f"{op} {n}" for op, n in loop.most_common(6)))
-    block_c, block_h, block_w, warps = dw.tile_config(height, width)
-    per_thread = block_c * block_h * block_w / (warps * 32)
-    code, registers = sass(dw.depthwise3x3_wgrad_kernel, dict(BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w,
-                                                              **common), warps)
-    counts = opcodes(code)
-    print(f"{'weight gradient':16} {sum(counts.values()) / per_thread:6.1f} per output, "
-          f"{counts['LDG'] / per_thread:5.2f} loads per output, {registers:3d} registers (tiles of "
-          f"{block_c}x{block_h}x{block_w}, both tile paths in the count)")
     return 0
 
 

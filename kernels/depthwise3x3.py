@@ -15,9 +15,10 @@ one write, the nine taps coming from cache.
   c + h and writes their gate (depthwise3x3_gate.py).
 - input gradient: the same kernel on dout with the taps mirrored (FLIP): the transpose of a
   stride-1, padding-1 3x3 correlation is the correlation with the kernel rotated by 180 degrees.
-- weight and bias gradients: a program reduces each plane's tile to ten numbers (nine tap
-  sums dout * shifted x, and sum dout); the (plane, tile) partials are summed by torch in a
-  fixed order, so the result is identical run to run (no atomics).
+- weight and bias gradients: a program streams its rows the same way, accumulating per
+  column the nine tap products dout * shifted x and dout itself, and reduces them to ten
+  numbers per plane at the end; the (plane, program) partials are summed by torch in a fixed
+  order, so the result is identical run to run (no atomics).
 
 x may be any strided 4-D view (a strip x[..., lo:hi, :] is read in place); outputs are
 contiguous NCHW. Arithmetic is float32 (float64 for float64 inputs) whatever the storage dtype.
@@ -32,60 +33,12 @@ import triton.language as tl
 
 from .gated_gelu import _gelu
 
-__all__ = ["depthwise3x3", "depthwise3x3_weight_grad", "convolve_rows", "tile_config", "stream_config",
-           "launch_config", "grid", "compute_dtype", "wide_offsets"]
+__all__ = ["depthwise3x3", "depthwise3x3_weight_grad", "convolve_rows", "stream_config", "launch_config", "grid",
+           "compute_dtype", "wide_offsets"]
 
 # Read once, like triton itself: TRITON_INTERPRET must be set before this module is imported.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_UNROLL = tl.constexpr(3)  # the forward's row loop (see _STEP_ELEMENTS)
-
-
-@triton.jit
-def _tile(planes, channels, height, width, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    """This program's BLOCK_C planes (flat b * C + c, int64), then their batch and channel
-    indices and mask and the rows and columns of its tile, shaped to broadcast over (C, H, W),
-    and whether the tile's one-pixel halo lies inside the map and all its planes exist."""
-    first_plane = tl.program_id(0).to(tl.int64) * BLOCK_C
-    plane = first_plane + tl.arange(0, BLOCK_C)
-    plane_mask = plane < planes
-    tiles_w = tl.cdiv(width, BLOCK_W)
-    first_row = (tl.program_id(1) // tiles_w) * BLOCK_H
-    first_col = (tl.program_id(1) % tiles_w) * BLOCK_W
-    rows = first_row + tl.arange(0, BLOCK_H)
-    cols = first_col + tl.arange(0, BLOCK_W)
-    inside = ((first_plane + BLOCK_C <= planes) & (first_row >= 1) & (first_row + BLOCK_H < height)
-              & (first_col >= 1) & (first_col + BLOCK_W < width))
-    batch = (plane // channels)[:, None, None]
-    channel = (plane % channels)[:, None, None]
-    return plane, batch, channel, plane_mask[:, None, None], rows[None, :, None], cols[None, None, :], inside
-
-
-@triton.jit
-def _centre(rows, cols, stride_h, stride_w, WIDE: tl.constexpr):
-    """Offsets of the tile's pixels within a plane; int32 unless a plane spans 2**31 elements."""
-    if WIDE:
-        rows = rows.to(tl.int64)
-        cols = cols.to(tl.int64)
-    return rows * stride_h + cols * stride_w
-
-
-# Weight gradient: tiles whose one-pixel halo lies inside the map (half the tiles of a
-# 512-wide map's rows) load their taps without masks, each at the tile's pointers plus one
-# scalar offset; edge tiles mask each tap and index it on its own (sm_90 SASS: 142.5
-# instructions per output with masks everywhere, bench/results/depthwise_sass_2026-11-27.md).
-@triton.jit
-def _shifted(x_planes, centre, plane_mask, rows, cols, height, width, stride_h, stride_w,
-             di: tl.constexpr, dj: tl.constexpr, MASKED: tl.constexpr, COMPUTE: tl.constexpr):
-    """The planes at x_planes (one base pointer per plane), at [rows + di, cols + dj], 0 outside
-    them; unmasked, ``centre`` holds the tile's pointers (x_planes + its offsets)."""
-    if MASKED:
-        r = rows + di
-        c = cols + dj
-        mask = plane_mask & (r >= 0) & (r < height) & (c >= 0) & (c < width)
-        values = tl.load(x_planes + r.to(tl.int64) * stride_h + c.to(tl.int64) * stride_w, mask=mask, other=0.0)
-    else:
-        values = tl.load(centre + (di * stride_h + dj * stride_w))
-    return values.to(COMPUTE)
+_UNROLL = tl.constexpr(3)  # the row loops (see _STEP_ELEMENTS)
 
 
 # _ROW_STREAMING. The tile kernel this replaced loaded each of the nine taps of every output
@@ -103,7 +56,7 @@ def _row(planes, row, height, stride_h, stride_w, mask_l, mask_c, mask_r, COMPUT
     """Row ``row`` of the planes (``planes``: pointers to their row 0 at this program's
     columns) at columns c - 1, c and c + 1, as COMPUTE; zeros outside the map."""
     if (row >= 0) & (row < height):
-        at = planes + (tl.cast(row, tl.int64) * stride_h if WIDE else row * stride_h)
+        at = planes + _row_offset(row, stride_h, WIDE)
         left = tl.load(at - stride_w, mask=mask_l, other=0.0).to(COMPUTE)
         centre = tl.load(at, mask=mask_c, other=0.0).to(COMPUTE)
         right = tl.load(at + stride_w, mask=mask_r, other=0.0).to(COMPUTE)
@@ -146,6 +99,33 @@ def _convolved_row(above_l, above_c, above_r, here_l, here_c, here_r, below_l, b
 
 
 @triton.jit
+def _strip(planes, channels, width, sx_w, WIDE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+           BLOCK_W: tl.constexpr):
+    """This program's BLOCK_C planes (flat b * C + c, int64, (BLOCK_C,)), their batch and channel
+    indices and mask ((BLOCK_C, 1)), its columns (1, BLOCK_W) and their offsets in x, the masks
+    of columns c - 1, c and c + 1 inside the map ((BLOCK_C, BLOCK_W), planes included) and its
+    first row."""
+    first_plane = tl.program_id(0).to(tl.int64) * BLOCK_C
+    flat = first_plane + tl.arange(0, BLOCK_C)
+    plane = flat[:, None]
+    plane_mask = plane < planes
+    tiles_w = tl.cdiv(width, BLOCK_W)
+    first = (tl.program_id(1) // tiles_w) * BLOCK_R
+    cols = (tl.program_id(1) % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
+    col_offsets = cols.to(tl.int64) * sx_w if WIDE else cols * sx_w
+    mask_l = plane_mask & (cols >= 1) & (cols <= width)
+    mask_c = plane_mask & (cols < width)
+    mask_r = plane_mask & (cols + 1 < width)
+    return flat, plane // channels, plane % channels, plane_mask, cols, col_offsets, mask_l, mask_c, mask_r, first
+
+
+@triton.jit
+def _row_offset(row, stride, WIDE: tl.constexpr):
+    """row * stride, in int64 where a plane may span 2**31 elements."""
+    return tl.cast(row, tl.int64) * stride if WIDE else row * stride
+
+
+@triton.jit
 def depthwise3x3_fwd_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, planes, channels, height, width,
     sx_b, sx_c, sx_h, sx_w, so_b, so_c, so_h,
@@ -157,18 +137,8 @@ def depthwise3x3_fwd_kernel(
     GATE 0: out = depthwise3x3(x) (taps mirrored with FLIP). GATE 1 / 2 (the feed-forward's
     gates, x holding 2 * ``channels`` channels): with h1, h2 the convolutions of channels c
     and c + channels, out = gelu(h1) * h2, and with 2 also + gelu(h2) * h1."""
-    first_plane = tl.program_id(0).to(tl.int64) * BLOCK_C
-    plane = first_plane + tl.arange(0, BLOCK_C)[:, None]
-    plane_mask = plane < planes
-    batch = plane // channels
-    channel = plane % channels
-    tiles_w = tl.cdiv(width, BLOCK_W)
-    first = (tl.program_id(1) // tiles_w) * BLOCK_R
-    cols = (tl.program_id(1) % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
-    col_offsets = cols.to(tl.int64) * sx_w if WIDE else cols * sx_w
-    mask_l = plane_mask & (cols >= 1) & (cols <= width)
-    mask_c = plane_mask & (cols < width)
-    mask_r = plane_mask & (cols + 1 < width)
+    _, batch, channel, plane_mask, cols, col_offsets, mask_l, mask_c, mask_r, first = _strip(
+        planes, channels, width, sx_w, WIDE, BLOCK_C, BLOCK_R, BLOCK_W)
     image = x_ptr + batch * sx_b + col_offsets
     xa = image + channel * sx_c
     t0, t1, t2, t3, t4, t5, t6, t7, t8 = _taps(w_ptr, channel, plane_mask, FLIP, COMPUTE)
@@ -198,79 +168,86 @@ def depthwise3x3_fwd_kernel(
             if GATE == 2:
                 gated += _gelu(other) * out
             out = gated
-        tl.store(out_rows + (tl.cast(row, tl.int64) * so_h if WIDE else row * so_h),
-                 out.to(out_ptr.dtype.element_ty), mask=mask_c)
-
-
-@triton.jit
-def _tap_sums(x_planes, dout, slots, slot_mask, plane_mask, rows, cols, height, width, sx_h, sx_w,
-              MASKED: tl.constexpr, COMPUTE: tl.constexpr, WIDE: tl.constexpr):
-    """The tile's nine tap sums dout * shifted x, per plane, into slots 0..8."""
-    x_centre = x_planes if MASKED else x_planes + _centre(rows, cols, sx_h, sx_w, WIDE)
-    for i in tl.static_range(3):
-        for j in tl.static_range(3):
-            tap = _shifted(x_planes, x_centre, plane_mask, rows, cols, height, width, sx_h, sx_w, i - 1, j - 1,
-                           MASKED, COMPUTE)
-            tl.store(slots + 3 * i + j, tl.sum(tl.sum(dout * tap, axis=2), axis=1), mask=slot_mask)
+        tl.store(out_rows + _row_offset(row, so_h, WIDE), out.to(out_ptr.dtype.element_ty), mask=mask_c)
 
 
 @triton.jit
 def depthwise3x3_wgrad_kernel(
     x_ptr, dout_ptr, partial_ptr, planes, batches, channels, height, width,
     sx_b, sx_c, sx_h, sx_w, sd_b, sd_c, sd_h, sd_w,
-    COMPUTE: tl.constexpr, WIDE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    COMPUTE: tl.constexpr, WIDE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    """partial[channel, batch * tiles + tile, 0..9]: per plane, the tile's nine tap sums and sum(dout)."""
-    plane, batch, channel, plane_mask, rows, cols, inside = _tile(planes, channels, height, width,
-                                                                  BLOCK_C, BLOCK_H, BLOCK_W)
-    dout_planes = dout_ptr + batch * sd_b + channel * sd_c
-    dout = _shifted(dout_planes, dout_planes, plane_mask, rows, cols, height, width, sd_h, sd_w, 0, 0, True, COMPUTE)
-    x_planes = x_ptr + batch * sx_b + channel * sx_c
-    slots = partial_ptr + (((plane % channels) * batches + plane // channels) * tl.num_programs(1)
+    """partial[channel, batch * programs + program, 0..9]: per plane, the nine tap sums
+    sum dout[r, c] * x[r + i - 1, c + j - 1] (slot 3i + j) and sum dout over the program's rows
+    and columns. Rows stream as in the forward; the sums stay per column until the end."""
+    flat, batch, channel, plane_mask, cols, col_offsets, mask_l, mask_c, mask_r, first = _strip(
+        planes, channels, width, sx_w, WIDE, BLOCK_C, BLOCK_R, BLOCK_W)
+    xa = x_ptr + batch * sx_b + channel * sx_c + col_offsets
+    grads = dout_ptr + batch * sd_b + channel * sd_c + (cols.to(tl.int64) * sd_w if WIDE else cols * sd_w)
+    a_l, a_c, a_r = _row(xa, first - 1, height, sx_h, sx_w, mask_l, mask_c, mask_r, COMPUTE, WIDE)
+    h_l, h_c, h_r = _row(xa, first, height, sx_h, sx_w, mask_l, mask_c, mask_r, COMPUTE, WIDE)
+    s0 = tl.zeros(mask_c.shape, COMPUTE)
+    s1 = tl.zeros(mask_c.shape, COMPUTE)
+    s2 = tl.zeros(mask_c.shape, COMPUTE)
+    s3 = tl.zeros(mask_c.shape, COMPUTE)
+    s4 = tl.zeros(mask_c.shape, COMPUTE)
+    s5 = tl.zeros(mask_c.shape, COMPUTE)
+    s6 = tl.zeros(mask_c.shape, COMPUTE)
+    s7 = tl.zeros(mask_c.shape, COMPUTE)
+    s8 = tl.zeros(mask_c.shape, COMPUTE)
+    s9 = tl.zeros(mask_c.shape, COMPUTE)
+    for row in tl.range(first, tl.minimum(first + BLOCK_R, height), loop_unroll_factor=_UNROLL):
+        n_l, n_c, n_r = _row(xa, row + 1, height, sx_h, sx_w, mask_l, mask_c, mask_r, COMPUTE, WIDE)
+        g = tl.load(grads + _row_offset(row, sd_h, WIDE), mask=mask_c, other=0.0).to(COMPUTE)
+        s0 += g * a_l
+        s1 += g * a_c
+        s2 += g * a_r
+        s3 += g * h_l
+        s4 += g * h_c
+        s5 += g * h_r
+        s6 += g * n_l
+        s7 += g * n_c
+        s8 += g * n_r
+        s9 += g
+        a_l, a_c, a_r = h_l, h_c, h_r
+        h_l, h_c, h_r = n_l, n_c, n_r
+    slots = partial_ptr + (((flat % channels) * batches + flat // channels) * tl.num_programs(1)
                            + tl.program_id(1)) * 10  # (BLOCK_C,): one slot per plane
-    slot_mask = plane < planes
-    if inside:
-        _tap_sums(x_planes, dout, slots, slot_mask, plane_mask, rows, cols, height, width, sx_h, sx_w,
-                  False, COMPUTE, WIDE)
-    else:
-        _tap_sums(x_planes, dout, slots, slot_mask, plane_mask, rows, cols, height, width, sx_h, sx_w,
-                  True, COMPUTE, WIDE)
-    tl.store(slots + 9, tl.sum(tl.sum(dout, axis=2), axis=1), mask=slot_mask)
+    slot_mask = flat < planes
+    tl.store(slots + 0, tl.sum(s0, axis=1), mask=slot_mask)
+    tl.store(slots + 1, tl.sum(s1, axis=1), mask=slot_mask)
+    tl.store(slots + 2, tl.sum(s2, axis=1), mask=slot_mask)
+    tl.store(slots + 3, tl.sum(s3, axis=1), mask=slot_mask)
+    tl.store(slots + 4, tl.sum(s4, axis=1), mask=slot_mask)
+    tl.store(slots + 5, tl.sum(s5, axis=1), mask=slot_mask)
+    tl.store(slots + 6, tl.sum(s6, axis=1), mask=slot_mask)
+    tl.store(slots + 7, tl.sum(s7, axis=1), mask=slot_mask)
+    tl.store(slots + 8, tl.sum(s8, axis=1), mask=slot_mask)
+    tl.store(slots + 9, tl.sum(s9, axis=1), mask=slot_mask)
 
 
-# Weight gradient tiles: outputs per program, on a GPU 2048 (16 per thread of 4 warps); the
-# interpreter runs one program at a time, vectorised over its block, so it takes far larger blocks.
-_BLOCK_ELEMENTS = 16384 if _INTERPRET else 2048
-# _STEP_ELEMENTS, _ROWS. Forward rows: outputs per row step of a program, on a GPU 512 (4 per thread of 4 warps: one
-# 16-byte load per thread and column shift), and rows per program: 18 (two halo rows per 18,
-# read from L2; a multiple of the loop's unroll factor, 3, whose unrolled body rotates the three
-# rows by renaming registers instead of copying them: sm_90 SASS 20.8 instead of 28
-# instructions per output).
+# _STEP_ELEMENTS, _ROWS. Rows stream in steps of 512 outputs per program on a GPU (4 per
+# thread of 4 warps: one 16-byte load per thread and column shift), 18 rows per program (two
+# halo rows per 18, read from L2; a multiple of the loop's unroll factor, 3, whose unrolled
+# body rotates the three rows by renaming registers instead of copying them: sm_90 SASS 20.8
+# instead of 28 instructions per output). The interpreter runs one program at a time,
+# vectorised over its block: wider steps, and 8 rows so that tests span several programs.
 _STEP_ELEMENTS = 1024 if _INTERPRET else 512
 _ROWS = 8 if _INTERPRET else 18
 
 
-def tile_config(height: int, width: int) -> tuple[int, int, int, int]:
-    """Weight gradient: (BLOCK_C, BLOCK_H, BLOCK_W, num_warps) for planes of this size: rows of
-    up to 128 columns (coalesced 256-512 byte row segments; 32 in the interpreter, so tests span
-    several tiles), as many rows as fit, and several planes per program where a plane is smaller."""
-    block_w = min(32 if _INTERPRET else 128, max(16, triton.next_power_of_2(width)))
-    block_h = min(triton.next_power_of_2(height), 16 if _INTERPRET else _BLOCK_ELEMENTS // block_w)
-    return max(1, _BLOCK_ELEMENTS // (block_h * block_w)), block_h, block_w, 1 if _INTERPRET else 4
-
-
 def stream_config(height: int, width: int) -> tuple[int, int, int, int]:
-    """Forward (and the fused gate): (BLOCK_C, BLOCK_R, BLOCK_W, num_warps): strips of up to 512
-    columns (32 in the interpreter, so tests span several), _ROWS rows, and several planes per
-    program where a row is narrower than a step."""
+    """(BLOCK_C, BLOCK_R, BLOCK_W, num_warps) of the row-streaming kernels for planes of this
+    size: strips of up to 512 columns (32 in the interpreter, so tests span several), _ROWS
+    rows, and several planes per program where a row is narrower than a step."""
     block_w = min(32 if _INTERPRET else 512, max(16, triton.next_power_of_2(width)))
     return max(1, _STEP_ELEMENTS // block_w), min(_ROWS, height), block_w, 1 if _INTERPRET else 4
 
 
-def launch_config(x: torch.Tensor, tile: tuple[int, ...] | None, config=tile_config) -> tuple[int, int, int, int]:
-    """(BLOCK_C, rows, BLOCK_W, num_warps) from ``config`` for x's planes, or ``tile``: three
-    blocks, optionally with the warps (tests, bench/depthwise_sweep.py)."""
-    block_c, rows, block_w, num_warps = config(*x.shape[-2:])
+def launch_config(x: torch.Tensor, tile: tuple[int, ...] | None) -> tuple[int, int, int, int]:
+    """(BLOCK_C, BLOCK_R, BLOCK_W, num_warps): stream_config's for x's planes, or ``tile``'s
+    three blocks, optionally with the warps (tests, bench/depthwise_sweep.py)."""
+    block_c, rows, block_w, num_warps = stream_config(*x.shape[-2:])
     if not tile:
         return block_c, rows, block_w, num_warps
     return (*tile[:3], tile[3] if len(tile) > 3 else num_warps)
@@ -302,7 +279,7 @@ def convolve_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """Launches depthwise3x3_fwd_kernel over out's planes (see it for ``gate``) and returns out."""
     if out.numel() == 0:
         return out
-    block_c, block_r, block_w, num_warps = launch_config(x, tile, stream_config)
+    block_c, block_r, block_w, num_warps = launch_config(x, tile)
     batch, channels, height, width = out.shape
     depthwise3x3_fwd_kernel[grid(out, block_c, block_r, block_w)](
         x, weight, bias if bias is not None else weight, out, batch * channels, channels, height, width,
@@ -324,21 +301,22 @@ def depthwise3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def depthwise3x3_weight_grad(dout: torch.Tensor, x: torch.Tensor,
-                             tile: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                             tile: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(dweight (C, 1, 3, 3), dbias (C,)) in float32 (float64 for float64 inputs), from the
-    output gradient dout and the input x, both (B, C, H, W) with any strides."""
+    output gradient dout and the input x, both (B, C, H, W) with any strides; ``tile`` as in
+    depthwise3x3."""
     channels = x.shape[1]
     accumulate = torch.float64 if torch.float64 in (x.dtype, dout.dtype) else torch.float32
     if x.numel() == 0:
         return x.new_zeros((channels, 1, 3, 3), dtype=accumulate), x.new_zeros(channels, dtype=accumulate)
-    block_c, block_h, block_w, num_warps = launch_config(x, tile)
+    block_c, block_r, block_w, num_warps = launch_config(x, tile)
     batch, _, height, width = x.shape
-    programs = grid(x, block_c, block_h, block_w)
+    programs = grid(x, block_c, block_r, block_w)
     partial = torch.empty((channels, batch * programs[1], 10), dtype=accumulate, device=x.device)
     depthwise3x3_wgrad_kernel[programs](
         x, dout, partial, batch * channels, batch, channels, height, width, *x.stride(), *dout.stride(),
         COMPUTE=compute_dtype(x, dout), WIDE=wide_offsets(x, dout),
-        BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=num_warps,
+        BLOCK_C=block_c, BLOCK_R=block_r, BLOCK_W=block_w, num_warps=num_warps,
     )
     sums = partial.sum(1)
     own = dict(memory_format=torch.contiguous_format)  # two separate tensors, not views of sums

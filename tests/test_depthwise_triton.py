@@ -80,14 +80,13 @@ def test_kernels_on_strided_maps(layout, tile):
     torch.testing.assert_close(grad_bias, bias.grad, **exact)
 
 
-def test_row_chunks_strips_and_tile_paths_equal_aten():
-    """Blocks of two planes, 4 rows and 8 columns on a 14x30 map: the forward and the fused gate
-    stream 4-row chunks of 8-column strips (each chunk's first row reads the previous chunk's
-    last, strips meet inside the map, the last chunk and strip are partial), the weight
-    gradient's inner tiles take its unmasked path and the outer ones the masked one, and an odd
-    plane count leaves the last program's planes partly empty: forward, input gradient, weight
-    gradient and the fused gate equal float64 ATen everywhere."""
-    x = torch.randn(1, 5, 14, 30, dtype=torch.float64, device=DEVICE)  # rows 4..11, cols 8..23: interior
+def test_row_chunks_and_strips_equal_aten():
+    """Blocks of two planes, 4 rows and 8 columns on a 14x30 map: every kernel streams 4-row
+    chunks of 8-column strips (each chunk's first row reads the previous chunk's last, strips
+    meet inside the map, the last chunk and strip are partial), and an odd plane count leaves
+    the last program's planes partly empty: forward, input gradient, weight gradient and the
+    fused gate equal float64 ATen everywhere."""
+    x = torch.randn(1, 5, 14, 30, dtype=torch.float64, device=DEVICE)
     weight = torch.randn(5, 1, 3, 3, dtype=torch.float64, device=DEVICE)
     bias = torch.randn(5, dtype=torch.float64, device=DEVICE)
     tile, exact = (2, 4, 8), dict(rtol=0, atol=1e-11)
@@ -157,7 +156,7 @@ def test_random_shapes_match_float64(batch, channels, hidden, height, width, bia
 
 
 def compile_for_sm90() -> list[str]:
-    """Compiles the depthwise kernels (the row-streaming forward with each gate, the weight
+    """Compiles the row-streaming depthwise kernels (the forward with each gate, the weight
     gradient) with the GPU configs of SIPL's plane sizes for sm_90 (no GPU needed; the
     interpreter checks none of what the compiler does) and returns the failures. Needs
     TRITON_INTERPRET unset before the kernels are imported, hence its own process."""
@@ -167,15 +166,13 @@ def compile_for_sm90() -> list[str]:
     target = GPUTarget("cuda", 90, 32)
     backend = triton.compiler.make_backend(target)
     failures = []
-    variants = [(kernels.depthwise3x3_fwd_kernel, kernels.stream_config, {"GATE": gate, "FLIP": gate == 0})
-                for gate in (0, 1, 2)] + [(kernels.depthwise3x3_wgrad_kernel, kernels.tile_config, {})]
-    for kernel, config, flags in variants:
+    variants = [(kernels.depthwise3x3_fwd_kernel, {"GATE": gate, "FLIP": gate == 0}) for gate in (0, 1, 2)]
+    for kernel, flags in variants + [(kernels.depthwise3x3_wgrad_kernel, {})]:
         for dtype in ("bf16", "fp32"):
             for plane in ((512, 512), (720, 1280), (64, 64), (16, 16), (7, 9)):
-                block_c, rows, block_w, warps = config(*plane)
-                rows_name = "BLOCK_R" if "BLOCK_R" in kernel.arg_names else "BLOCK_H"
-                constants = dict(BLOCK_C=block_c, BLOCK_W=block_w, COMPUTE=triton.language.float32,
-                                 WIDE=plane == (720, 1280), **{rows_name: rows}, **flags)  # both offset widths
+                block_c, rows, block_w, warps = kernels.stream_config(*plane)
+                constants = dict(BLOCK_C=block_c, BLOCK_R=rows, BLOCK_W=block_w, COMPUTE=triton.language.float32,
+                                 WIDE=plane == (720, 1280), **flags)  # both offset widths
                 if "HAS_BIAS" in kernel.arg_names:
                     constants["HAS_BIAS"] = True
                 signature = {name: "constexpr" if name in constants else
