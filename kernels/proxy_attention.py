@@ -147,16 +147,20 @@ def _token_dot_kernel(
 # no register spills except a few hundred bytes in the wide 16-bit backward and the fp32
 # d > 128 class, which spills at every tile size tl.dot allows (IEEE fp32 dots on CUDA cores)
 # and only the small p3_cross block meets. The lists are short because each entry costs a
-# compile (1-5 s) per dtype, head size and output kind: only the 16-bit d <= 128 class, the
-# SIPL hot path, is autotuned (forward among three shapes, backward two); the others run one
-# (unmeasured) choice. The forward's 128 x 128 tiles (added in the seventh session, not yet
-# timed): wgmma n128 for the scores and half the loop steps of 128 x 64, at 217 registers
-# (162) and 123 KB of shared memory, still one program of 8 warps per SM and no spills; the
-# backward's loop blocks of 64 spill (255 registers) and stay at 32.
+# compile (1-5 s) per dtype, head size and output kind: the 16-bit d <= 128 class, the SIPL
+# hot path, is autotuned (forward among three shapes, backward two), the float32 forward at
+# d <= 128 (the refinement's, 37 ms of a replayed 512x512 one on the H200) between two; the
+# others run one (unmeasured) choice. Added in the seventh session, sm_90 SASS only, not yet
+# timed: the 16-bit forward's 128 x 128 tiles (wgmma n128 for the scores and half the loop
+# steps of 128 x 64; 217 registers instead of 162, 123 KB of shared memory, still one program
+# of 8 warps per SM, no spills) and the float32 forward's 128 x 32 (with 64 query rows and 8
+# warps the two warpgroups split the score tile's 32 columns: 112 wgmma instructions in the
+# kernel for 64 rows where 128 x 32 issues 60 for 128 rows; 219 registers instead of 233, no
+# spills). The backward's loop blocks of 64 spill (255 registers) and stay at 32.
 _FORWARD_SHAPES = {
     "16-bit, d <= 128": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
     "16-bit, d > 128": [(64, 32, 8, 2)],
-    "fp32, d <= 128": [(64, 32, 8, 2)],
+    "fp32, d <= 128": [(64, 32, 8, 2), (128, 32, 8, 2)],
     "fp32, d > 128": [(32, 32, 8, 1)],
 }
 _BACKWARD_SHAPES = {
