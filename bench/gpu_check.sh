@@ -45,7 +45,7 @@ section gpu-tests 150 $PY -m pytest -q -m gpu -p no:cacheprovider -n 12 tests --
 section refine 130 $PY bench/refine_table.py "$OUT/refine.json"
 # Launch configurations of the row-streaming depthwise kernels (the fused GDFN depthwise + gate
 # was the largest kernel of a replayed refinement), each checked bit for bit against the plan.
-section depthwise-sweep 60 $PY bench/depthwise_sweep.py "$OUT/depthwise_sweep.json"
+section depthwise-sweep 60 $PY bench/depthwise_sweep.py "$OUT/depthwise_sweep.json" --budget-s 45
 section profile 90 $PY bench/profile_gpu.py --json "$OUT/profile.json" --only "${PROFILE_ONLY:-refine 512x512 steps=2 (eager|graph|reference)|train step bf16 (reference|auto)$}"
 section train-step 100 $PY bench/train_step_table.py --steps 5 --warmup 2 --providers "${TRAIN_PROVIDERS:-auto,auto+graph,auto+graph+aten}" --json "$OUT/train_step.json"
 # The autotuner's picks for MDTA's two streaming kernels (reported in the JSON), to compare

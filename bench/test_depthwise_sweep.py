@@ -16,3 +16,9 @@ def test_smoke_sweep_is_exact_and_reported(tmp_path, capsys):
         assert sum(row["planned"] for row in result["configs"]) == 1
         assert result["best"] in [row["tile"] for row in result["configs"]]
     assert "planned" in capsys.readouterr().out
+
+
+def test_cases_past_the_budget_are_skipped(tmp_path, capsys):
+    out = tmp_path / "sweep.json"
+    assert depthwise_sweep.main([str(out), "--smoke", "--budget-s", "0"]) == 0
+    assert "skipped" in capsys.readouterr().out and not out.exists()
