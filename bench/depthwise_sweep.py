@@ -52,7 +52,8 @@ CASES = (
     Case("train enc1 qkv", False, (8, 144, 128, 128), "bf16"),
 )
 SMOKE_CASES = (Case("smoke gate", True, (1, 6, 13, 40)), Case("smoke conv", False, (2, 3, 9, 21)))
-# (BLOCK_W, rows, warps); BLOCK_C fills a row step of 512 outputs where BLOCK_W is narrower.
+# (widest strip, rows, warps): stream_config's arguments; BLOCK_C fills a row step where maps
+# are narrower than the strip.
 CANDIDATES = ((512, 18, 4), (512, 18, 8), (512, 9, 4), (512, 36, 4), (256, 18, 4), (256, 36, 4),
               (256, 18, 2), (128, 18, 2))
 SMOKE_CANDIDATES = ((32, 8, 1), (16, 4, 1), (64, 3, 1))
@@ -82,31 +83,25 @@ def aten_call(case: Case, x, weight, bias):
     return lambda: F.conv2d(x, w, b, padding=1, groups=channels)
 
 
-def tile_of(candidate, width: int) -> tuple[int, int, int, int]:
-    """(BLOCK_C, rows, BLOCK_W, warps) for a candidate on maps of this width."""
-    block_w, rows, warps = candidate
-    block_w = min(block_w, max(16, 1 << (width - 1).bit_length()))
-    return max(1, dw._STEP_ELEMENTS // block_w), rows, block_w, warps
-
-
 def sweep(case: Case, candidates, device: str) -> dict:
     x, weight, bias = make_inputs(case, device)
     out_channels = case.shape[1] // 2 if case.gate else case.shape[1]
     moved = x.numel() * x.element_size() + x.numel() // case.shape[1] * out_channels * x.element_size()
     planned = dw.stream_config(*case.shape[-2:])
     expected = kernel_call(case, x, weight, bias, planned)()
-    rows = []
-    for tile in dict.fromkeys([planned] + [tile_of(c, case.shape[-1]) for c in candidates]):
+    configs = []
+    tiles = [dw.stream_config(*case.shape[-2:], widest, rows, warps) for widest, rows, warps in candidates]
+    for tile in dict.fromkeys([planned] + tiles):
         run = kernel_call(case, x, weight, bias, tile)
         exact = torch.equal(run(), expected)
         ms = harness.time_ms(run, device) if exact else None
-        rows.append({"tile": list(tile), "planned": tile == planned, "exact": exact, "ms": ms,
+        configs.append({"tile": list(tile), "planned": tile == planned, "exact": exact, "ms": ms,
                      "GBs": moved / ms / 1e6 if ms else None})
     aten_ms = harness.time_ms(aten_call(case, x, weight, bias), device)
-    timed = [row for row in rows if row["ms"]]
+    timed = [row for row in configs if row["ms"]]
     best = min(timed, key=lambda row: row["ms"]) if timed else None
-    planned_ms = rows[0]["ms"]
-    return {"case": asdict(case), "bytes": moved, "configs": rows, "aten_ms": aten_ms,
+    planned_ms = configs[0]["ms"]
+    return {"case": asdict(case), "bytes": moved, "configs": configs, "aten_ms": aten_ms,
             "best": best["tile"] if best else None,
             "planned_vs_best": planned_ms / best["ms"] if best and planned_ms else None,
             "best_vs_aten": aten_ms / best["ms"] if best else None}

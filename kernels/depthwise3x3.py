@@ -236,12 +236,16 @@ _STEP_ELEMENTS = 1024 if _INTERPRET else 512
 _ROWS = 8 if _INTERPRET else 18
 
 
-def stream_config(height: int, width: int) -> tuple[int, int, int, int]:
+def stream_config(height: int, width: int, widest: int | None = None, rows: int | None = None,
+                  warps: int | None = None) -> tuple[int, int, int, int]:
     """(BLOCK_C, BLOCK_R, BLOCK_W, num_warps) of the row-streaming kernels for planes of this
-    size: strips of up to 512 columns (32 in the interpreter, so tests span several), _ROWS
-    rows, and several planes per program where a row is narrower than a step."""
-    block_w = min(32 if _INTERPRET else 512, max(16, triton.next_power_of_2(width)))
-    return max(1, _STEP_ELEMENTS // block_w), min(_ROWS, height), block_w, 1 if _INTERPRET else 4
+    size: strips of up to ``widest`` columns (512; 32 in the interpreter, so tests span
+    several), ``rows`` rows (_ROWS), and several planes per program where a row is narrower
+    than a step; bench/depthwise_sweep.py passes other strips, rows and warps."""
+    widest = widest or (32 if _INTERPRET else 512)
+    block_w = min(widest, max(16, triton.next_power_of_2(width)))
+    rows = min(rows or _ROWS, height)
+    return max(1, _STEP_ELEMENTS // block_w), rows, block_w, warps or (1 if _INTERPRET else 4)
 
 
 def launch_config(x: torch.Tensor, tile: tuple[int, ...] | None) -> tuple[int, int, int, int]:
