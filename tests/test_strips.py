@@ -86,6 +86,32 @@ def test_split_gram_equals_one_product(pixels):
     torch.testing.assert_close(_split_gram(q, k, piece=16), q @ k.transpose(-2, -1), rtol=1e-12, atol=1e-12)
 
 
+class _ProductShapes(TorchDispatchMode):
+    """Records the first operand's shape of each batched matrix product dispatched."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] == "bmm":
+            self.shapes.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device,expected", [("cpu", [(2, 5, 4096)]), ("cuda", [(8, 5, 1024)])])
+def test_gram_splits_into_pieces_on_cuda_only(device, expected):
+    """On CUDA the product runs as a batch over GRAM_PIECE_CUDA-pixel pieces (more programs for
+    the GPU); on the CPU as one product (faster with MKL). Fake CUDA tensors: no GPU needed."""
+    from sipl_fast.ops import torch_impl
+    assert torch_impl.GRAM_PIECE_CUDA == 1024
+    spy = _ProductShapes()
+    with FakeTensorMode(), spy, torch.no_grad():
+        q = torch.empty(1, 2, 5, 4096, device=device)
+        assert _split_gram(q, q.clone()).shape == (1, 2, 5, 5)
+    assert spy.shapes == expected
+
+
 def test_in_strips_equals_the_whole_map(small_strips):
     ffn = _randomised(GatedFFN(6, 2.66, bias=True, dual=True))
     x = torch.randn(1, 6, 31, 9, dtype=torch.float64)

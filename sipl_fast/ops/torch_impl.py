@@ -87,8 +87,19 @@ def proxy_attention(q, k, v, temperature, num_heads: int) -> torch.Tensor:
     return image(out, height, width, channels_last)
 
 
-def gram(q: torch.Tensor, k: torch.Tensor, piece: int = 4096) -> torch.Tensor:
-    """q k^T over the last axis (c x n times n x c), as a batch of products over pieces of n.
+# Pixels per piece of the Gram product on CUDA (gram). Not yet timed on a GPU at 1024: the
+# H200 profile (bench/results/h200_2026-11-27d.md) ran the 512x512 refinement's Gram products
+# with 4096-pixel pieces as cuBLAS float32 kernels of 32x32 tiles and 2 warps, 264 calls in
+# 21 ms, about 12 TFLOP/s: a ~53k-pixel strip gave 13 pieces x 9 tiles = 117 programs of 2
+# warps for 132 SMs, so half the schedulers idled and nothing hid the loads' latency; 1024
+# gives 468 programs (3.5 per SM). On the CPU one product is faster (MKL, 2 threads: 4.3 vs
+# 5.7 ms at 96 x 53k pixels), so there it stays whole.
+GRAM_PIECE_CUDA = 1024
+
+
+def gram(q: torch.Tensor, k: torch.Tensor, piece: int | None = None) -> torch.Tensor:
+    """q k^T over the last axis (c x n times n x c), on CUDA as a batch of products over pieces
+    of n (``piece`` pixels each: GRAM_PIECE_CUDA by default; one product on other devices).
 
     One c x c product with n in the tens of thousands gives a GEMM of a few output tiles
     that leaves most of a GPU idle (98 ms of a 512x512 refinement on an H200); one product
@@ -96,6 +107,8 @@ def gram(q: torch.Tensor, k: torch.Tensor, piece: int = 4096) -> torch.Tensor:
     Under autograd the single product is kept: the batched one would save contiguous copies of
     the pieces for the backward (+0.5 GB in a 128x128 batch-8 training step)."""
     n = q.shape[-1]
+    if piece is None:
+        piece = GRAM_PIECE_CUDA if q.is_cuda else n
     pieces = n // piece
     if pieces < 2 or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
         return q @ k.transpose(-2, -1)
