@@ -99,15 +99,18 @@ class _ProductShapes(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("device,expected", [("cpu", [(2, 5, 4096)]), ("cuda", [(8, 5, 1024)])])
-def test_gram_splits_into_pieces_on_cuda_only(device, expected):
-    """On CUDA the product runs as a batch over GRAM_PIECE_CUDA-pixel pieces (more programs for
-    the GPU); on the CPU as one product (faster with MKL). Fake CUDA tensors: no GPU needed."""
+@pytest.mark.parametrize("device,dtype,expected", [("cpu", torch.float32, [(2, 5, 4096)]),
+                                                  ("cuda", torch.float32, [(8, 5, 1024)]),
+                                                  ("cuda", torch.bfloat16, [(2, 5, 4096)])])
+def test_gram_splits_into_pieces_on_cuda_only(device, dtype, expected):
+    """On CUDA a float32 product runs as a batch over GRAM_PIECE_CUDA-pixel pieces (more
+    programs for the GPU); on the CPU as one product (faster with MKL), and 16-bit inputs as one
+    product too (each piece would be rounded to 16 bits). Fake CUDA tensors: no GPU needed."""
     from sipl_fast.ops import torch_impl
     assert torch_impl.GRAM_PIECE_CUDA == 1024
     spy = _ProductShapes()
     with FakeTensorMode(), spy, torch.no_grad():
-        q = torch.empty(1, 2, 5, 4096, device=device)
+        q = torch.empty(1, 2, 5, 4096, device=device, dtype=dtype)
         assert _split_gram(q, q.clone()).shape == (1, 2, 5, 5)
     assert spy.shapes == expected
 

@@ -99,7 +99,8 @@ GRAM_PIECE_CUDA = 1024
 
 def gram(q: torch.Tensor, k: torch.Tensor, piece: int | None = None) -> torch.Tensor:
     """q k^T over the last axis (c x n times n x c), on CUDA as a batch of products over pieces
-    of n (``piece`` pixels each: GRAM_PIECE_CUDA by default; one product on other devices).
+    of n (``piece`` pixels each: GRAM_PIECE_CUDA by default; one product on other devices and
+    for 16-bit inputs, whose pieces would each be rounded to 16 bits before their sum).
 
     One c x c product with n in the tens of thousands gives a GEMM of a few output tiles
     that leaves most of a GPU idle (98 ms of a 512x512 refinement on an H200); one product
@@ -108,7 +109,7 @@ def gram(q: torch.Tensor, k: torch.Tensor, piece: int | None = None) -> torch.Te
     the pieces for the backward (+0.5 GB in a 128x128 batch-8 training step)."""
     n = q.shape[-1]
     if piece is None:
-        piece = GRAM_PIECE_CUDA if q.is_cuda else n
+        piece = GRAM_PIECE_CUDA if q.is_cuda and q.element_size() >= 4 else n
     pieces = n // piece
     if pieces < 2 or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
         return q @ k.transpose(-2, -1)
