@@ -12,6 +12,7 @@ depthwise_sweep.json (bench/depthwise_sweep.py) from the directory and prints, w
   "sipl_fast+graph" must beat "sipl_fast+graph+fp32mix" (the mixes in full float32);
 - whether the row-streaming depthwise kernels' launch configuration (stream_config) is the
   fastest of bench/depthwise_sweep.py's candidates at the refinement's shapes;
+- whether the Gram products' 1024-pixel pieces beat the former 4096 ("+gram4096");
 - the fastest strip budget ("+sN" rows, and the default) whose peak memory stays within the
   issue's 0.25x of the reference loop's, at 512x512. These rows replay a CUDA graph, whose
   peak ran 8-13 % under the eager one's (H200): the eager default row is printed too, and a
@@ -85,6 +86,15 @@ def mix_precision_verdict(refine: dict | None) -> list[str]:
                     "convolutions' TF32 setting"]
 
 
+def gram_piece_verdict(refine: dict | None) -> list[str]:
+    lines, votes = _speedup_line(_refine_rows(refine) if refine else {},
+                                 "refinement 512x512 replayed: 1024-pixel Gram pieces", "sipl_fast+graph+gram4096",
+                                 "sipl_fast+graph")
+    if not votes:
+        return ["Gram pieces: no measurement, keep torch_impl.GRAM_PIECE_CUDA"]
+    return lines + [f"Gram pieces (torch_impl.GRAM_PIECE_CUDA = 1024): {'keep' if votes[0] else 'back to 4096'}"]
+
+
 def strip_verdict(refine: dict | None) -> list[str]:
     if not refine:
         return ["strip budget: no measurement"]
@@ -144,7 +154,7 @@ def main(argv=None) -> int:
     directory = Path(args[0])
     refine, pixel_ops = _load(directory, "refine.json"), _load(directory, "pixel_ops.json")
     sweep = _load(directory, "depthwise_sweep.json")
-    verdicts = (graph_kernels_verdict(refine) + mix_precision_verdict(refine)
+    verdicts = (graph_kernels_verdict(refine) + mix_precision_verdict(refine) + gram_piece_verdict(refine)
                 + eager_depthwise_verdict(refine, pixel_ops) + depthwise_config_verdict(sweep) + strip_verdict(refine))
     for line in verdicts:
         print(line)

@@ -10,7 +10,8 @@
 # (DEADLINE_S, default 420 s), so one slow part cannot starve the rest. The summary at the end
 # lists every section's status, the headline lines of each table and what the run says about
 # the defaults that wait for a measurement (bench/decide_defaults.py: the graph kernels, the
-# TF32 mixes, the eager depthwise kernels, the depthwise launch configs, the strip budget).
+# TF32 mixes, the Gram pieces, the eager depthwise kernels, the depthwise launch configs, the
+# strip budget).
 # With a 480 s limit on the whole call: DEADLINE_S=455 (the sections up to the profile then
 # fit, about 370 s on the H200; train-step gets what is left; at most 8 files come back).
 set -uo pipefail

@@ -7,8 +7,9 @@ sipl_fast's Triton kernels in eager calls too, ``ops.kernels_forced``; "+sN": st
 instead of modules.STRIP_ELEMENTS's; "+tf32": float32 matrix products in TF32,
 torch.backends.cuda.matmul.allow_tf32, for the reference loop too; "+fp32mix": the 1x1
 mixes that ChannelMix runs as cuBLAS GEMMs in full float32, as before they followed the
-convolutions' TF32 setting, modules.convolution_precision), time and peak memory beyond the
-resident weights.
+convolutions' TF32 setting, modules.convolution_precision; "+gram4096": streamed MDTA's Gram
+products in 4096-pixel pieces, as before torch_impl.GRAM_PIECE_CUDA), time and peak memory
+beyond the resident weights.
 
     python bench/refine_table.py OUT.json                 # CUDA: 512x512 and 1280x720
     python bench/refine_table.py OUT.json --device cpu    # CPU: 128x128 and 256x256
@@ -36,6 +37,7 @@ import torch
 
 import sipl_fast
 from sipl_fast import SIPLPromptIR, modules, ops
+from sipl_fast.ops import torch_impl
 from sipl_fast.refine import Refiner, authors_loop
 
 from peak_memory import peak_extra_bytes
@@ -46,7 +48,7 @@ CASES = {
              ((512, 512), "sipl_fast+graph+aten", 3), ((512, 512), "sipl_fast+graph+nhwc", 3),
              ((512, 512), "sipl_fast+graph+s144", 3), ((512, 512), "sipl_fast+graph+s256", 3),
              ((512, 512), "sipl_fast+graph+s512", 3),
-             ((512, 512), "sipl_fast+graph+fp32mix", 3),
+             ((512, 512), "sipl_fast+graph+fp32mix", 3), ((512, 512), "sipl_fast+graph+gram4096", 3),
              ((512, 512), "reference+tf32", 1), ((512, 512), "sipl_fast+graph+tf32", 3),
              ((720, 1280), "sipl_fast", 2), ((720, 1280), "sipl_fast+graph", 2)],
     "cpu": [((128, 128), "reference", 3), ((128, 128), "sipl_fast", 3),
@@ -119,11 +121,14 @@ def make_runner(model, x, provider: str):
 
 def _matmul_precision(extras: list) -> contextlib.AbstractContextManager:
     """"+tf32": float32 matrix products (cuBLAS and the proxy-attention kernel) in TF32, as
-    cuDNN's convolutions are by default; "+fp32mix": ChannelMix's GEMMs in full float32."""
+    cuDNN's convolutions are by default; "+fp32mix": ChannelMix's GEMMs in full float32;
+    "+gram4096": the Gram products' former pieces."""
     if "tf32" in extras:
         return modules.matmul_tf32(True)
     if "fp32mix" in extras:
         return mock.patch.object(modules, "convolution_precision", lambda x: contextlib.nullcontext())
+    if "gram4096" in extras:
+        return mock.patch.object(torch_impl, "GRAM_PIECE_CUDA", 4096)
     return contextlib.nullcontext()
 
 

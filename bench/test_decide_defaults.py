@@ -80,3 +80,13 @@ def test_depthwise_configs_are_retuned_where_another_wins():
     assert decide_defaults.depthwise_config_verdict(sweep(1.01))[-1].endswith("keep stream_config")
     assert any("NOT EXACT" in line for line in decide_defaults.depthwise_config_verdict(sweep(1.0, exact=False)))
     assert decide_defaults.depthwise_config_verdict(None)[-1].startswith("depthwise configs: no measurement")
+
+
+def test_gram_pieces_are_kept_where_the_replay_wins():
+    refine = _refine(400, {})
+    refine["rows"].append(dict(size="512x512", provider="sipl_fast+graph+gram4096", seconds=0.42, peak_extra_mib=520.0))
+    lines = decide_defaults.gram_piece_verdict(refine)
+    assert "Gram pieces 1.05x (400.0 vs 420.0 ms)" in lines[0] and lines[-1].endswith("keep"), lines
+    refine["rows"][-1]["seconds"] = 0.38
+    assert decide_defaults.gram_piece_verdict(refine)[-1].endswith("back to 4096")
+    assert decide_defaults.gram_piece_verdict(None)[-1].startswith("Gram pieces: no measurement")

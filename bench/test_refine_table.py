@@ -34,9 +34,11 @@ def test_runners_refine_as_their_provider_names_say():
     with sipl_fast.use_backend("reference"):
         expected = authors_loop(model, x, steps=2)
     before, precision = torch.backends.cuda.matmul.allow_tf32, sipl_fast.modules.convolution_precision
-    for provider in ("reference", "reference+tf32", "sipl_fast", "torch+s1", "sipl_fast+fp32mix"):
+    for provider in ("reference", "reference+tf32", "sipl_fast", "torch+s1", "sipl_fast+fp32mix",
+                     "sipl_fast+gram4096"):
         run = refine_table.make_runner(model, x, provider)
         for _ in range(2):  # a runner's contexts are made anew for each call
             torch.testing.assert_close(run(), expected, rtol=1e-4, atol=1e-5, msg=provider)
     assert torch.backends.cuda.matmul.allow_tf32 == before
     assert sipl_fast.modules.convolution_precision is precision
+    assert refine_table.torch_impl.GRAM_PIECE_CUDA == 1024
