@@ -94,10 +94,24 @@ def convolution_precision(x: torch.Tensor):
     matmul flag is process-wide: it is set for the block and restored after it."""
     if not (x.is_cuda and x.dtype == torch.float32):
         return contextlib.nullcontext()
-    wanted = torch.backends.cudnn.allow_tf32
+    wanted = convolutions_use_tf32()
     if torch.backends.cuda.matmul.allow_tf32 == wanted:
         return contextlib.nullcontext()
     return matmul_tf32(wanted)
+
+
+def convolutions_use_tf32() -> bool:
+    """Whether torch lets cuDNN run float32 convolutions in TF32. Read from the precision API
+    (torch.backends.cudnn.conv.fp32_precision, then its parents where it says "none"), which
+    answers in every state: the legacy torch.backends.cudnn.allow_tf32 raises once a user has
+    set the convolutions' precision apart from the RNNs' with that API."""
+    levels = (getattr(torch.backends.cudnn, "conv", None), torch.backends.cudnn, torch.backends)
+    if any(not hasattr(level, "fp32_precision") for level in levels):  # torch before the API
+        return torch.backends.cudnn.allow_tf32
+    for level in levels:
+        if level.fp32_precision != "none":
+            return level.fp32_precision == "tf32"
+    return False
 
 
 @contextlib.contextmanager

@@ -250,6 +250,32 @@ def test_channel_mix_products_follow_the_convolution_tf32_setting(monkeypatch, s
     assert torch.backends.cuda.matmul.allow_tf32 == matmul_tf32
 
 
+@pytest.fixture
+def restore_precision_settings():
+    """Puts torch's float32 precision settings back as they were (monkeypatch cannot: they are
+    properties of torch.backends objects, not attributes)."""
+    levels = (torch.backends, torch.backends.cudnn, torch.backends.cudnn.conv, torch.backends.cudnn.rnn)
+    saved = [level.fp32_precision for level in levels]
+    yield
+    for level, precision in zip(levels, saved):
+        level.fp32_precision = precision
+
+
+@pytest.mark.parametrize("set_by", ["legacy flag", "precision API"])
+@pytest.mark.parametrize("allowed", [True, False])
+def test_the_convolutions_tf32_setting_is_read_in_every_state(restore_precision_settings, set_by, allowed):
+    """Set with the legacy flag or with the precision API (after which the legacy flag raises on
+    reading), the convolutions' TF32 setting reads back as set."""
+    if set_by == "legacy flag":
+        torch.backends.cudnn.allow_tf32 = allowed
+    else:
+        torch.backends.cudnn.conv.fp32_precision = "tf32" if allowed else "ieee"
+        torch.backends.cudnn.rnn.fp32_precision = "ieee" if allowed else "tf32"
+        with pytest.raises(RuntimeError):  # convolutions and RNNs apart: the state this reading exists for
+            torch.backends.cudnn.allow_tf32  # noqa: B018
+    assert modules.convolutions_use_tf32() == allowed
+
+
 def test_matmul_tf32_is_restored_after_an_error(set_matmul_tf32):
     set_matmul_tf32(False)
     with pytest.raises(RuntimeError, match="inside"):
