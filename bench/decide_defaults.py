@@ -53,12 +53,19 @@ def _speedup_line(rows: dict, what: str, baseline: str, candidate: str) -> tuple
     return [f"{what} {ratio:.2f}x ({new['seconds'] * 1e3:.1f} vs {base['seconds'] * 1e3:.1f} ms)"], [ratio > 1.0]
 
 
-def graph_kernels_verdict(refine: dict | None) -> list[str]:
-    lines, votes = _speedup_line(_refine_rows(refine) if refine else {}, "refinement 512x512 replayed: graph kernels",
-                                 "sipl_fast+graph+aten", "sipl_fast+graph")
+def _replay_verdict(refine: dict | None, name: str, setting: str, what: str, baseline: str,
+                    dropped: str = "DROP") -> list[str]:
+    """Whether a default that the replayed 512x512 refinement ("sipl_fast+graph") runs stays:
+    it must beat the ``baseline`` row, the same replay without it."""
+    lines, votes = _speedup_line(_refine_rows(refine) if refine else {}, f"refinement 512x512 replayed: {what}",
+                                 baseline, "sipl_fast+graph")
     if not votes:
-        return ["graph kernels: no measurement, keep ops.graph_kernels"]
-    return lines + [f"graph kernels (ops.graph_kernels): {'keep' if votes[0] else 'DROP'}"]
+        return [f"{name}: no measurement, keep {setting}"]
+    return lines + [f"{name} ({setting}): {'keep' if votes[0] else dropped}"]
+
+
+def graph_kernels_verdict(refine: dict | None) -> list[str]:
+    return _replay_verdict(refine, "graph kernels", "ops.graph_kernels", "graph kernels", "sipl_fast+graph+aten")
 
 
 def eager_depthwise_verdict(refine: dict | None, pixel_ops: dict | None) -> list[str]:
@@ -78,21 +85,13 @@ def eager_depthwise_verdict(refine: dict | None, pixel_ops: dict | None) -> list
 
 
 def mix_precision_verdict(refine: dict | None) -> list[str]:
-    lines, votes = _speedup_line(_refine_rows(refine) if refine else {},
-                                 "refinement 512x512 replayed: TF32 mixes", "sipl_fast+graph+fp32mix", "sipl_fast+graph")
-    if not votes:
-        return ["mix precision: no measurement, keep the convolutions' setting (modules.convolution_precision)"]
-    return lines + [f"mix precision (modules.convolution_precision): {'keep' if votes[0] else 'DROP'} the "
-                    "convolutions' TF32 setting"]
+    return _replay_verdict(refine, "mix precision", "the convolutions' TF32 setting, modules.convolution_precision",
+                           "TF32 mixes", "sipl_fast+graph+fp32mix")
 
 
 def gram_piece_verdict(refine: dict | None) -> list[str]:
-    lines, votes = _speedup_line(_refine_rows(refine) if refine else {},
-                                 "refinement 512x512 replayed: 1024-pixel Gram pieces", "sipl_fast+graph+gram4096",
-                                 "sipl_fast+graph")
-    if not votes:
-        return ["Gram pieces: no measurement, keep torch_impl.GRAM_PIECE_CUDA"]
-    return lines + [f"Gram pieces (torch_impl.GRAM_PIECE_CUDA = 1024): {'keep' if votes[0] else 'back to 4096'}"]
+    return _replay_verdict(refine, "Gram pieces", "torch_impl.GRAM_PIECE_CUDA = 1024", "1024-pixel Gram pieces",
+                           "sipl_fast+graph+gram4096", dropped="back to 4096")
 
 
 def strip_verdict(refine: dict | None) -> list[str]:

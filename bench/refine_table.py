@@ -114,15 +114,15 @@ def make_runner(model, x, provider: str):
     def run():
         with sipl_fast.use_backend(backend) if backend else contextlib.nullcontext(), ops.kernels_forced(*forced), \
                 _strip_budget(x.device.type, strip_mib), mock.patch.dict(os.environ, graph_kernels), \
-                _matmul_precision(extras):
+                _product_variant(extras):
             return refiner(x)
     return run
 
 
-def _matmul_precision(extras: list) -> contextlib.AbstractContextManager:
-    """"+tf32": float32 matrix products (cuBLAS and the proxy-attention kernel) in TF32, as
-    cuDNN's convolutions are by default; "+fp32mix": ChannelMix's GEMMs in full float32;
-    "+gram4096": the Gram products' former pieces."""
+def _product_variant(extras: list) -> contextlib.AbstractContextManager:
+    """How the row's matrix products run. "+tf32": float32 matrix products (cuBLAS and the
+    proxy-attention kernel) in TF32, as cuDNN's convolutions are by default; "+fp32mix":
+    ChannelMix's GEMMs in full float32; "+gram4096": the Gram products' former pieces."""
     if "tf32" in extras:
         return modules.matmul_tf32(True)
     if "fp32mix" in extras:

@@ -56,7 +56,7 @@ def _row(planes, row, height, stride_h, stride_w, mask_l, mask_c, mask_r, COMPUT
     """Row ``row`` of the planes (``planes``: pointers to their row 0 at this program's
     columns) at columns c - 1, c and c + 1, as COMPUTE; zeros outside the map."""
     if (row >= 0) & (row < height):
-        at = planes + _row_offset(row, stride_h, WIDE)
+        at = planes + _offsets(row, stride_h, WIDE)
         left = tl.load(at - stride_w, mask=mask_l, other=0.0).to(COMPUTE)
         centre = tl.load(at, mask=mask_c, other=0.0).to(COMPUTE)
         right = tl.load(at + stride_w, mask=mask_r, other=0.0).to(COMPUTE)
@@ -112,7 +112,7 @@ def _strip(planes, channels, width, sx_w, WIDE: tl.constexpr, BLOCK_C: tl.conste
     tiles_w = tl.cdiv(width, BLOCK_W)
     first = (tl.program_id(1) // tiles_w) * BLOCK_R
     cols = (tl.program_id(1) % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
-    col_offsets = cols.to(tl.int64) * sx_w if WIDE else cols * sx_w
+    col_offsets = _offsets(cols, sx_w, WIDE)
     mask_l = plane_mask & (cols >= 1) & (cols <= width)
     mask_c = plane_mask & (cols < width)
     mask_r = plane_mask & (cols + 1 < width)
@@ -120,9 +120,9 @@ def _strip(planes, channels, width, sx_w, WIDE: tl.constexpr, BLOCK_C: tl.conste
 
 
 @triton.jit
-def _row_offset(row, stride, WIDE: tl.constexpr):
-    """row * stride, in int64 where a plane may span 2**31 elements."""
-    return tl.cast(row, tl.int64) * stride if WIDE else row * stride
+def _offsets(index, stride, WIDE: tl.constexpr):
+    """index * stride (a row or columns), in int64 where a plane may span 2**31 elements."""
+    return tl.cast(index, tl.int64) * stride if WIDE else index * stride
 
 
 @triton.jit
@@ -168,7 +168,7 @@ def depthwise3x3_fwd_kernel(
             if GATE == 2:
                 gated += _gelu(other) * out
             out = gated
-        tl.store(out_rows + _row_offset(row, so_h, WIDE), out.to(out_ptr.dtype.element_ty), mask=mask_c)
+        tl.store(out_rows + _offsets(row, so_h, WIDE), out.to(out_ptr.dtype.element_ty), mask=mask_c)
 
 
 @triton.jit
@@ -183,7 +183,7 @@ def depthwise3x3_wgrad_kernel(
     flat, batch, channel, plane_mask, cols, col_offsets, mask_l, mask_c, mask_r, first = _strip(
         planes, channels, width, sx_w, WIDE, BLOCK_C, BLOCK_R, BLOCK_W)
     xa = x_ptr + batch * sx_b + channel * sx_c + col_offsets
-    grads = dout_ptr + batch * sd_b + channel * sd_c + (cols.to(tl.int64) * sd_w if WIDE else cols * sd_w)
+    grads = dout_ptr + batch * sd_b + channel * sd_c + _offsets(cols, sd_w, WIDE)
     a_l, a_c, a_r = _row(xa, first - 1, height, sx_h, sx_w, mask_l, mask_c, mask_r, COMPUTE, WIDE)
     h_l, h_c, h_r = _row(xa, first, height, sx_h, sx_w, mask_l, mask_c, mask_r, COMPUTE, WIDE)
     s0 = tl.zeros(mask_c.shape, COMPUTE)
@@ -198,7 +198,7 @@ def depthwise3x3_wgrad_kernel(
     s9 = tl.zeros(mask_c.shape, COMPUTE)
     for row in tl.range(first, tl.minimum(first + BLOCK_R, height), loop_unroll_factor=_UNROLL):
         n_l, n_c, n_r = _row(xa, row + 1, height, sx_h, sx_w, mask_l, mask_c, mask_r, COMPUTE, WIDE)
-        g = tl.load(grads + _row_offset(row, sd_h, WIDE), mask=mask_c, other=0.0).to(COMPUTE)
+        g = tl.load(grads + _offsets(row, sd_h, WIDE), mask=mask_c, other=0.0).to(COMPUTE)
         s0 += g * a_l
         s1 += g * a_c
         s2 += g * a_r

@@ -86,8 +86,8 @@ def _residual(x: torch.Tensor, branch: torch.Tensor, inplace: bool) -> torch.Ten
 
 def convolution_precision(x: torch.Tensor):
     """A context in which cuBLAS computes float32 products on ``x``'s device at the precision
-    torch gives float32 convolutions: TF32 when torch.backends.cudnn.allow_tf32 (torch's
-    default), whatever torch.backends.cuda.matmul.allow_tf32 says. For GEMMs that stand in
+    torch gives float32 convolutions: TF32 where convolutions may use it (convolutions_use_tf32;
+    torch's default), whatever torch.backends.cuda.matmul.allow_tf32 says. For GEMMs that stand in
     for 1x1 convolutions (ChannelMix): the authors' project_out is an nn.Conv2d, which cuDNN
     runs in TF32 by default, while the same product through cuBLAS ran on the CUDA cores in
     full float32 (about 40 ms of a 512x512 refinement's 300 ms of kernels on an H200). The
@@ -100,15 +100,20 @@ def convolution_precision(x: torch.Tensor):
     return matmul_tf32(wanted)
 
 
+# The convolutions' precision settings, most specific first (None: a torch before that API).
+_CONV_PRECISION_LEVELS = (getattr(torch.backends.cudnn, "conv", None), torch.backends.cudnn, torch.backends)
+if any(not hasattr(level, "fp32_precision") for level in _CONV_PRECISION_LEVELS):
+    _CONV_PRECISION_LEVELS = None
+
+
 def convolutions_use_tf32() -> bool:
     """Whether torch lets cuDNN run float32 convolutions in TF32. Read from the precision API
     (torch.backends.cudnn.conv.fp32_precision, then its parents where it says "none"), which
     answers in every state: the legacy torch.backends.cudnn.allow_tf32 raises once a user has
     set the convolutions' precision apart from the RNNs' with that API."""
-    levels = (getattr(torch.backends.cudnn, "conv", None), torch.backends.cudnn, torch.backends)
-    if any(not hasattr(level, "fp32_precision") for level in levels):  # torch before the API
+    if _CONV_PRECISION_LEVELS is None:
         return torch.backends.cudnn.allow_tf32
-    for level in levels:
+    for level in _CONV_PRECISION_LEVELS:
         if level.fp32_precision != "none":
             return level.fp32_precision == "tf32"
     return False

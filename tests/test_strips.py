@@ -86,16 +86,18 @@ def test_split_gram_equals_one_product(pixels):
     torch.testing.assert_close(_split_gram(q, k, piece=16), q @ k.transpose(-2, -1), rtol=1e-12, atol=1e-12)
 
 
-class _ProductShapes(TorchDispatchMode):
-    """Records the first operand's shape of each batched matrix product dispatched."""
+class _Products(TorchDispatchMode):
+    """Records each matrix product dispatched: (op, first operand's shape,
+    torch.backends.cuda.matmul.allow_tf32 at that moment)."""
 
     def __init__(self):
         super().__init__()
-        self.shapes = []
+        self.calls = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.__name__.split(".")[0] == "bmm":
-            self.shapes.append(tuple(args[0].shape))
+        name = func.__name__.split(".")[0]
+        if name in ("baddbmm_", "bmm", "mm", "einsum"):
+            self.calls.append((name, tuple(args[0].shape), torch.backends.cuda.matmul.allow_tf32))
         return func(*args, **(kwargs or {}))
 
 
@@ -108,11 +110,11 @@ def test_gram_splits_into_pieces_on_cuda_only(device, dtype, expected):
     product too (each piece would be rounded to 16 bits). Fake CUDA tensors: no GPU needed."""
     from sipl_fast.ops import torch_impl
     assert torch_impl.GRAM_PIECE_CUDA == 1024
-    spy = _ProductShapes()
+    spy = _Products()
     with FakeTensorMode(), spy, torch.no_grad():
         q = torch.empty(1, 2, 5, 4096, device=device, dtype=dtype)
         assert _split_gram(q, q.clone()).shape == (1, 2, 5, 5)
-    assert spy.shapes == expected
+    assert [shape for name, shape, _ in spy.calls if name == "bmm"] == expected
 
 
 def test_in_strips_equals_the_whole_map(small_strips):
@@ -202,19 +204,6 @@ def test_cuda_streamed_block_equals_the_dense_block(monkeypatch):
     assert error <= 1e-5, error
 
 
-class _MatmulPrecisionSeen(TorchDispatchMode):
-    """Records torch.backends.cuda.matmul.allow_tf32 as each product op is dispatched."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.__name__.split(".")[0] in ("baddbmm_", "bmm", "mm", "einsum"):
-            self.seen.append(torch.backends.cuda.matmul.allow_tf32)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.fixture
 def set_matmul_tf32():
     """Sets torch.backends.cuda.matmul.allow_tf32 for the test (monkeypatch cannot: the flag is
@@ -237,7 +226,7 @@ def test_channel_mix_products_follow_the_convolution_tf32_setting(monkeypatch, s
     after; other dtypes and devices leave the flag alone. Fake CUDA tensors: no GPU needed."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", cudnn_tf32)
     set_matmul_tf32(matmul_tf32)
-    spy = _MatmulPrecisionSeen()
+    spy = _Products()
     with FakeTensorMode(), spy:
         out = torch.zeros(2, 8, 6, 5, device=device, dtype=dtype)
         if channels_last:
@@ -246,7 +235,7 @@ def test_channel_mix_products_follow_the_convolution_tf32_setting(monkeypatch, s
         ChannelMix(torch.ones(8, 4, 1, 1, device=device, dtype=dtype), None).add_into(out, x)
         ChannelMix(torch.ones(8, 4, 1, 1, device=device, dtype=dtype), None).add_into(out[..., 1:4], x[..., 1:4])
     expected = cudnn_tf32 if (device, dtype) == ("cuda", torch.float32) else matmul_tf32
-    assert spy.seen and set(spy.seen) == {expected}
+    assert spy.calls and {allowed for _, _, allowed in spy.calls} == {expected}
     assert torch.backends.cuda.matmul.allow_tf32 == matmul_tf32
 
 
