@@ -90,13 +90,17 @@ def sweep(case: Case, candidates, device: str) -> dict:
     planned = dw.stream_config(*case.shape[-2:])
     expected = kernel_call(case, x, weight, bias, planned)()
     configs = []
-    tiles = [dw.stream_config(*case.shape[-2:], widest, rows, warps) for widest, rows, warps in candidates]
-    for tile in dict.fromkeys([planned] + tiles):
+    # Several candidates may give one tile (maps narrower than the strip); each row names its
+    # candidates, so that decide_defaults can compare one candidate across the shapes.
+    tiles: dict[tuple, list] = {planned: []}
+    for args in candidates:
+        tiles.setdefault(dw.stream_config(*case.shape[-2:], *args), []).append(list(args))
+    for tile, names in tiles.items():
         run = kernel_call(case, x, weight, bias, tile)
         exact = torch.equal(run(), expected)
         ms = harness.time_ms(run, device) if exact else None
-        configs.append({"tile": list(tile), "planned": tile == planned, "exact": exact, "ms": ms,
-                     "GBs": moved / ms / 1e6 if ms else None})
+        configs.append({"tile": list(tile), "candidates": names, "planned": tile == planned, "exact": exact,
+                        "ms": ms, "GBs": moved / ms / 1e6 if ms else None})
     aten_ms = harness.time_ms(aten_call(case, x, weight, bias), device)
     timed = [row for row in configs if row["ms"]]
     best = min(timed, key=lambda row: row["ms"]) if timed else None

@@ -1,9 +1,10 @@
 """Refinement with steps=2 of the full model: the authors' loop on the reference backend vs
 sipl_fast's Refiner (default backend; "+graph": a step captured in a CUDA graph and replayed,
-which records the kernels of ops.graph_kernels("refine"); "+aten": the graph records what
-eager calls run instead (SIPL_FAST_GRAPH_KERNELS=0); "+nhwc": on channels-last activations;
-"+dwk": the depthwise convolutions, and the feed-forward's depthwise convolution + gate, by
-sipl_fast's Triton kernels in eager calls too, ``ops.kernels_forced``; "+sN": strips of N MiB
+which records the kernels of ops.graph_kernels("refine"); "+aten": ATen's depthwise
+convolutions (and the feed-forward's depthwise convolution + gate by the torch formulation)
+instead of sipl_fast's Triton kernels, which eager calls without autograd and graphs run by
+default; with "+graph" the graph records what eager calls run (SIPL_FAST_GRAPH_KERNELS=0),
+so LayerNorm2d's kernel only on large calls; "+nhwc": on channels-last activations; "+sN": strips of N MiB
 instead of modules.STRIP_ELEMENTS's; "+tf32": float32 matrix products in TF32,
 torch.backends.cuda.matmul.allow_tf32, for the reference loop too; "+fp32mix": the 1x1
 mixes that ChannelMix runs as cuBLAS GEMMs in full float32, as before they followed the
@@ -44,7 +45,7 @@ from peak_memory import peak_extra_bytes
 
 CASES = {
     "cuda": [((512, 512), "reference", 1), ((512, 512), "torch", 2), ((512, 512), "sipl_fast", 3),
-             ((512, 512), "sipl_fast+dwk", 3), ((512, 512), "sipl_fast+graph", 3),
+             ((512, 512), "sipl_fast+aten", 3), ((512, 512), "sipl_fast+graph", 3),
              ((512, 512), "sipl_fast+graph+aten", 3), ((512, 512), "sipl_fast+graph+nhwc", 3),
              ((512, 512), "sipl_fast+graph+s144", 3), ((512, 512), "sipl_fast+graph+s256", 3),
              ((512, 512), "sipl_fast+graph+s512", 3),
@@ -107,16 +108,24 @@ def make_runner(model, x, provider: str):
     else:  # as a user calls it; channels_last None: the device default
         refiner = lambda image: model.refine(image, steps=2, channels_last=True if "nhwc" in extras else None)  # noqa: E731
     backend = {"reference": "reference", "torch": "torch"}.get(name)
-    forced = ops.DEPTHWISE_OPS if "dwk" in extras else ()
-    graph_kernels = {"SIPL_FAST_GRAPH_KERNELS": "0" if "aten" in extras else "1"}
+    aten = "aten" in extras
+    graph_kernels = {"SIPL_FAST_GRAPH_KERNELS": "0" if aten else "1"}
     strip_mib = next((int(e[1:]) for e in extras if e.startswith("s") and e[1:].isdigit()), None)
 
     def run():
-        with sipl_fast.use_backend(backend) if backend else contextlib.nullcontext(), ops.kernels_forced(*forced), \
+        with sipl_fast.use_backend(backend) if backend else contextlib.nullcontext(), _aten_depthwise(aten), \
                 _strip_budget(x.device.type, strip_mib), mock.patch.dict(os.environ, graph_kernels), \
                 _product_variant(extras):
             return refiner(x)
     return run
+
+
+def _aten_depthwise(on: bool) -> contextlib.AbstractContextManager:
+    """The depthwise ops by their torch formulation (ATen's convolution) on every CUDA call
+    within the block, as the triton backend ran them eagerly before the row-streaming kernels."""
+    if not on:
+        return contextlib.nullcontext()
+    return mock.patch.dict(ops._TORCH_FORMULATION_ON_CUDA, dict.fromkeys(ops.DEPTHWISE_OPS, lambda x: True))
 
 
 def _product_variant(extras: list) -> contextlib.AbstractContextManager:

@@ -3,6 +3,7 @@ configuration of the row-streaming forward and gate equals the planned one bit f
 report names the fastest."""
 import json
 
+import decide_defaults
 import depthwise_sweep
 
 
@@ -15,6 +16,9 @@ def test_smoke_sweep_is_exact_and_reported(tmp_path, capsys):
         assert all(row["exact"] and row["ms"] > 0 for row in result["configs"]), result
         assert sum(row["planned"] for row in result["configs"]) == 1
         assert result["best"] in [row["tile"] for row in result["configs"]]
+        named = sorted(tuple(args) for row in result["configs"] for args in row["candidates"])
+        assert named == sorted(depthwise_sweep.SMOKE_CANDIDATES)  # each candidate names its tile once
+    assert decide_defaults.depthwise_config_verdict(report)[-1].startswith("depthwise configs: ")
     assert "planned" in capsys.readouterr().out
 
 

@@ -226,17 +226,15 @@ def test_gpu_weight_gradients_are_identical_run_to_run():
 
 @pytest.mark.gpu
 def test_gpu_torch_compile_traces_the_custom_ops(monkeypatch):
-    # Inductor runs the 1x1 convolution as a float32 matmul, eager as a cuDNN convolution in
-    # TF32 by default (H200, 2026-11-27: 2e-3 apart): compare exact products.
+    # Inductor runs the 1x1 convolution and its weight gradient as float32 matmuls, eager calls
+    # as cuDNN convolutions: other summation orders (H200, 2026-11-27: the 1x1 weight gradient,
+    # entries up to ~200, 3e-4 apart). So the compiled op is held to FlashAttention's rule
+    # against float64, as the eager kernels are, with cuDNN's TF32 off so that the reference
+    # math runs in float32 (TF32 would widen the bound enough to hide an error).
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    inputs = [t.requires_grad_() for t in projection_inputs(2, 48, 144, 32, 32, torch.float32)]
-    run = on_kernels(ops.pointwise_depthwise)
-    eager = run(*inputs)
-    compiled = torch.compile(pointwise_depthwise_triton.pointwise_depthwise, fullgraph=True)(*inputs)
-    torch.testing.assert_close(compiled, eager)
-    cotangent = torch.randn_like(eager)
-    torch.testing.assert_close(torch.autograd.grad(compiled, inputs, cotangent),
-                               torch.autograd.grad(eager, inputs, cotangent))
+    inputs = projection_inputs(2, 48, 144, 32, 32, torch.float32)
+    compiled = torch.compile(pointwise_depthwise_triton.pointwise_depthwise, fullgraph=True)
+    reference_rule(compiled, reference.pointwise_depthwise, inputs, NAMES)
 
 
 if __name__ == "__main__":  # the subprocess of test_gpu_configs_compile_for_sm90

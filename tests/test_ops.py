@@ -217,7 +217,7 @@ def test_cuda_routes_and_forced_kernels(monkeypatch):
     """On CUDA the triton backend runs the torch formulation where its kernel lost or is
     unmeasured; kernels_forced and SIPL_FAST_KERNELS pick the named ops' kernels (no GPU needed:
     only the dispatch is asked, about fake tensors that claim CUDA)."""
-    from sipl_fast.ops import layer_norm2d_triton, pointwise_depthwise_triton, torch_impl
+    from sipl_fast.ops import layer_norm2d_triton, pointwise_depthwise_gate_triton, pointwise_depthwise_triton, torch_impl
     monkeypatch.delenv("SIPL_FAST_ALL_KERNELS", raising=False)
     monkeypatch.delenv("SIPL_FAST_KERNELS", raising=False)
     with torch._subclasses.fake_tensor.FakeTensorMode():  # 16k and 64k pixels
@@ -225,11 +225,15 @@ def test_cuda_routes_and_forced_kernels(monkeypatch):
     route = ops.backend_module
     with sipl_fast.use_backend("triton"):
         assert route("pointwise_depthwise", large) is torch_impl
-        # LayerNorm2d: the kernel's forward where nothing records gradients and the call is large.
+        # LayerNorm2d: the kernel's forward where nothing records gradients and the call is large;
+        # the depthwise kernels wherever nothing records gradients.
         assert route("layer_norm2d", large) is torch_impl
         with torch.no_grad():
             assert route("layer_norm2d", large) is layer_norm2d_triton
             assert route("layer_norm2d", small) is torch_impl
+            assert route("pointwise_depthwise", small) is pointwise_depthwise_triton
+        with torch.inference_mode():
+            assert route("pointwise_depthwise_gate", large) is pointwise_depthwise_gate_triton
         with ops.kernels_forced("pointwise_depthwise"):
             assert route("pointwise_depthwise", large) is pointwise_depthwise_triton
             assert route("layer_norm2d", large) is torch_impl

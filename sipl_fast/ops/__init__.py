@@ -50,8 +50,10 @@ DEPTHWISE_OPS = ("pointwise_depthwise", "pointwise_depthwise_gate")
 # them around a graph's warm-up and capture). Replayed, the depthwise kernels ran the 512x512
 # refinement 1.27x and the bf16 training step 1.43x faster than ATen's convolutions (fp32
 # 1.23x), and LayerNorm2d's kernel on every call, small ones too, the refinement another 1.17x
-# (H200, bench/results/h200_2026-11-27d.md). Launched eagerly, where issuing kernels from the
-# CPU bounds these sizes, the depthwise kernels lost (0.90x): eager calls keep ATen's.
+# (H200, bench/results/h200_2026-11-27d.md). The row-streaming depthwise kernels that followed
+# run 2-4x faster than ATen's per call and the eager 512x512 refinement 1.29x faster
+# (bench/results/h200_2026-11-27e.md): eager calls without autograd take them too. Where
+# autograd records (eager training, whose CUDA default is a graph) they are unmeasured.
 
 
 def graph_kernels(site: str, channels_last: bool = False) -> tuple[str, ...]:
@@ -74,7 +76,7 @@ _TORCH_FORMULATION_ON_CUDA = {
     "layer_norm2d": lambda x: torch.is_grad_enabled() or _pixels(x) < LAYER_NORM_KERNEL_MIN_PIXELS,
     "gated_gelu": lambda x: True,
     "transposed_attention": lambda x: x.dtype in (torch.float16, torch.bfloat16),
-    **dict.fromkeys(DEPTHWISE_OPS, lambda x: True),
+    **dict.fromkeys(DEPTHWISE_OPS, lambda x: torch.is_grad_enabled()),
 }
 
 
