@@ -46,7 +46,7 @@ def test_runners_refine_as_their_provider_names_say():
     assert sipl_fast.ops._TORCH_FORMULATION_ON_CUDA == rules
 
 
-def test_aten_rows_route_the_depthwise_ops_to_aten_on_cuda():
+def test_aten_rows_route_the_depthwise_ops_to_aten_on_cuda(monkeypatch):
     """"+aten" measures the former eager default: ATen's depthwise convolutions, where calls
     without autograd now take the Triton kernels (no GPU needed: only the dispatch is asked)."""
     import torch
@@ -55,6 +55,8 @@ def test_aten_rows_route_the_depthwise_ops_to_aten_on_cuda():
     from sipl_fast import ops
     from sipl_fast.ops import pointwise_depthwise_gate_triton, torch_impl
 
+    monkeypatch.delenv("SIPL_FAST_ALL_KERNELS", raising=False)  # the CPU suite forces every kernel
+    monkeypatch.delenv("SIPL_FAST_KERNELS", raising=False)
     with torch._subclasses.fake_tensor.FakeTensorMode():
         x = torch.empty(1, 96, 64, 64, device="cuda")
     with sipl_fast.use_backend("triton"), torch.no_grad():
