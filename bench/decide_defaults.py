@@ -2,8 +2,9 @@
 
     python bench/decide_defaults.py bench/results/run
 
-Reads refine.json (bench/refine_table.py), pixel_ops.json (bench/pixel_ops_table.py) and
-depthwise_sweep.json (bench/depthwise_sweep.py) from the directory and prints, with the numbers behind each line:
+Reads refine.json (bench/refine_table.py), pixel_ops.json (bench/pixel_ops_table.py),
+depthwise_sweep.json (bench/depthwise_sweep.py) and mdta_prefetch.json (bench/mdta_prefetch.py)
+from the directory and prints, with the numbers behind each line:
 - whether CUDA graphs should keep recording the kernels of ops.graph_kernels (the depthwise
   kernels, LayerNorm2d's on every call): "sipl_fast+graph" must beat "sipl_fast+graph+aten";
 - whether eager calls without autograd should keep the depthwise kernels: "sipl_fast" must
@@ -14,6 +15,8 @@ depthwise_sweep.json (bench/depthwise_sweep.py) from the directory and prints, w
 - whether the row-streaming depthwise kernels' launch configuration (stream_config) is the
   fastest of bench/depthwise_sweep.py's candidates at the refinement's shapes;
 - whether the Gram products' 1024-pixel pieces beat the former 4096 ("+gram4096");
+- whether the MDTA kernels' 16-bit streams keep prefetching the next tile
+  (mdta_prefetch.json, bench/mdta_prefetch.py);
 - the fastest strip budget ("+sN" rows, and the default) whose peak memory stays within the
   issue's 0.25x of the reference loop's, at 512x512. These rows replay a CUDA graph, whose
   peak ran 8-13 % under the eager one's (H200): the eager default row is printed too, and a
@@ -167,6 +170,28 @@ def depthwise_config_verdict(sweep: dict | None) -> list[str]:
     return lines + [f"depthwise configs: keep stream_config (best candidate {best})"]
 
 
+def mdta_prefetch_verdict(sweep: dict | None) -> list[str]:
+    """Whether the MDTA kernels' 16-bit streams keep loading the next tile ahead
+    (bench/mdta_prefetch.py): the prefetched kernels must be faster in geometric mean over
+    the cases and modes; and where issue 4's bandwidth target stands."""
+    if not sweep or not sweep.get("results"):
+        return ["MDTA prefetch: no measurement, keep kernels._PREFETCH"]
+    lines = []
+    for result in sweep["results"]:
+        for mode, row in result["modes"].items():
+            if row["speedup"]:
+                share = row["prefetch"]["copy_share"]
+                lines.append(f"MDTA {result['case']['name']} {result['case']['dtype']} {mode}: prefetch "
+                             f"{row['speedup']:.2f}x ({row['prefetch']['ms']:.3f} vs {row['plain']['ms']:.3f} ms"
+                             + (f", {share:.0%} of copy bandwidth)" if share else ")"))
+    speedups = [row["speedup"] for result in sweep["results"] for row in result["modes"].values() if row["speedup"]]
+    if not speedups:
+        return lines + ["MDTA prefetch: no timing, keep kernels._PREFETCH"]
+    speed = math.prod(speedups) ** (1 / len(speedups))
+    verdict = "keep" if speed >= 1.0 else "TURN OFF (SIPL_FAST_MDTA_PREFETCH's default to 0)"
+    return lines + [f"MDTA prefetch (kernels._PREFETCH): {speed:.3f}x in geometric mean, {verdict}"]
+
+
 def main(argv=None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
@@ -174,9 +199,10 @@ def main(argv=None) -> int:
         return 2
     directory = Path(args[0])
     refine, pixel_ops = _load(directory, "refine.json"), _load(directory, "pixel_ops.json")
-    sweep = _load(directory, "depthwise_sweep.json")
+    sweep, prefetch = _load(directory, "depthwise_sweep.json"), _load(directory, "mdta_prefetch.json")
     verdicts = (graph_kernels_verdict(refine) + mix_precision_verdict(refine) + gram_piece_verdict(refine)
-                + eager_depthwise_verdict(refine, pixel_ops) + depthwise_config_verdict(sweep) + strip_verdict(refine))
+                + eager_depthwise_verdict(refine, pixel_ops) + depthwise_config_verdict(sweep) + strip_verdict(refine)
+                + mdta_prefetch_verdict(prefetch))
     for line in verdicts:
         print(line)
     return 0

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -135,18 +134,9 @@ def main(argv=None) -> int:
     if device == "cpu" and not args.smoke:
         print("depthwise_sweep.py: needs a CUDA device (use --smoke for a CPU check of the script)")
         return 2
-    started = time.perf_counter()
     cases, candidates = (SMOKE_CASES, SMOKE_CANDIDATES) if args.smoke else (CASES, CANDIDATES)
-    results = []
-    for case in cases:
-        if time.perf_counter() - started > args.budget_s:
-            print(f"{case.name}: skipped (--budget-s {args.budget_s:.0f} spent)")
-            continue
-        results.append(sweep(case, candidates, device))
-        print_case(results[-1])
-        # after every case, so that a run stopped by its time limit keeps what it measured
-        harness.write_report(args.out, {"results": results, **harness.environment(device),
-                                        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}, ("triton", "aten"), started)
+    harness.run_cases(cases, lambda case: sweep(case, candidates, device), print_case, args.out, device,
+                      args.budget_s, ("triton", "aten"))
     return 0
 
 

@@ -11,9 +11,9 @@
 # lists every section's status, the headline lines of each table and what the run says about
 # the defaults that wait for a measurement (bench/decide_defaults.py: the graph kernels, the
 # TF32 mixes, the Gram pieces, the eager depthwise kernels, the depthwise launch configs, the
-# strip budget).
+# strip budget, the MDTA prefetch).
 # With a 480 s limit on the whole call: DEADLINE_S=455 (the sections up to the profile then
-# fit, about 410 s on the H200, the GPU tests 175 s of it; train-step gets what is left; at
+# fit, about 450 s on the H200, the GPU tests 175 s of it; train-step gets what is left; at
 # most 8 files come back).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -49,6 +49,9 @@ section refine 130 $PY bench/refine_table.py "$OUT/refine.json"
 # Launch configurations of the row-streaming depthwise kernels (the fused GDFN depthwise + gate
 # was the largest kernel of a replayed refinement), each checked bit for bit against the plan.
 section depthwise-sweep 60 $PY bench/depthwise_sweep.py "$OUT/depthwise_sweep.json" --budget-s 45
+# The MDTA kernels' 16-bit streams with and without prefetching the next tile (issue 4's
+# bandwidth target), replayed from CUDA graphs.
+section mdta-prefetch 45 $PY bench/mdta_prefetch.py "$OUT/mdta_prefetch.json" --budget-s 30
 section profile 90 $PY bench/profile_gpu.py --json "$OUT/profile.json" --only "${PROFILE_ONLY:-refine 512x512 steps=2 (eager|graph|reference)|train step bf16 (reference|auto)$}"
 section train-step 100 $PY bench/train_step_table.py --steps 5 --warmup 2 --providers "${TRAIN_PROVIDERS:-auto,auto+graph,auto+graph+aten}" --json "$OUT/train_step.json"
 # The autotuner's picks for MDTA's two streaming kernels (reported in the JSON), to compare

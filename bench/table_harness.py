@@ -285,6 +285,23 @@ def write_report(path: str, report: dict, providers, started: float) -> None:
     print(f"\nwrote {path} in {report['elapsed_s']:.0f} s")
 
 
+def run_cases(cases, measure, show, out: str, device: str, budget_s: float, providers) -> list[dict]:
+    """The sweeps' loop: ``measure(case)`` for each case (``case.name``) until ``budget_s`` have
+    passed, ``show(result)`` after each, and the JSON report rewritten after every case, so that
+    a run stopped by its time limit keeps what it measured."""
+    started = time.perf_counter()
+    results = []
+    for case in cases:
+        if time.perf_counter() - started > budget_s:
+            print(f"{case.name}: skipped (--budget-s {budget_s:.0f} spent)")
+            continue
+        results.append(measure(case))
+        show(results[-1])
+        write_report(out, {"results": results, **environment(device), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")},
+                     providers, started)
+    return results
+
+
 # ---------------------------------------------------------------- the pytest-benchmark files
 
 def synchronised(run, device: str):

@@ -77,6 +77,12 @@ _AUTOTUNE = os.environ.get("SIPL_FAST_TRITON_AUTOTUNE", "0") == "1" and not _INT
 # parts, so no dot reads the pipelined buffer. The knob (SIPL_FAST_MDTA_16BIT_STAGES=3) brings
 # pipelining back for experiments.
 _STAGES_16BIT = int(os.environ.get("SIPL_FAST_MDTA_16BIT_STAGES", "1"))
+# Unpipelined, a program waits for each tile's loads before it multiplies, so the H200 ran
+# 16-bit streams at about 40 % of copy bandwidth. Instead a program loads the next tile into
+# registers while it multiplies this one: a pipeline of depth 2 with no shared-memory ring
+# (the part the bugs above concern). Each tile is multiplied as before (at one tile length the
+# results are bitwise those without prefetching). SIPL_FAST_MDTA_PREFETCH=0 turns it off.
+_PREFETCH = os.environ.get("SIPL_FAST_MDTA_PREFETCH", "1") == "1"
 _STAGE_BYTES = 32 * 1024  # stream tiles loaded per pipeline stage
 _SHARED_MEMORY_BUDGET = 200 * 1024  # H100: 227 KB per block, minus what Triton adds
 _RESIDENT_BYTES = 128 * 1024  # most shared memory M's rows may take in a mix program
@@ -92,18 +98,29 @@ def _operand_copies(precision: str) -> int:
     return 2 if precision == "tf32x3" else 1
 
 
+def _prefetched(plan: dict, room: bool = True) -> dict:
+    """The plan with PREFETCH where its streams are not software-pipelined (_PREFETCH) and
+    there is ``room``, in tiles of half the length: the current and the next tile take the
+    registers (and shared memory) of the one tile planned (full-length tiles spilled registers
+    at 48 channels, sm_90)."""
+    plan["PREFETCH"] = _PREFETCH and room and plan["num_stages"] == 1
+    if plan["PREFETCH"] and not _INTERPRET:
+        plan["BLOCK_N"] = max(16, plan["BLOCK_N"] // 2)
+    return plan
+
+
 def _gram_plan(c_pad: int, element_size: int, precision: str) -> dict:
     """BLOCK_C and the configuration of the Gram kernel: x and y tiles of BLOCK_C rows."""
     block_c = min(c_pad, 128)
     if _INTERPRET:
-        return {"BLOCK_C": block_c, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+        return _prefetched({"BLOCK_C": block_c, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1})
     # below 64 rows tl.dot runs as mma.sync, whose operands take registers: shorter tiles
     longest = _MAX_BLOCK_N if block_c >= 64 else 64
     block_n = min(longest, _pow2_floor(_STAGE_BYTES // (2 * block_c * element_size)))
     # a 128 x 128 float32 accumulator, or 3xTF32's split operands, need 8 warps' registers
     warps = 8 if block_c >= 128 or precision == "tf32x3" else 4
     stages = _STAGES_16BIT if _STAGES_16BIT and element_size == 2 else 3
-    return {"BLOCK_C": block_c, "BLOCK_N": max(16, block_n), "num_warps": warps, "num_stages": stages}
+    return _prefetched({"BLOCK_C": block_c, "BLOCK_N": max(16, block_n), "num_warps": warps, "num_stages": stages})
 
 
 def _mix_shared_bytes(c_pad, block_i, block_n, stages, element_size, streams, precision) -> int:
@@ -139,8 +156,11 @@ def _mix_plan(c_pad: int, element_size: int, streams: int, precision: str):
         if m_bytes(block_i) > _RESIDENT_BYTES:
             return None
         accumulator_registers = 64
+    # 16-bit M rows of heads wider than 128 channels leave no registers for a second tile
+    # (176 channels spilled with it, sm_90)
+    room = c_pad <= 128
     if _INTERPRET:
-        return {"BLOCK_I": block_i, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+        return _prefetched({"BLOCK_I": block_i, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}, room)
     # mma.sync (fewer than 64 rows) holds its operands in registers: shorter tiles
     longest = _MAX_BLOCK_N if block_i >= 64 else 64
     block_n = min(longest, _pow2_floor(accumulator_registers * threads // (streams * block_i)),
@@ -152,7 +172,7 @@ def _mix_plan(c_pad: int, element_size: int, streams: int, precision: str):
     stages = 3 if shared(block_n, 3) <= _SHARED_MEMORY_BUDGET else 2
     if _STAGES_16BIT and element_size == 2:
         stages = _STAGES_16BIT
-    return {"BLOCK_I": block_i, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
+    return _prefetched({"BLOCK_I": block_i, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}, room)
 
 
 def _candidates() -> list:
@@ -200,6 +220,13 @@ def _stream_rows(base_ptr, stride_b, stride_c, batch, first_channel, rows, cols)
     return base_ptr + batch * stride_b + channel[:, None] * stride_c + cols[None, :]
 
 
+@triton.jit
+def _stream_tile(ptrs, n, rows_ok, cols, end):
+    """The tile of ``ptrs`` (rows x BLOCK_N) at pixel offset n: zero in rows outside the head
+    and in pixels from ``end`` on (a tile wholly past the end loads nothing)."""
+    return tl.load(ptrs + n, mask=rows_ok[:, None] & (n + cols < end)[None, :], other=0.0)
+
+
 @triton.jit(do_not_specialize=["C", "HEADS", "SIZE_CLASS"])
 def _gram_partials_kernel(
     x_ptr, y_ptr, partials_ptr,
@@ -207,6 +234,7 @@ def _gram_partials_kernel(
     x_stride_b, x_stride_c, y_stride_b, y_stride_c,
     partials_stride_bh, partials_stride_chunk,
     PRECISION: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """Partial x y^T, |x_i|^2 and |y_j|^2 of one head over one chunk of CHUNK pixels.
 
@@ -234,10 +262,17 @@ def _gram_partials_kernel(
     sq_y = tl.zeros((BLOCK_C,), dtype=ACC)
     start = chunk * CHUNK
     end = tl.minimum(start + CHUNK, N)
+    if PREFETCH:
+        x_next = _stream_tile(x_ptrs, start, rows_x < C, cols, end)
+        y_next = _stream_tile(y_ptrs, start, rows_y < C, cols, end)
     for n in range(start, end, BLOCK_N):
-        in_chunk = (n + cols < end)[None, :]
-        x = tl.load(x_ptrs + n, mask=(rows_x < C)[:, None] & in_chunk, other=0.0)
-        y = tl.load(y_ptrs + n, mask=(rows_y < C)[:, None] & in_chunk, other=0.0)
+        if PREFETCH:  # the next tiles' loads are in flight while these are multiplied
+            x, y = x_next, y_next
+            x_next = _stream_tile(x_ptrs, n + BLOCK_N, rows_x < C, cols, end)
+            y_next = _stream_tile(y_ptrs, n + BLOCK_N, rows_y < C, cols, end)
+        else:
+            x = _stream_tile(x_ptrs, n, rows_x < C, cols, end)
+            y = _stream_tile(y_ptrs, n, rows_y < C, cols, end)
         gram = tl.dot(x, tl.trans(y), gram, input_precision=PRECISION, out_dtype=ACC)
         # The backward's pass (x = dO, y = v) has no use for the norms: a few ALU operations
         # per loaded element in a memory-bound loop, and one kernel variant to compile.
@@ -388,6 +423,7 @@ def _channel_mix_kernel(
     C, N, HEADS, PIXELS_PER_PROGRAM, SIZE_CLASS,
     DIAG: tl.constexpr, DUAL: tl.constexpr, SCALE_ROWS: tl.constexpr, PRECISION: tl.constexpr,
     ACC: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """out = M x for one head's streams, over a run of PIXELS_PER_PROGRAM pixels.
 
@@ -422,14 +458,23 @@ def _channel_mix_kernel(
 
     start = run * PIXELS_PER_PROGRAM
     end = tl.minimum(start + PIXELS_PER_PROGRAM, N)
-    for n in range(start, end, BLOCK_N):
-        in_run = (n + cols < end)[None, :]
-        k_mask = (ks < C)[:, None] & in_run
-        out_mask = (rows < C)[:, None] & in_run
-        x = tl.load(x_ptrs + n, mask=k_mask, other=0.0)
-        out = tl.dot(m1, x, input_precision=PRECISION, out_dtype=ACC) * scale1[:, None]
+    if PREFETCH:
+        x_next = _stream_tile(x_ptrs, start, ks < C, cols, end)
         if DUAL:
-            y = tl.load(y_ptrs + n, mask=k_mask, other=0.0)
+            y_next = _stream_tile(y_ptrs, start, ks < C, cols, end)
+    for n in range(start, end, BLOCK_N):
+        out_mask = (rows < C)[:, None] & (n + cols < end)[None, :]
+        if PREFETCH:  # the next tiles' loads are in flight while these are multiplied
+            x = x_next
+            x_next = _stream_tile(x_ptrs, n + BLOCK_N, ks < C, cols, end)
+            if DUAL:
+                y = y_next
+                y_next = _stream_tile(y_ptrs, n + BLOCK_N, ks < C, cols, end)
+        else:
+            x = _stream_tile(x_ptrs, n, ks < C, cols, end)
+            if DUAL:
+                y = _stream_tile(y_ptrs, n, ks < C, cols, end)
+        out = tl.dot(m1, x, input_precision=PRECISION, out_dtype=ACC) * scale1[:, None]
         if DIAG:
             if DUAL and BLOCK_I == BLOCK_K:  # one row tile: the loaded tile is the rows
                 y_rows = y
@@ -458,7 +503,10 @@ _channel_mix_tuned = triton.autotune(
 
 
 def _launch(kernel, tuned, grid, args, constants: dict, config: dict) -> None:
-    """Run ``kernel`` with the planned ``config``, or ``tuned`` when autotuning is on."""
+    """Run ``kernel`` with the planned ``config``, or ``tuned`` when autotuning is on (which
+    varies tile lengths, warps and stages, not the plan's PREFETCH)."""
+    config = dict(config)
+    constants = dict(constants, PREFETCH=config.pop("PREFETCH"))
     if _AUTOTUNE:
         tuned[grid](*args, **constants)
     else:

@@ -130,6 +130,29 @@ def test_float16_gradients_do_not_underflow():
     assert_matches_float64(q, k, v, temperature, 2)
 
 
+def test_prefetched_streams_equal_the_unprefetched_bit_for_bit(monkeypatch):
+    """Loading each tile one iteration ahead (kernels._PREFETCH: the unpipelined 16-bit streams
+    on a GPU, every stream in the interpreter, whose tile length it keeps) changes no product
+    and no order: outputs and gradients equal those without it bit for bit. Runs of several
+    tiles and a partial last one. (On a GPU prefetching halves the tiles, which changes the
+    norms' summation order: test_gpu_sipl_shapes and the run-to-run test cover it there.)"""
+    q, k, v, temperature = make_inputs(1, 96, (9, 41), 2, [1.0, 8.0])
+    grad_out = torch.randn(q.shape)
+    runs, plans = [], []
+    for prefetch in (True, False):
+        monkeypatch.setattr(mdta.kernels, "_PREFETCH", prefetch)
+        for layout in (mdta.kernels._gram_layout, mdta.kernels._mix_layout):
+            layout.cache_clear()  # the plans hold PREFETCH
+        plans.append(mdta.kernels._gram_plan(128, 4, "ieee")["PREFETCH"])
+        runs.append(run_triton(q, k, v, temperature, 2, grad_out))
+    (out, grads), (plain_out, plain_grads) = runs
+    assert plans == [True, False]
+    assert torch.equal(out, plain_out)
+    assert all(torch.equal(a, b) for a, b in zip(grads, plain_grads))
+    for layout in (mdta.kernels._gram_layout, mdta.kernels._mix_layout):
+        layout.cache_clear()  # no layout planned without prefetching outlives the test
+
+
 def test_float64_and_strided_planes():
     """float64 runs the same kernels in float64; channels_last planes are copied, not misread."""
     q, k, v, temperature = make_inputs(1, 24, (5, 7), 2, [1.5, 4.0], dtype=torch.float64)
@@ -329,3 +352,90 @@ def test_autotuning_keeps_16_bit_streams_at_the_planned_pipeline_depth():
         assert any(c.kwargs["BLOCK_N"] == plan["BLOCK_N"] and c.num_warps == plan["num_warps"] for c in gram)
     wide = kernels._prune_gram(configs, {"x_ptr": torch.empty(1)}, BLOCK_C=64, PRECISION="tf32x3")
     assert len({c.num_stages for c in wide}) > 1
+
+
+# ----------------------------------------------------------------------------- sm_90 compile check
+def _compile_sm90(kernel, constants: dict, pointer: str, plan: dict) -> tuple[int, int]:
+    """(shared memory bytes, stack bytes per thread: spilled registers) of ``kernel`` compiled
+    for sm_90 with ``constants`` and ``plan``'s warps and stages; ``pointer`` types the streams."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    target = GPUTarget("cuda", 90, 32)
+    backend = triton.compiler.make_backend(target)
+    small = ("m_ptr", "diag1_ptr", "diag2_ptr", "partials_ptr")  # the float32 c x c matrices
+    signature = {name: "constexpr" if name in constants else
+                 (("*fp32" if name in small else pointer) if name.endswith("_ptr") else "i32")
+                 for name in kernel.arg_names}
+    # as Triton specialises a launch on maps whose planes hold a multiple of 16 pixels (512x512)
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names) if name not in constants
+               and (name.endswith("_ptr") or "stride" in name or name in ("N", "CHUNK", "PIXELS_PER_PROGRAM"))}
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=aligned)
+    options = backend.parse_options({"num_warps": plan["num_warps"], "num_stages": plan["num_stages"]})
+    compiled = triton.compile(source, target=target, options=options.__dict__)
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as folder:
+        cubin = os.path.join(folder, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", cubin], capture_output=True,
+                               text=True, check=True).stdout
+    return compiled.metadata.shared, int(re.search(r"STACK:(\d+)", usage).group(1))
+
+
+def compile_for_sm90() -> list[str]:
+    """Compiles the two streaming kernels (the Gram pass; the mix, single and dual) with their
+    GPU plans for SIPL's head widths (64, 128 and 256 padded channels), bf16 and float32, for
+    sm_90 (no GPU needed) and returns the problems: a failed compile, shared memory beyond the
+    H100's 227 KB, or a prefetched plan that spills more registers than the kernel without
+    prefetching at the full tile length. Needs TRITON_INTERPRET unset before the kernels are
+    imported, hence its own process."""
+    import triton.language as tl
+
+    from sipl_fast.kernels import transposed_attention as kernels
+    problems = []
+    for c_pad in (64, 128, 256):
+        for pointer, size, precision in (("*bf16", 2, "ieee"), ("*fp32", 4, "tf32x3")):
+            cases = [("gram", kernels._gram_partials_kernel, kernels._gram_plan(c_pad, size, precision), {})]
+            for streams in (1, 2):
+                plan = kernels._mix_plan(c_pad, size, streams, precision)
+                if plan is not None:
+                    cases.append((f"mix{streams}", kernels._channel_mix_kernel, plan,
+                                  dict(DIAG=streams == 2, DUAL=streams == 2, SCALE_ROWS=size == 2, BLOCK_K=c_pad)))
+            for name, kernel, plan, flags in cases:
+                plan = dict(plan)
+                constants = dict(flags, PRECISION=precision, ACC=tl.float32, BLOCK_N=plan["BLOCK_N"],
+                                 PREFETCH=plan["PREFETCH"])
+                constants.update({key: plan[key] for key in ("BLOCK_C", "BLOCK_I") if key in plan})
+                label = f"{name} c_pad={c_pad} {pointer[1:]} {plan}"
+                try:
+                    shared, stack = _compile_sm90(kernel, constants, pointer, plan)
+                    if shared > 227 * 1024:
+                        problems.append(f"{label}: {shared} bytes of shared memory")
+                    if plan["PREFETCH"]:
+                        unprefetched = dict(constants, PREFETCH=False, BLOCK_N=2 * plan["BLOCK_N"])
+                        _, stack_before = _compile_sm90(kernel, unprefetched, pointer, plan)
+                        if stack > stack_before:
+                            problems.append(f"{label}: prefetching spills {stack} bytes, {stack_before} without")
+                except Exception as error:  # noqa: BLE001 - reported with its plan
+                    problems.append(f"{label}: {type(error).__name__}: {str(error)[-600:]}")
+    return problems
+
+
+def test_gpu_plans_compile_for_sm90():
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+
+
+if __name__ == "__main__":  # the subprocess of test_gpu_plans_compile_for_sm90
+    found = compile_for_sm90()
+    print("\n".join(found) or "the plans compile for sm_90")
+    raise SystemExit(1 if found else 0)
