@@ -41,6 +41,7 @@ from sipl_fast import SIPLPromptIR, modules, ops
 from sipl_fast.ops import torch_impl
 from sipl_fast.refine import Refiner, authors_loop
 
+import table_harness as harness
 from peak_memory import peak_extra_bytes
 
 CASES = {
@@ -113,19 +114,11 @@ def make_runner(model, x, provider: str):
     strip_mib = next((int(e[1:]) for e in extras if e.startswith("s") and e[1:].isdigit()), None)
 
     def run():
-        with sipl_fast.use_backend(backend) if backend else contextlib.nullcontext(), _aten_depthwise(aten), \
+        with sipl_fast.use_backend(backend) if backend else contextlib.nullcontext(), harness.aten_depthwise(aten), \
                 _strip_budget(x.device.type, strip_mib), mock.patch.dict(os.environ, graph_kernels), \
                 _product_variant(extras):
             return refiner(x)
     return run
-
-
-def _aten_depthwise(on: bool) -> contextlib.AbstractContextManager:
-    """The depthwise ops by their torch formulation (ATen's convolution) on every CUDA call
-    within the block, as the triton backend ran them eagerly before the row-streaming kernels."""
-    if not on:
-        return contextlib.nullcontext()
-    return mock.patch.dict(ops._TORCH_FORMULATION_ON_CUDA, dict.fromkeys(ops.DEPTHWISE_OPS, lambda x: True))
 
 
 def _product_variant(extras: list) -> contextlib.AbstractContextManager:

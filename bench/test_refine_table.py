@@ -61,6 +61,6 @@ def test_aten_rows_route_the_depthwise_ops_to_aten_on_cuda(monkeypatch):
         x = torch.empty(1, 96, 64, 64, device="cuda")
     with sipl_fast.use_backend("triton"), torch.no_grad():
         assert ops.backend_module("pointwise_depthwise_gate", x) is pointwise_depthwise_gate_triton
-        with refine_table._aten_depthwise(True):
+        with refine_table.harness.aten_depthwise(True):
             assert all(ops.backend_module(op, x) is torch_impl for op in ops.DEPTHWISE_OPS)
         assert ops.backend_module("pointwise_depthwise_gate", x) is pointwise_depthwise_gate_triton
