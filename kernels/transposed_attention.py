@@ -133,7 +133,10 @@ def _mix_shared_bytes(c_pad, block_i, block_n, stages, element_size, streams, pr
 
 def _mix_plan(c_pad: int, element_size: int, streams: int, precision: str):
     """BLOCK_I (output rows per program) and the configuration of the mix kernel, or None
-    when M's rows cannot stay on chip (the caller then runs one stream per launch).
+    when M's rows cannot stay on chip, or when two streams would leave tiles of less than half
+    a single stream's length (the caller then runs one stream per launch: with 3xTF32 at 80-128
+    channels the dual pass had 16-pixel tiles and took about 4x a single pass on the H200,
+    bench/results/h200_2026-11-27b/profile.json, where two single passes read q and k twice).
 
     M's rows are the first tl.dot operand, loaded once per program. 16-bit streams scale
     them in registers, where with the float32 accumulators they must fit in about 128
@@ -172,7 +175,10 @@ def _mix_plan(c_pad: int, element_size: int, streams: int, precision: str):
     stages = 3 if shared(block_n, 3) <= _SHARED_MEMORY_BUDGET else 2
     if _STAGES_16BIT and element_size == 2:
         stages = _STAGES_16BIT
-    return _prefetched({"BLOCK_I": block_i, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}, room)
+    plan = _prefetched({"BLOCK_I": block_i, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}, room)
+    if streams == 2 and plan["BLOCK_N"] < _mix_plan(c_pad, element_size, 1, precision)["BLOCK_N"] // 2:
+        return None
+    return plan
 
 
 def _candidates() -> list:

@@ -354,6 +354,19 @@ def test_autotuning_keeps_16_bit_streams_at_the_planned_pipeline_depth():
     assert len({c.num_stages for c in wide}) > 1
 
 
+def test_gpu_plans_split_dq_and_dk_where_a_dual_pass_has_short_tiles(monkeypatch):
+    """The GPU plans (pure arithmetic, no GPU needed): float32 heads of 80-128 channels run dq
+    and dk as two passes (a dual pass had 16-pixel tiles, about 4x a single pass on the H200);
+    16-bit heads and narrower float32 heads keep the dual pass."""
+    from sipl_fast.kernels import transposed_attention as kernels
+    monkeypatch.setattr(kernels, "_INTERPRET", False)
+    assert kernels._mix_plan(128, 4, 2, "tf32x3") is None
+    assert kernels._mix_plan(128, 4, 1, "tf32x3")["BLOCK_N"] >= 64
+    for c_pad, size, precision in ((128, 2, "ieee"), (64, 4, "tf32x3"), (256, 2, "ieee")):
+        dual, single = (kernels._mix_plan(c_pad, size, streams, precision) for streams in (2, 1))
+        assert dual is not None and 2 * dual["BLOCK_N"] >= single["BLOCK_N"]
+
+
 # ----------------------------------------------------------------------------- sm_90 compile check
 def _compile_sm90(kernel, constants: dict, pointer: str, plan: dict) -> tuple[int, int]:
     """(shared memory bytes, stack bytes per thread: spilled registers) of ``kernel`` compiled
