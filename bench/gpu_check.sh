@@ -52,7 +52,8 @@ section depthwise-sweep 60 $PY bench/depthwise_sweep.py "$OUT/depthwise_sweep.js
 # The MDTA kernels' 16-bit streams with and without prefetching the next tile (issue 4's
 # bandwidth target), replayed from CUDA graphs.
 section mdta-prefetch 45 $PY bench/mdta_prefetch.py "$OUT/mdta_prefetch.json" --budget-s 30
-section profile 90 $PY bench/profile_gpu.py --json "$OUT/profile.json" --only "${PROFILE_ONLY:-refine 512x512 steps=2 (eager|graph|reference)|train step bf16 (reference|auto)$}"
+# The MDTA case: its eager fwd+bwd ran 3.5x its kernels' time (H200, 2026-11-27b): where the CPU goes.
+section profile 90 $PY bench/profile_gpu.py --json "$OUT/profile.json" --only "${PROFILE_ONLY:-refine 512x512 steps=2 (eager|graph|reference)|train step bf16 (reference|auto)$|MDTA fwd\+bwd dec1 512x512 bfloat16}"
 section train-step 100 $PY bench/train_step_table.py --steps 5 --warmup 2 --providers "${TRAIN_PROVIDERS:-auto,auto+graph,auto+graph+aten}" --json "$OUT/train_step.json"
 # The autotuner's picks for MDTA's two streaming kernels (reported in the JSON), to compare
 # with the launchers' plans (16-bit streams at the planned pipeline depth: deeper ones are
