@@ -18,7 +18,7 @@ Passes over memory (a "stream" is one c x N operand of one head; c x c matrices 
               channel_mix(A^T, dO) -> dv;   channel_mix dual (P, k | P^T, q) -> dq, dk
 so the forward reads q, k, v once and writes out once; the backward reads dO twice and
 q, k, v once, and writes dq, dk, dv once. q and k are never normalised into new tensors.
-(Only 3xTF32 with heads wider than 128 channels runs dq and dk as two passes, see _mix_plan.)
+(3xTF32 with heads of more than 64 channels runs dq and dk as two passes, see _mix_plan.)
 
 - Reductions over N are split into chunks of pixels across many programs; each program
   writes its partial c x c sums (and squared row norms) to its own slot of a buffer, and
