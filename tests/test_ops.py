@@ -332,3 +332,26 @@ def test_layer_norm2d_keeps_a_16_bit_map_16_bit_under_autocast():
 def test_pointwise_depthwise_rejects_bad_weights():
     with pytest.raises(ValueError, match="pointwise_depthwise: weights must be"):
         ops.pointwise_depthwise(torch.randn(1, 4, 5, 5), torch.randn(8, 3, 1, 1), None, torch.randn(8, 1, 3, 3), None)
+
+
+@pytest.mark.parametrize("op", ["proxy_attention", "transposed_attention"])
+def test_saved_state_outputs_get_no_zero_filled_gradients(op):
+    """The attention ops' extra outputs (statistics for their own backward) are never
+    differentiated: the backward allocates no zero gradients for them (a fill kernel each on
+    CUDA), and the gradients are still those of the torch backend."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 32, 5, 6, requires_grad=True) for _ in range(3))
+    temperature = torch.tensor([1.5, 3.0]).reshape(2, 1, 1).requires_grad_()
+    cotangent = torch.randn(1, 32, 5, 6)
+    grads = {}
+    for backend in ("triton", "torch"):
+        with sipl_fast.use_backend(backend):
+            out = getattr(ops, op)(q, k, v, temperature, 2)
+            with profile(activities=[ProfilerActivity.CPU]) as backward:
+                grads[backend] = torch.autograd.grad(out, (q, k, v, temperature), cotangent)
+        if backend == "triton":
+            names = {event.name for event in backward.events()}
+            assert not names & {"aten::zeros", "aten::zeros_like", "aten::zero_"}, sorted(names)
+    for ours, theirs in zip(grads["triton"], grads["torch"]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)

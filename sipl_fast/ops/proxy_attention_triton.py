@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from sipl_fast.kernels import proxy_attention as _kernels
+from sipl_fast.ops.saved_state import mark_saved_state
 
 __all__ = ["proxy_attention", "proxy_attention_fwd", "proxy_attention_bwd"]
 
@@ -65,10 +66,11 @@ def _setup_context(ctx, inputs, output):
     out, lse, q_rnorm, k_rnorm = output
     ctx.save_for_backward(q, k, v, temperature, out, lse, q_rnorm, k_rnorm)
     ctx.num_heads = num_heads
+    # lse and the inverse norms are internal (proxy_attention returns only out)
+    mark_saved_state(ctx, lse, q_rnorm, k_rnorm)
 
 
 def _backward(ctx, grad_out, _grad_lse, _grad_q_rnorm, _grad_k_rnorm):
-    # lse and the inverse norms are internal (proxy_attention returns only out): no gradient flows in.
     q, k, v, temperature, out, lse, q_rnorm, k_rnorm = ctx.saved_tensors
     dq, dk, dv, dtemperature = proxy_attention_bwd(grad_out, q, k, v, temperature, out, lse, q_rnorm, k_rnorm,
                                                    ctx.num_heads)

@@ -20,6 +20,7 @@ import torch
 
 from ..kernels import transposed_attention as kernels
 from . import torch_impl
+from .saved_state import mark_saved_state
 
 __all__ = ["transposed_attention"]
 
@@ -59,6 +60,7 @@ def _setup_context(ctx, inputs, output):
     _, stats, attn = output
     ctx.save_for_backward(q, k, v, temperature, stats, attn)
     ctx.num_heads = num_heads
+    mark_saved_state(ctx, stats, attn)
 
 
 def _backward(ctx, grad_out, _grad_stats, _grad_attn):
