@@ -129,6 +129,10 @@ def strip_verdict(refine: dict | None) -> list[str]:
                     f"(modules.STRIP_ELEMENTS['cuda'] = {best << 18}; now {DEFAULT_STRIP_MIB} MiB)"]
 
 
+def _geometric_mean(values: list[float]) -> float:
+    return math.prod(values) ** (1 / len(values))
+
+
 def _speed_across_shapes(results: list[dict]) -> dict[tuple, float]:
     """Per sweep candidate (widest, rows, warps) timed at every shape: the geometric mean over
     the shapes of its speed relative to the planned configuration."""
@@ -139,8 +143,7 @@ def _speed_across_shapes(results: list[dict]) -> dict[tuple, float]:
             for candidate in row.get("candidates", []):
                 if planned_ms and row["ms"]:
                     speeds.setdefault(tuple(candidate), []).append(planned_ms / row["ms"])
-    return {candidate: math.prod(ratios) ** (1 / len(ratios))
-            for candidate, ratios in speeds.items() if len(ratios) == len(results)}
+    return {candidate: _geometric_mean(ratios) for candidate, ratios in speeds.items() if len(ratios) == len(results)}
 
 
 def depthwise_config_verdict(sweep: dict | None) -> list[str]:
@@ -176,18 +179,18 @@ def mdta_prefetch_verdict(sweep: dict | None) -> list[str]:
     the cases and modes; and where issue 4's bandwidth target stands."""
     if not sweep or not sweep.get("results"):
         return ["MDTA prefetch: no measurement, keep kernels._PREFETCH"]
-    lines = []
+    lines, speedups = [], []
     for result in sweep["results"]:
         for mode, row in result["modes"].items():
             if row["speedup"]:
+                speedups.append(row["speedup"])
                 share = row["prefetch"]["copy_share"]
                 lines.append(f"MDTA {result['case']['name']} {result['case']['dtype']} {mode}: prefetch "
                              f"{row['speedup']:.2f}x ({row['prefetch']['ms']:.3f} vs {row['plain']['ms']:.3f} ms"
                              + (f", {share:.0%} of copy bandwidth)" if share else ")"))
-    speedups = [row["speedup"] for result in sweep["results"] for row in result["modes"].values() if row["speedup"]]
     if not speedups:
         return lines + ["MDTA prefetch: no timing, keep kernels._PREFETCH"]
-    speed = math.prod(speedups) ** (1 / len(speedups))
+    speed = _geometric_mean(speedups)
     verdict = "keep" if speed >= 1.0 else "TURN OFF (SIPL_FAST_MDTA_PREFETCH's default to 0)"
     return lines + [f"MDTA prefetch (kernels._PREFETCH): {speed:.3f}x in geometric mean, {verdict}"]
 

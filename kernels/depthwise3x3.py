@@ -266,11 +266,9 @@ def wide_offsets(*maps: torch.Tensor) -> bool:
     return any((t.shape[-2] + 1) * t.stride(-2) + (t.shape[-1] + 1) * t.stride(-1) >= 2**31 for t in maps)
 
 
-def grid(x: torch.Tensor, block_c: int, block_h: int, block_w: int, channels: int | None = None) -> tuple[int, int]:
-    """Programs for x's planes (``channels`` per image where fewer than x's) in tiles of
-    block_h rows and block_w columns."""
-    batch, x_channels, height, width = x.shape
-    channels = x_channels if channels is None else channels
+def grid(x: torch.Tensor, block_c: int, block_h: int, block_w: int) -> tuple[int, int]:
+    """Programs for x's planes in tiles of block_h rows and block_w columns."""
+    batch, channels, height, width = x.shape
     tiles = triton.cdiv(height, block_h) * triton.cdiv(width, block_w)
     if tiles > 65535:  # CUDA's limit on the second grid axis
         raise ValueError(f"depthwise3x3: a {height}x{width} plane needs {tiles} tiles (> 65535); "

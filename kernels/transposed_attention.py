@@ -98,29 +98,31 @@ def _operand_copies(precision: str) -> int:
     return 2 if precision == "tf32x3" else 1
 
 
-def _prefetched(plan: dict, room: bool = True) -> dict:
-    """The plan with PREFETCH where its streams are not software-pipelined (_PREFETCH) and
-    there is ``room``, in tiles of half the length: the current and the next tile take the
-    registers (and shared memory) of the one tile planned (full-length tiles spilled registers
-    at 48 channels, sm_90)."""
-    plan["PREFETCH"] = _PREFETCH and room and plan["num_stages"] == 1
+def _prefetched(plan: dict, prefetch: bool | None, room: bool = True) -> dict:
+    """The plan with PREFETCH where ``prefetch`` (None: _PREFETCH) asks for it, its streams are
+    not software-pipelined and there is ``room``, in tiles of half the length: the current and
+    the next tile take the registers (and shared memory) of the one tile planned (full-length
+    tiles spilled registers at 48 channels, sm_90)."""
+    plan["PREFETCH"] = (_PREFETCH if prefetch is None else prefetch) and room and plan["num_stages"] == 1
     if plan["PREFETCH"] and not _INTERPRET:
         plan["BLOCK_N"] = max(16, plan["BLOCK_N"] // 2)
     return plan
 
 
-def _gram_plan(c_pad: int, element_size: int, precision: str) -> dict:
-    """BLOCK_C and the configuration of the Gram kernel: x and y tiles of BLOCK_C rows."""
+def _gram_plan(c_pad: int, element_size: int, precision: str, prefetch: bool | None = None) -> dict:
+    """BLOCK_C, PREFETCH (see _prefetched) and the configuration of the Gram kernel: x and y
+    tiles of BLOCK_C rows."""
     block_c = min(c_pad, 128)
     if _INTERPRET:
-        return _prefetched({"BLOCK_C": block_c, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1})
+        return _prefetched({"BLOCK_C": block_c, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}, prefetch)
     # below 64 rows tl.dot runs as mma.sync, whose operands take registers: shorter tiles
     longest = _MAX_BLOCK_N if block_c >= 64 else 64
     block_n = min(longest, _pow2_floor(_STAGE_BYTES // (2 * block_c * element_size)))
     # a 128 x 128 float32 accumulator, or 3xTF32's split operands, need 8 warps' registers
     warps = 8 if block_c >= 128 or precision == "tf32x3" else 4
     stages = _STAGES_16BIT if _STAGES_16BIT and element_size == 2 else 3
-    return _prefetched({"BLOCK_C": block_c, "BLOCK_N": max(16, block_n), "num_warps": warps, "num_stages": stages})
+    return _prefetched({"BLOCK_C": block_c, "BLOCK_N": max(16, block_n), "num_warps": warps, "num_stages": stages},
+                       prefetch)
 
 
 def _mix_shared_bytes(c_pad, block_i, block_n, stages, element_size, streams, precision) -> int:
@@ -131,8 +133,9 @@ def _mix_shared_bytes(c_pad, block_i, block_n, stages, element_size, streams, pr
     return resident + pipelined + streams * block_i * block_n * element_size
 
 
-def _mix_plan(c_pad: int, element_size: int, streams: int, precision: str):
-    """BLOCK_I (output rows per program) and the configuration of the mix kernel, or None
+def _mix_plan(c_pad: int, element_size: int, streams: int, precision: str, prefetch: bool | None = None):
+    """BLOCK_I (output rows per program), PREFETCH (see _prefetched) and the configuration of
+    the mix kernel, or None
     when M's rows cannot stay on chip, or when two streams would leave tiles of less than half
     a single stream's length (the caller then runs one stream per launch: with 3xTF32 at 80-128
     channels the dual pass had 16-pixel tiles and took about 4x a single pass on the H200,
@@ -163,7 +166,7 @@ def _mix_plan(c_pad: int, element_size: int, streams: int, precision: str):
     # (176 channels spilled with it, sm_90)
     room = c_pad <= 128
     if _INTERPRET:
-        return _prefetched({"BLOCK_I": block_i, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}, room)
+        return _prefetched({"BLOCK_I": block_i, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}, prefetch, room)
     # mma.sync (fewer than 64 rows) holds its operands in registers: shorter tiles
     longest = _MAX_BLOCK_N if block_i >= 64 else 64
     block_n = min(longest, _pow2_floor(accumulator_registers * threads // (streams * block_i)),
@@ -175,8 +178,9 @@ def _mix_plan(c_pad: int, element_size: int, streams: int, precision: str):
     stages = 3 if shared(block_n, 3) <= _SHARED_MEMORY_BUDGET else 2
     if _STAGES_16BIT and element_size == 2:
         stages = _STAGES_16BIT
-    plan = _prefetched({"BLOCK_I": block_i, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}, room)
-    if streams == 2 and plan["BLOCK_N"] < _mix_plan(c_pad, element_size, 1, precision)["BLOCK_N"] // 2:
+    plan = _prefetched({"BLOCK_I": block_i, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages},
+                       prefetch, room)
+    if streams == 2 and plan["BLOCK_N"] < _mix_plan(c_pad, element_size, 1, precision, prefetch)["BLOCK_N"] // 2:
         return None
     return plan
 
@@ -202,7 +206,7 @@ def _near(configs, plan: dict, fits, element_size: int) -> list:
 
 def _prune_gram(configs, named_args, **kwargs):
     size, block_c = named_args["x_ptr"].element_size(), kwargs["BLOCK_C"]
-    plan = _gram_plan(block_c, size, kwargs["PRECISION"])  # BLOCK_C = min(C_PAD, 128)
+    plan = _gram_plan(block_c, size, kwargs["PRECISION"], kwargs.get("PREFETCH"))  # BLOCK_C = min(C_PAD, 128)
     return _near(configs, plan,
                  lambda c: c.num_stages * 2 * block_c * c.kwargs["BLOCK_N"] * size <= _SHARED_MEMORY_BUDGET, size)
 
@@ -210,7 +214,7 @@ def _prune_gram(configs, named_args, **kwargs):
 def _prune_mix(configs, named_args, **kwargs):
     size = named_args["x_ptr"].element_size()
     streams = 2 if kwargs["DUAL"] else 1
-    plan = _mix_plan(kwargs["BLOCK_K"], size, streams, kwargs["PRECISION"])
+    plan = _mix_plan(kwargs["BLOCK_K"], size, streams, kwargs["PRECISION"], kwargs.get("PREFETCH"))
     return _near(configs, plan, lambda c: _mix_shared_bytes(
         kwargs["BLOCK_K"], kwargs["BLOCK_I"], c.kwargs["BLOCK_N"], c.num_stages, size, streams,
         kwargs["PRECISION"]) <= _SHARED_MEMORY_BUDGET, size)
@@ -501,18 +505,16 @@ def _channel_mix_kernel(
 # The same kernels behind the autotuner (used when SIPL_FAST_TRITON_AUTOTUNE=1). The key
 # holds the head width and the power-of-two class of N; tensor dtypes are added by Triton.
 _gram_partials_tuned = triton.autotune(
-    configs=_candidates(), key=["C", "SIZE_CLASS", "PRECISION"],
+    configs=_candidates(), key=["C", "SIZE_CLASS", "PRECISION", "PREFETCH"],
     prune_configs_by={"early_config_prune": _prune_gram})(_gram_partials_kernel)
 _channel_mix_tuned = triton.autotune(
-    configs=_candidates(), key=["C", "SIZE_CLASS", "DIAG", "DUAL", "PRECISION"],
+    configs=_candidates(), key=["C", "SIZE_CLASS", "DIAG", "DUAL", "PRECISION", "PREFETCH"],
     prune_configs_by={"early_config_prune": _prune_mix})(_channel_mix_kernel)
 
 
 def _launch(kernel, tuned, grid, args, constants: dict, config: dict) -> None:
     """Run ``kernel`` with the planned ``config``, or ``tuned`` when autotuning is on (which
-    varies tile lengths, warps and stages, not the plan's PREFETCH)."""
-    config = dict(config)
-    constants = dict(constants, PREFETCH=config.pop("PREFETCH"))
+    varies tile lengths, warps and stages; ``constants`` hold the rest of the plan)."""
     if _AUTOTUNE:
         tuned[grid](*args, **constants)
     else:
@@ -558,32 +560,34 @@ def _split_pixels(n_pixels: int, other_programs: int, target_programs: int, shor
 
 
 @functools.lru_cache(maxsize=1024)
-def _gram_layout(c: int, n_pixels: int, heads_total: int, element_size: int, precision: str, target: int):
-    """(BLOCK_C, channel tiles, chunks, chunk length, launch configuration) of the Gram pass."""
-    config = _gram_plan(_padded(c), element_size, precision)
-    block_c = config.pop("BLOCK_C")
+def _gram_layout(c: int, n_pixels: int, heads_total: int, element_size: int, precision: str, target: int,
+                 prefetch: bool):
+    """(BLOCK_C, PREFETCH, channel tiles, chunks, chunk length, launch configuration) of the
+    Gram pass."""
+    config = _gram_plan(_padded(c), element_size, precision, prefetch)
+    block_c, prefetch = config.pop("BLOCK_C"), config.pop("PREFETCH")
     tiles = _cdiv(c, block_c) ** 2
     # A chunk's partial sums, (c*c + 2c) floats, are written and read back: keep them under
     # 1/4 of the chunk's 2 * c * length stream bytes (they mostly stay in L2 anyway), but
     # no longer than one wave of programs needs.
     shortest = 0 if _INTERPRET else 8 * (c + 2) * 4 // (2 * element_size)
     chunks, chunk = _split_pixels(n_pixels, tiles * heads_total, target, shortest)
-    return block_c, tiles, chunks, chunk, config
+    return block_c, prefetch, tiles, chunks, chunk, config
 
 
 @functools.lru_cache(maxsize=1024)
 def _mix_layout(c: int, n_pixels: int, heads_total: int, element_size: int, streams: int, precision: str,
-                target: int):
-    """(BLOCK_I, row tiles, runs, pixels per run, launch configuration) of a mix pass, or None
-    where _mix_plan finds no room (streams = 2 with wide 3xTF32 heads)."""
-    config = _mix_plan(_padded(c), element_size, streams, precision)
+                target: int, prefetch: bool):
+    """(BLOCK_I, PREFETCH, row tiles, runs, pixels per run, launch configuration) of a mix
+    pass, or None where _mix_plan splits the streams (streams = 2 with 3xTF32 heads)."""
+    config = _mix_plan(_padded(c), element_size, streams, precision, prefetch)
     if config is None:
         return None
-    block_i = config.pop("BLOCK_I")
+    block_i, prefetch = config.pop("BLOCK_I"), config.pop("PREFETCH")
     row_tiles = _cdiv(c, block_i)
     # two waves: a mix program writes no partial sums, and more, shorter runs even out the tail
     runs, per_run = _split_pixels(n_pixels, row_tiles * heads_total, 2 * target)
-    return block_i, row_tiles, runs, per_run, config
+    return block_i, prefetch, row_tiles, runs, per_run, config
 
 
 def _size_class(n_pixels: int) -> int:
@@ -623,23 +627,27 @@ class _Call:
         self.acc_torch, self.acc_tl = _accumulator(x.dtype)
         self.target = _multiprocessors(x.device.index or 0)
         self.size_class = _size_class(self.n_pixels)
+        self.prefetch = _PREFETCH  # a key of the cached layouts: they follow the flag
+
+    def gram_layout(self):
+        return _gram_layout(self.c, self.n_pixels, self.heads_total, self.element_size, self.precision,
+                            self.target, self.prefetch)
 
     def mix_layout(self, streams: int):
         return _mix_layout(self.c, self.n_pixels, self.heads_total, self.element_size, streams, self.precision,
-                           self.target)
+                           self.target, self.prefetch)
 
 
 def _gram_sums(call: _Call, x, y) -> torch.Tensor:
     """Per head: [x y^T (c*c), |x_i|^2 (c), |y_j|^2 (c)], shape (B*heads, c*c + 2c)."""
     c, heads_total = call.c, call.heads_total
-    block_c, tiles, chunks, chunk, config = _gram_layout(c, call.n_pixels, heads_total, call.element_size,
-                                                         call.precision, call.target)
+    block_c, prefetch, tiles, chunks, chunk, config = call.gram_layout()
     length = stats_size(c)
     partials = torch.empty((heads_total, chunks, length), device=call.device, dtype=call.acc_torch)
     _launch(_gram_partials_kernel, _gram_partials_tuned, (chunks * tiles, heads_total),
             (x, y, partials, c, call.n_pixels, call.heads, chunk, call.size_class,
              x.stride(0), x.stride(1), y.stride(0), y.stride(1), partials.stride(0), partials.stride(1)),
-            dict(PRECISION=call.precision, ACC=call.acc_tl, BLOCK_C=block_c), config)
+            dict(PRECISION=call.precision, ACC=call.acc_tl, BLOCK_C=block_c, PREFETCH=prefetch), config)
     sums = torch.empty((heads_total, length), device=call.device, dtype=call.acc_torch)
     _sum_chunks_kernel[(_cdiv(length, _SUM_BLOCK_L), heads_total)](
         partials, sums, chunks, length, partials.stride(0), partials.stride(1),
@@ -652,7 +660,7 @@ def _channel_mix(call: _Call, layout, matrix, transpose: bool, x, out, diag=None
     """out = M x per head (M^T x if ``transpose``), matrix (B*heads, c, c), with ``layout``
     from call.mix_layout. ``diag`` = (d, y) adds d * y to out (d: (B*heads, c)); ``second``
     = (out2, d2), with diag, also computes out2 = M^T y + d2 * x."""
-    block_i, row_tiles, runs, per_run, config = layout
+    block_i, prefetch, row_tiles, runs, per_run, config = layout
     stride_i, stride_j = matrix.stride(1), matrix.stride(2)
     if transpose:
         stride_i, stride_j = stride_j, stride_i
@@ -664,7 +672,8 @@ def _channel_mix(call: _Call, layout, matrix, transpose: bool, x, out, diag=None
              y, y.stride(0), y.stride(1), out2, out2.stride(0), out2.stride(1),
              diag1, diag2, call.c, call.n_pixels, call.heads, per_run, call.size_class),
             dict(DIAG=diag is not None, DUAL=second is not None, SCALE_ROWS=call.element_size == 2,
-                 PRECISION=call.precision, ACC=call.acc_tl, BLOCK_I=block_i, BLOCK_K=_padded(call.c)), config)
+                 PRECISION=call.precision, ACC=call.acc_tl, BLOCK_I=block_i, BLOCK_K=_padded(call.c),
+                 PREFETCH=prefetch), config)
 
 
 def _mix(call: _Call, matrix, transpose: bool, x) -> torch.Tensor:

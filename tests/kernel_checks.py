@@ -88,3 +88,31 @@ def reference_rule(run, reference_fn, inputs, names, floor: float = 1e-6):
     for name, mine, base, t in zip(names, ours, theirs, truth):
         bound = 2 * base + floor * max(t.abs().max().item(), 1.0)
         assert mine <= bound, f"{name}: kernel error {mine:.3g} vs the reference's {base:.3g} in {out_dtype}"
+
+
+def compile_sm90(kernel, constants: dict, pointer_type, warps: int, stages: int = 1, aligned=()):
+    """``kernel`` compiled for sm_90 without a GPU (the interpreter checks none of what the
+    compiler does): ``constants`` as its constexprs, each pointer argument of the type
+    ``pointer_type(name)`` gives ("*bf16", "*fp32", ...), the others i32; the arguments named
+    in ``aligned`` specialised as divisible by 16, as Triton's launcher does for such values.
+    Needs TRITON_INTERPRET unset before the kernels are imported."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    target = GPUTarget("cuda", 90, 32)
+    backend = triton.compiler.make_backend(target)
+    signature = {name: "constexpr" if name in constants else (pointer_type(name) if name.endswith("_ptr") else "i32")
+                 for name in kernel.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names) if name in aligned}
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
+    options = backend.parse_options({"num_warps": warps, "num_stages": stages})
+    return triton.compile(source, target=target, options=options.__dict__)
+
+
+def run_compiled(test_file: str, timeout: int):
+    """Runs ``test_file`` as a script with TRITON_INTERPRET=0 (its __main__ compiles its kernels
+    for sm_90 and exits non-zero on a problem): the kernels must be imported with the
+    interpreter off, which the test process has on. The finished process."""
+    import subprocess
+    import sys
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    return subprocess.run([sys.executable, test_file], env=env, capture_output=True, text=True, timeout=timeout)

@@ -20,8 +20,9 @@ from sipl_fast.kernels.depthwise3x3 import depthwise3x3, depthwise3x3_weight_gra
 from sipl_fast.kernels.depthwise3x3_gate import depthwise3x3_gate
 from sipl_fast.ops import pointwise_depthwise_triton, reference
 
-from kernel_checks import (DEVICE, TOLERANCE, assert_close, float64_truth, on_kernels, outputs_and_grads,
-                           PROJECTION_NAMES as NAMES, projection_inputs, reference_rule)
+from kernel_checks import (DEVICE, TOLERANCE, assert_close, compile_sm90, float64_truth, on_kernels,
+                           outputs_and_grads, PROJECTION_NAMES as NAMES, projection_inputs, reference_rule,
+                           run_compiled)
 
 def _check(inputs, tol):
     x = inputs[0]
@@ -161,10 +162,7 @@ def compile_for_sm90() -> list[str]:
     interpreter checks none of what the compiler does) and returns the failures. Needs
     TRITON_INTERPRET unset before the kernels are imported, hence its own process."""
     import triton
-    from triton.backends.compiler import GPUTarget
     from sipl_fast.kernels import depthwise3x3 as kernels
-    target = GPUTarget("cuda", 90, 32)
-    backend = triton.compiler.make_backend(target)
     failures = []
     variants = [(kernels.depthwise3x3_fwd_kernel, {"GATE": gate, "FLIP": gate == 0}) for gate in (0, 1, 2)]
     for kernel, flags in variants + [(kernels.depthwise3x3_wgrad_kernel, {})]:
@@ -175,13 +173,9 @@ def compile_for_sm90() -> list[str]:
                                  WIDE=plane == (720, 1280), **flags)  # both offset widths
                 if "HAS_BIAS" in kernel.arg_names:
                     constants["HAS_BIAS"] = True
-                signature = {name: "constexpr" if name in constants else
-                             (("*fp32" if name in ("w_ptr", "b_ptr", "partial_ptr") else f"*{dtype}")
-                              if name.endswith("_ptr") else "i32") for name in kernel.arg_names}
+                pointer_type = lambda name: "*fp32" if name in ("w_ptr", "b_ptr", "partial_ptr") else f"*{dtype}"  # noqa: E731,B023
                 try:
-                    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants)
-                    options = backend.parse_options({"num_warps": warps, "num_stages": 1})
-                    triton.compile(source, target=target, options=options.__dict__)
+                    compile_sm90(kernel, constants, pointer_type, warps)
                 except Exception as error:  # noqa: BLE001 - reported with its config
                     failures.append(f"{kernel.fn.__name__} {flags} {dtype} {plane}: {type(error).__name__}: "
                                     f"{str(error)[-600:]}")
@@ -189,11 +183,7 @@ def compile_for_sm90() -> list[str]:
 
 
 def test_gpu_configs_compile_for_sm90():
-    import os
-    import subprocess
-    import sys
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    result = run_compiled(__file__, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 
 

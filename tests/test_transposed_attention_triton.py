@@ -23,6 +23,8 @@ from sipl_fast import ops
 from sipl_fast.ops import reference
 from sipl_fast.ops import transposed_attention_triton as mdta
 
+from kernel_checks import compile_sm90, run_compiled
+
 CUDA = torch.cuda.is_available()
 
 
@@ -140,17 +142,13 @@ def test_prefetched_streams_equal_the_unprefetched_bit_for_bit(monkeypatch):
     grad_out = torch.randn(q.shape)
     runs, plans = [], []
     for prefetch in (True, False):
-        monkeypatch.setattr(mdta.kernels, "_PREFETCH", prefetch)
-        for layout in (mdta.kernels._gram_layout, mdta.kernels._mix_layout):
-            layout.cache_clear()  # the plans hold PREFETCH
+        monkeypatch.setattr(mdta.kernels, "_PREFETCH", prefetch)  # the cached layouts follow it
         plans.append(mdta.kernels._gram_plan(128, 4, "ieee")["PREFETCH"])
         runs.append(run_triton(q, k, v, temperature, 2, grad_out))
     (out, grads), (plain_out, plain_grads) = runs
     assert plans == [True, False]
     assert torch.equal(out, plain_out)
     assert all(torch.equal(a, b) for a, b in zip(grads, plain_grads))
-    for layout in (mdta.kernels._gram_layout, mdta.kernels._mix_layout):
-        layout.cache_clear()  # no layout planned without prefetching outlives the test
 
 
 def test_float64_and_strided_planes():
@@ -377,19 +375,12 @@ def _compile_sm90(kernel, constants: dict, pointer: str, plan: dict) -> tuple[in
     import tempfile
 
     import triton
-    from triton.backends.compiler import GPUTarget
-    target = GPUTarget("cuda", 90, 32)
-    backend = triton.compiler.make_backend(target)
     small = ("m_ptr", "diag1_ptr", "diag2_ptr", "partials_ptr")  # the float32 c x c matrices
-    signature = {name: "constexpr" if name in constants else
-                 (("*fp32" if name in small else pointer) if name.endswith("_ptr") else "i32")
-                 for name in kernel.arg_names}
     # as Triton specialises a launch on maps whose planes hold a multiple of 16 pixels (512x512)
-    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names) if name not in constants
-               and (name.endswith("_ptr") or "stride" in name or name in ("N", "CHUNK", "PIXELS_PER_PROGRAM"))}
-    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=aligned)
-    options = backend.parse_options({"num_warps": plan["num_warps"], "num_stages": plan["num_stages"]})
-    compiled = triton.compile(source, target=target, options=options.__dict__)
+    aligned = [name for name in kernel.arg_names if name not in constants
+               and (name.endswith("_ptr") or "stride" in name or name in ("N", "CHUNK", "PIXELS_PER_PROGRAM"))]
+    compiled = compile_sm90(kernel, constants, lambda name: "*fp32" if name in small else pointer,
+                            plan["num_warps"], plan["num_stages"], aligned)
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as folder:
         cubin = os.path.join(folder, "kernel.cubin")
@@ -440,11 +431,7 @@ def compile_for_sm90() -> list[str]:
 
 
 def test_gpu_plans_compile_for_sm90():
-    import os
-    import subprocess
-    import sys
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
+    result = run_compiled(__file__, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 
 
