@@ -7,8 +7,8 @@ depthwise_sweep.json (bench/depthwise_sweep.py) and mdta_prefetch.json (bench/md
 from the directory and prints, with the numbers behind each line:
 - whether CUDA graphs should keep recording the kernels of ops.graph_kernels (the depthwise
   kernels, LayerNorm2d's on every call): "sipl_fast+graph" must beat "sipl_fast+graph+aten";
-- whether eager calls without autograd should keep the depthwise kernels: "sipl_fast" must
-  beat "sipl_fast+aten" (ATen's depthwise convolutions) and the kernels must not lose the
+- whether eager calls without autograd should take the depthwise kernels (they run ATen's):
+  "sipl_fast+dwk" (the kernels) must beat "sipl_fast" and the kernels must not lose the
   per-pass total of their ops in float32 or amp;
 - whether ChannelMix's GEMMs should keep following the convolutions' TF32 setting:
   "sipl_fast+graph" must beat "sipl_fast+graph+fp32mix" (the mixes in full float32);
@@ -17,6 +17,10 @@ from the directory and prints, with the numbers behind each line:
 - whether the Gram products' 1024-pixel pieces beat the former 4096 ("+gram4096");
 - whether the MDTA kernels' 16-bit streams keep prefetching the next tile
   (mdta_prefetch.json, bench/mdta_prefetch.py);
+- whether the triton backend should run MDTA in each dtype by its kernels or by the torch
+  formulation (transposed_attention.json, bench/transposed_attention_table.py): the kernels
+  must beat the torch formulation in geometric mean over the table's shapes and modes, eager
+  and replayed;
 - the fastest strip budget ("+sN" rows, and the default) whose peak memory stays within the
   issue's 0.25x of the reference loop's, at 512x512. These rows replay a CUDA graph, whose
   peak ran 8-13 % under the eager one's (H200): the eager default row is printed too, and a
@@ -30,7 +34,9 @@ import math
 import sys
 from pathlib import Path
 
-from sipl_fast import modules
+import torch
+
+from sipl_fast import modules, ops
 
 MEMORY_TARGET = 0.25  # issue 5: peak memory vs the reference loop at 512x512
 DEFAULT_STRIP_MIB = modules.STRIP_ELEMENTS["cuda"] >> 18  # elements of float32 -> MiB
@@ -75,7 +81,7 @@ def graph_kernels_verdict(refine: dict | None) -> list[str]:
 
 def eager_depthwise_verdict(refine: dict | None, pixel_ops: dict | None) -> list[str]:
     lines, votes = _speedup_line(_refine_rows(refine) if refine else {}, "refinement 512x512 eager: depthwise kernels",
-                                 "sipl_fast+aten", "sipl_fast")
+                                 "sipl_fast", "sipl_fast+dwk")
     for total in pixel_ops["totals"] if pixel_ops else []:
         sums = total["ms_per_pass"]
         if total["mode"] == "fwd" and sums.get("triton") and sums.get("torch"):
@@ -85,8 +91,9 @@ def eager_depthwise_verdict(refine: dict | None, pixel_ops: dict | None) -> list
                          f"{ratio:.2f}x the torch formulation ({sums['triton']:.2f} vs {sums['torch']:.2f} ms)")
     rule = "(sipl_fast/ops/__init__.py, the DEPTHWISE_OPS rule)"
     if not votes:
-        return lines + ["depthwise kernels in eager no-grad calls: no measurement, keep them"]
-    return lines + [f"depthwise kernels in eager no-grad calls: {'keep' if all(votes) else 'BACK TO ATEN'} {rule}"]
+        return lines + ["depthwise kernels in eager no-grad calls: no measurement, keep ATen's"]
+    verdict = "SWITCH ON" if all(votes) else "keep ATen's"
+    return lines + [f"depthwise kernels in eager no-grad calls: {verdict} {rule}"]
 
 
 def mix_precision_verdict(refine: dict | None) -> list[str]:
@@ -195,6 +202,32 @@ def mdta_prefetch_verdict(sweep: dict | None) -> list[str]:
     return lines + [f"MDTA prefetch (kernels._PREFETCH): {speed:.3f}x in geometric mean, {verdict}"]
 
 
+_TABLE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def mdta_route_verdict(table: dict | None) -> list[str]:
+    """Per dtype of the MDTA table: do the kernels beat the torch formulation (eager and
+    replayed timings of every shape and mode, geometric mean), and does the triton backend's
+    rule (ops._TORCH_FORMULATION_ON_CUDA) route that dtype accordingly?"""
+    speedups: dict[str, list[float]] = {}
+    for row in (table or {}).get("rows", []):
+        for key in ("vs_torch", "vs_torch_graph"):
+            if (row.get("speedups") or {}).get(key):
+                speedups.setdefault(row["dtype"], []).append(row["speedups"][key])
+    if not speedups:
+        return ["MDTA route: no measurement, keep ops._TORCH_FORMULATION_ON_CUDA"]
+    rule = ops._TORCH_FORMULATION_ON_CUDA.get("transposed_attention", lambda x: False)
+    lines = []
+    for dtype, values in speedups.items():
+        speed = _geometric_mean(values)
+        routed_to_torch = rule(torch.empty(0, dtype=_TABLE_DTYPES[dtype], device="meta"))
+        verdict = "keep" if (speed < 1.0) == routed_to_torch else "CHANGE"
+        lines.append(f"MDTA {dtype}: kernels {speed:.2f}x the torch formulation ({len(values)} timings, geometric "
+                     f"mean); the triton backend runs the {'torch formulation' if routed_to_torch else 'kernels'}: "
+                     f"{verdict} (ops._TORCH_FORMULATION_ON_CUDA)")
+    return lines
+
+
 def main(argv=None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
@@ -203,9 +236,10 @@ def main(argv=None) -> int:
     directory = Path(args[0])
     refine, pixel_ops = _load(directory, "refine.json"), _load(directory, "pixel_ops.json")
     sweep, prefetch = _load(directory, "depthwise_sweep.json"), _load(directory, "mdta_prefetch.json")
+    mdta = _load(directory, "transposed_attention.json")
     verdicts = (graph_kernels_verdict(refine) + mix_precision_verdict(refine) + gram_piece_verdict(refine)
                 + eager_depthwise_verdict(refine, pixel_ops) + depthwise_config_verdict(sweep) + strip_verdict(refine)
-                + mdta_prefetch_verdict(prefetch))
+                + mdta_prefetch_verdict(prefetch) + mdta_route_verdict(mdta))
     for line in verdicts:
         print(line)
     return 0

@@ -9,17 +9,14 @@ copy bandwidth, the speed-up targets and the JSON report.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import time
 from dataclasses import asdict
-from unittest import mock
 
 import torch
 
 from peak_memory import peak_extra_bytes
-from sipl_fast import ops
 
 COMPILE_HELP = "seconds of torch.compile compilation allowed"
 
@@ -286,15 +283,6 @@ def write_report(path: str, report: dict, providers, started: float) -> None:
     with open(path, "w") as f:
         json.dump(report, f, indent=1)
     print(f"\nwrote {path} in {report['elapsed_s']:.0f} s")
-
-
-def aten_depthwise(on: bool) -> contextlib.AbstractContextManager:
-    """Within the block (if ``on``), every CUDA call of the depthwise ops takes its torch
-    formulation (ATen's convolution), as the triton backend ran them eagerly before the
-    row-streaming kernels: the "+aten" rows of the refinement and training-step tables."""
-    if not on:
-        return contextlib.nullcontext()
-    return mock.patch.dict(ops._TORCH_FORMULATION_ON_CUDA, dict.fromkeys(ops.DEPTHWISE_OPS, lambda x: True))
 
 
 def run_cases(cases, measure, show, out: str, device: str, budget_s: float, providers) -> list[dict]:

@@ -9,7 +9,7 @@ import decide_defaults
 def _refine(graph_ms: float, budgets: dict) -> dict:
     rows = [dict(size="512x512", provider="reference", seconds=0.8, peak_extra_mib=2400.0),
             dict(size="512x512", provider="sipl_fast", seconds=0.9, peak_extra_mib=560.0),
-            dict(size="512x512", provider="sipl_fast+aten", seconds=0.95, peak_extra_mib=540.0),
+            dict(size="512x512", provider="sipl_fast+dwk", seconds=0.85, peak_extra_mib=540.0),
             dict(size="512x512", provider="sipl_fast+graph+aten", seconds=0.5, peak_extra_mib=500.0),
             dict(size="512x512", provider="sipl_fast+graph", seconds=graph_ms / 1e3, peak_extra_mib=520.0),
             dict(size="1280x720", provider="sipl_fast", seconds=2.0, peak_extra_mib=1200.0)]
@@ -43,15 +43,15 @@ def test_tf32_mixes_are_kept_where_the_replay_wins():
 def test_eager_depthwise_kernels_need_every_measurement_to_win():
     refine = _refine(400, {})
     lines = decide_defaults.eager_depthwise_verdict(refine, _pixel_ops(2.0, 5.0))
-    assert "1.06x (900.0 vs 950.0 ms)" in lines[0] and "2.50x" in lines[1], lines
-    assert lines[-1].startswith("depthwise kernels in eager no-grad calls: keep"), lines
-    refine["rows"][2]["seconds"] = 0.6  # ATen's eager refinement faster
+    assert "1.06x (850.0 vs 900.0 ms)" in lines[0] and "2.50x" in lines[1], lines
+    assert lines[-1].startswith("depthwise kernels in eager no-grad calls: SWITCH ON"), lines
+    refine["rows"][2]["seconds"] = 0.95  # the kernels' eager refinement slower than ATen's
     assert decide_defaults.eager_depthwise_verdict(refine, _pixel_ops(2.0, 5.0))[-1].startswith(
-        "depthwise kernels in eager no-grad calls: BACK TO ATEN")
-    refine["rows"][2]["seconds"] = 0.95
+        "depthwise kernels in eager no-grad calls: keep ATen's")
+    refine["rows"][2]["seconds"] = 0.85
     assert decide_defaults.eager_depthwise_verdict(refine, _pixel_ops(6.0, 5.0))[-1].startswith(
-        "depthwise kernels in eager no-grad calls: BACK TO ATEN")
-    assert decide_defaults.eager_depthwise_verdict(None, None)[-1].endswith("no measurement, keep them")
+        "depthwise kernels in eager no-grad calls: keep ATen's")
+    assert decide_defaults.eager_depthwise_verdict(None, None)[-1].endswith("no measurement, keep ATen's")
 
 
 def test_the_fastest_budget_within_the_memory_target_wins():
@@ -111,3 +111,19 @@ def test_gram_pieces_are_kept_where_the_replay_wins():
     refine["rows"][-1]["seconds"] = 0.38
     assert decide_defaults.gram_piece_verdict(refine)[-1].endswith("back to 4096")
     assert decide_defaults.gram_piece_verdict(None)[-1].startswith("Gram pieces: no measurement")
+
+
+def test_mdta_route_follows_the_kernels_speed_against_the_torch_formulation():
+    def table(bf16_speedups, fp32_speedups):
+        rows = [{"dtype": dtype, "mode": "fwd+bwd", "speedups": {"vs_torch": eager, "vs_torch_graph": replayed}}
+                for dtype, pairs in (("bf16", bf16_speedups), ("fp32", fp32_speedups)) for eager, replayed in pairs]
+        rows.append({"dtype": "fp32", "mode": "fwd", "speedups": {"vs_torch": None}})  # a skipped cell
+        return {"rows": rows}
+
+    lines = decide_defaults.mdta_route_verdict(table([(2.0, 2.0)], [(1.0, 0.25), (1.0, 1.0)]))
+    assert lines[0] == ("MDTA bf16: kernels 2.00x the torch formulation (2 timings, geometric mean); the triton "
+                        "backend runs the kernels: keep (ops._TORCH_FORMULATION_ON_CUDA)"), lines
+    assert lines[1].startswith("MDTA fp32: kernels 0.71x the torch formulation (4 timings") and \
+        lines[1].endswith("runs the kernels: CHANGE (ops._TORCH_FORMULATION_ON_CUDA)"), lines
+    assert decide_defaults.mdta_route_verdict(None) == [
+        "MDTA route: no measurement, keep ops._TORCH_FORMULATION_ON_CUDA"]

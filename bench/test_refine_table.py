@@ -20,8 +20,8 @@ def test_runs_are_timed_in_turn_with_their_own_repeat_counts():
 
 def test_runners_refine_as_their_provider_names_say():
     """The reference runner is the authors' loop on the reference backend, sipl_fast's the
-    Refiner; "+tf32" allows TF32 products, "+fp32mix" keeps the mixes in float32 and "+aten"
-    routes the depthwise ops to ATen only while it runs."""
+    Refiner; "+tf32" allows TF32 products, "+fp32mix" keeps the mixes in float32, "+aten"
+    routes the depthwise ops to ATen and "+dwk" to the kernels only while it runs."""
     import torch
 
     import sipl_fast
@@ -36,7 +36,7 @@ def test_runners_refine_as_their_provider_names_say():
     before, precision = torch.backends.cuda.matmul.allow_tf32, sipl_fast.modules.convolution_precision
     rules = dict(sipl_fast.ops._TORCH_FORMULATION_ON_CUDA)
     for provider in ("reference", "reference+tf32", "sipl_fast", "torch+s1", "sipl_fast+fp32mix",
-                     "sipl_fast+gram4096", "sipl_fast+aten"):
+                     "sipl_fast+gram4096", "sipl_fast+aten", "sipl_fast+dwk"):
         run = refine_table.make_runner(model, x, provider)
         for _ in range(2):  # a runner's contexts are made anew for each call
             torch.testing.assert_close(run(), expected, rtol=1e-4, atol=1e-5, msg=provider)
@@ -46,9 +46,9 @@ def test_runners_refine_as_their_provider_names_say():
     assert sipl_fast.ops._TORCH_FORMULATION_ON_CUDA == rules
 
 
-def test_aten_rows_route_the_depthwise_ops_to_aten_on_cuda(monkeypatch):
-    """"+aten" measures the former eager default: ATen's depthwise convolutions, where calls
-    without autograd now take the Triton kernels (no GPU needed: only the dispatch is asked)."""
+def test_dwk_rows_route_the_depthwise_ops_to_the_kernels_on_cuda(monkeypatch):
+    """Eager calls run ATen's depthwise convolutions; "+dwk" measures the kernels instead (no GPU
+    needed: only the dispatch is asked)."""
     import torch
 
     import sipl_fast
@@ -60,7 +60,7 @@ def test_aten_rows_route_the_depthwise_ops_to_aten_on_cuda(monkeypatch):
     with torch._subclasses.fake_tensor.FakeTensorMode():
         x = torch.empty(1, 96, 64, 64, device="cuda")
     with sipl_fast.use_backend("triton"), torch.no_grad():
-        assert ops.backend_module("pointwise_depthwise_gate", x) is pointwise_depthwise_gate_triton
-        with refine_table.harness.aten_depthwise(True):
-            assert all(ops.backend_module(op, x) is torch_impl for op in ops.DEPTHWISE_OPS)
-        assert ops.backend_module("pointwise_depthwise_gate", x) is pointwise_depthwise_gate_triton
+        assert all(ops.backend_module(op, x) is torch_impl for op in ops.DEPTHWISE_OPS)
+        with ops.kernels_forced(*ops.DEPTHWISE_OPS):
+            assert ops.backend_module("pointwise_depthwise_gate", x) is pointwise_depthwise_gate_triton
+        assert all(ops.backend_module(op, x) is torch_impl for op in ops.DEPTHWISE_OPS)

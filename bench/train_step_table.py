@@ -9,9 +9,8 @@ on the CPU, NCHW on CUDA); "reference" is the authors' eager math in NCHW; "+gra
 these sizes is bound by the CPU issuing kernels); "+nhwc" trains on channels-last activations
 (``--channels-last``: cuDNN's depthwise convolutions instead of ATen's NCHW kernels); the graph
 records the kernels of ops.graph_kernels("train") (the depthwise convolutions by sipl_fast's
-Triton kernels), "+aten" ATen's depthwise convolutions instead, also in the no-grad plain
-pass, which takes the kernels by default (with "+graph": the graph records what eager steps
-run, SIPL_FAST_GRAPH_KERNELS=0); "+dwk" runs the depthwise convolutions with the Triton
+Triton kernels), "+aten" ATen's depthwise convolutions instead, as eager steps run them
+(the graph records what eager steps run, SIPL_FAST_GRAPH_KERNELS=0); "+dwk" runs the depthwise convolutions with the Triton
 kernels in the eager step's gradient passes too (``ops.kernels_forced(*ops.DEPTHWISE_OPS)``). The step is ``Trainer.train_step``: the no-grad plain
 pass and encoder on the clean batch, the privileged pass on the degraded batch, L1, backward,
 clipping, AdamW.
@@ -75,11 +74,10 @@ def make_step(provider: str, device: torch.device, preset: str, batch: int, patc
     gt, lq = gt.to(device), lq.to(device)
 
     forced = ops.DEPTHWISE_OPS if "dwk" in extras else ()
-    aten = "aten" in extras
-    graph_kernels = {"SIPL_FAST_GRAPH_KERNELS": "0" if aten else "1"}
+    graph_kernels = {"SIPL_FAST_GRAPH_KERNELS": "0" if "aten" in extras else "1"}
 
     def step():
-        with sipl_fast.use_backend(backend), ops.kernels_forced(*forced), harness.aten_depthwise(aten), \
+        with sipl_fast.use_backend(backend), ops.kernels_forced(*forced), \
                 mock.patch.dict(os.environ, graph_kernels):
             return trainer.train_step(lq, gt)
 

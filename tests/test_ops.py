@@ -217,23 +217,28 @@ def test_cuda_routes_and_forced_kernels(monkeypatch):
     """On CUDA the triton backend runs the torch formulation where its kernel lost or is
     unmeasured; kernels_forced and SIPL_FAST_KERNELS pick the named ops' kernels (no GPU needed:
     only the dispatch is asked, about fake tensors that claim CUDA)."""
-    from sipl_fast.ops import layer_norm2d_triton, pointwise_depthwise_gate_triton, pointwise_depthwise_triton, torch_impl
+    from sipl_fast.ops import (layer_norm2d_triton, pointwise_depthwise_triton, torch_impl,
+                               transposed_attention_triton)
     monkeypatch.delenv("SIPL_FAST_ALL_KERNELS", raising=False)
     monkeypatch.delenv("SIPL_FAST_KERNELS", raising=False)
     with torch._subclasses.fake_tensor.FakeTensorMode():  # 16k and 64k pixels
         small, large = torch.empty(1, 96, 128, 128, device="cuda"), torch.empty(1, 96, 256, 256, device="cuda")
+        large_bf16 = large.to(torch.bfloat16)
     route = ops.backend_module
     with sipl_fast.use_backend("triton"):
         assert route("pointwise_depthwise", large) is torch_impl
+        # MDTA: the kernels in every dtype
+        assert route("transposed_attention", large) is route("transposed_attention", large_bf16) \
+            is transposed_attention_triton
         # LayerNorm2d: the kernel's forward where nothing records gradients and the call is large;
-        # the depthwise kernels wherever nothing records gradients.
+        # the depthwise convolutions by ATen in every eager call (graphs record the kernels).
         assert route("layer_norm2d", large) is torch_impl
         with torch.no_grad():
             assert route("layer_norm2d", large) is layer_norm2d_triton
             assert route("layer_norm2d", small) is torch_impl
-            assert route("pointwise_depthwise", small) is pointwise_depthwise_triton
+            assert route("pointwise_depthwise", small) is torch_impl
         with torch.inference_mode():
-            assert route("pointwise_depthwise_gate", large) is pointwise_depthwise_gate_triton
+            assert route("pointwise_depthwise_gate", large) is torch_impl
         with ops.kernels_forced("pointwise_depthwise"):
             assert route("pointwise_depthwise", large) is pointwise_depthwise_triton
             assert route("layer_norm2d", large) is torch_impl
@@ -334,12 +339,18 @@ def test_pointwise_depthwise_rejects_bad_weights():
         ops.pointwise_depthwise(torch.randn(1, 4, 5, 5), torch.randn(8, 3, 1, 1), None, torch.randn(8, 1, 3, 3), None)
 
 
+@pytest.mark.parametrize("route", ["eager", "custom op"])
 @pytest.mark.parametrize("op", ["proxy_attention", "transposed_attention"])
-def test_saved_state_outputs_get_no_zero_filled_gradients(op):
-    """The attention ops' extra outputs (statistics for their own backward) are never
+def test_saved_state_outputs_get_no_zero_filled_gradients(op, route, monkeypatch):
+    """The attention custom ops' extra outputs (statistics for their own backward) are never
     differentiated: the backward allocates no zero gradients for them (a fill kernel each on
-    CUDA), and the gradients are still those of the torch backend."""
+    CUDA), and the gradients are still those of the torch backend. (Plain eager calls return
+    no such outputs: sipl_fast.ops.eager.)"""
+    import importlib
+
     from torch.profiler import ProfilerActivity, profile
+    module = importlib.import_module(f"sipl_fast.ops.{op}_triton")
+    monkeypatch.setattr(module, "plain_eager", lambda x: route == "eager")
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 32, 5, 6, requires_grad=True) for _ in range(3))
     temperature = torch.tensor([1.5, 3.0]).reshape(2, 1, 1).requires_grad_()

@@ -34,9 +34,11 @@ _TRITON_MODULES = {
 
 # Measured on an H200 (bench/results/h200_2026-11-27.md): where a kernel lost to the torch
 # formulation, the triton backend runs the torch formulation on CUDA instead (the rules take
-# the op's first input). The feed-forward gates ran at 0.3-0.9x of torch at most SIPL sites;
-# MDTA in 16-bit needed software pipelining off to be exact and deterministic and is then no
-# faster than cuBLAS. LayerNorm2d's kernel lost forward + backward (its backward is slow), but
+# the op's first input). The feed-forward gates ran at 0.3-0.9x of torch at most SIPL sites.
+# (MDTA's 16-bit kernels, once no faster than cuBLAS, ran fwd+bwd 1.2-3.1x faster than the
+# torch formulation eager and 1.3-3.7x replayed at the enc1/dec1 training and inference shapes
+# once they prefetched their tiles, bench/results/h200_2026-11-27f.md: they run in 16-bit
+# too; bench/decide_defaults.py re-checks this from each MDTA table.) LayerNorm2d's kernel lost forward + backward (its backward is slow), but
 # its forward alone ran 1.7-12x faster than the torch formulation (which transposes NCHW to
 # NHWC and back) on calls of >= 32k pixels, slower on smaller ones (bf16;
 # bench/results/h200_2026-11-27/run2_norm_gate.json): it runs where no gradient is recorded
@@ -52,8 +54,9 @@ DEPTHWISE_OPS = ("pointwise_depthwise", "pointwise_depthwise_gate")
 # 1.23x), and LayerNorm2d's kernel on every call, small ones too, the refinement another 1.17x
 # (H200, bench/results/h200_2026-11-27d.md). The row-streaming depthwise kernels that followed
 # run 2-4x faster than ATen's per call and the eager 512x512 refinement 1.29x faster
-# (bench/results/h200_2026-11-27e.md): eager calls without autograd take them too. Where
-# autograd records (eager training, whose CUDA default is a graph) they are unmeasured.
+# (bench/results/h200_2026-11-27e.md), but the next run had it 0.85x (403 vs 342 ms,
+# bench/results/h200_2026-11-27f.md; eager is CPU-bound there): eager calls keep ATen's until
+# a run says otherwise (the "+dwk" rows of bench/refine_table.py, bench/decide_defaults.py).
 
 
 def graph_kernels(site: str, channels_last: bool = False) -> tuple[str, ...]:
@@ -75,8 +78,7 @@ def _pixels(x: torch.Tensor) -> int:
 _TORCH_FORMULATION_ON_CUDA = {
     "layer_norm2d": lambda x: torch.is_grad_enabled() or _pixels(x) < LAYER_NORM_KERNEL_MIN_PIXELS,
     "gated_gelu": lambda x: True,
-    "transposed_attention": lambda x: x.dtype in (torch.float16, torch.bfloat16),
-    **dict.fromkeys(DEPTHWISE_OPS, lambda x: torch.is_grad_enabled()),
+    **dict.fromkeys(DEPTHWISE_OPS, lambda x: True),
 }
 
 
