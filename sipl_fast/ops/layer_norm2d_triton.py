@@ -2,7 +2,8 @@
 
 ``sipl_fast::layer_norm2d_fwd`` and ``sipl_fast::layer_norm2d_bwd`` are torch.library custom
 ops (fake implementations included, so torch.compile traces through them); autograd is
-registered on the forward op. The kernels (sipl_fast.kernels.layer_norm2d) read x once per
+registered on the forward op; plain eager calls run the same launchers as an
+autograd.Function (sipl_fast.ops.eager). The kernels (sipl_fast.kernels.layer_norm2d) read x once per
 pass and recompute the per-pixel statistics in the backward, so only x and the weight are
 saved.
 
@@ -20,6 +21,7 @@ import torch
 
 from ..kernels.layer_norm2d import layer_norm2d_backward, layer_norm2d_forward
 from . import torch_impl
+from .eager import kernel_autograd, plain_eager
 
 __all__ = ["layer_norm2d", "layer_norm2d_fwd", "layer_norm2d_bwd"]
 
@@ -35,13 +37,14 @@ def _output_dtype(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return torch_impl.layer_norm_dtype(x, weight, bias)
 
 
-@torch.library.custom_op("sipl_fast::layer_norm2d_fwd", mutates_args=())
-def layer_norm2d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                     eps: float) -> torch.Tensor:
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
     """LayerNorm2d of x (B, C, H, W); WithBias when ``bias`` is given, BiasFree otherwise."""
     return layer_norm2d_forward(_with_contiguous_planes(x), weight.contiguous(),
                                 None if bias is None else bias.contiguous(), eps,
                                 _output_dtype(x, weight, bias))
+
+
+layer_norm2d_fwd = torch.library.custom_op("sipl_fast::layer_norm2d_fwd", mutates_args=())(_forward)
 
 
 @layer_norm2d_fwd.register_fake
@@ -49,8 +52,7 @@ def _(x, weight, bias, eps):
     return x.new_empty(x.shape, dtype=_output_dtype(x, weight, bias))
 
 
-@torch.library.custom_op("sipl_fast::layer_norm2d_bwd", mutates_args=())
-def layer_norm2d_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, with_bias: bool,
+def _backward_launch(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, with_bias: bool,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias) in the dtypes of x, weight and weight; dbias is empty when not with_bias."""
     dx, dweight, dbias = layer_norm2d_backward(
@@ -59,29 +61,33 @@ def layer_norm2d_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     return dx, dweight.to(weight.dtype), dbias
 
 
+layer_norm2d_bwd = torch.library.custom_op("sipl_fast::layer_norm2d_bwd", mutates_args=())(_backward_launch)
+
+
 @layer_norm2d_bwd.register_fake
 def _(grad_out, x, weight, with_bias, eps):
     return x.new_empty(x.shape), torch.empty_like(weight), weight.new_empty(weight.shape if with_bias else 0)
 
 
-def _setup_context(ctx, inputs, output):
+def _save(ctx, inputs, out, state):
     x, weight, bias, eps = inputs
     ctx.save_for_backward(x, weight)
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.eps = eps
 
 
-def _backward(ctx, grad_out):
+def _backward(ctx, grad_out, launch):
     x, weight = ctx.saved_tensors
     with_bias = ctx.bias_dtype is not None
-    dx, dweight, dbias = layer_norm2d_bwd(grad_out, x, weight, with_bias, ctx.eps)
+    dx, dweight, dbias = launch(grad_out, x, weight, with_bias, ctx.eps)
     return dx, dweight, dbias.to(ctx.bias_dtype) if with_bias else None, None
 
 
-layer_norm2d_fwd.register_autograd(_backward, setup_context=_setup_context)
+_Eager = kernel_autograd("LayerNorm2d", layer_norm2d_fwd, layer_norm2d_bwd, _forward, _backward_launch, _save,
+                         _backward)
 
 
 def layer_norm2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                  eps: float = 1e-5) -> torch.Tensor:
     """The ``triton`` backend of :func:`sipl_fast.ops.layer_norm2d` (inputs validated there)."""
-    return layer_norm2d_fwd(x, weight, bias, float(eps))
+    return (_Eager.apply if plain_eager(x) else layer_norm2d_fwd)(x, weight, bias, float(eps))

@@ -9,7 +9,8 @@ autograd sees one backward:
 - ``sipl_fast::proxy_attention_bwd(grad_out, q, k, v, temperature, out, lse, q_rnorm, k_rnorm,
   num_heads) -> (dq, dk, dv, dtemperature)``.
 
-The kernels are in ``sipl_fast.kernels.proxy_attention``. fp32 inputs use TF32 dots only when
+Plain eager calls run the same launchers as an autograd.Function (sipl_fast.ops.eager). The
+kernels are in ``sipl_fast.kernels.proxy_attention``. fp32 inputs use TF32 dots only when
 ``torch.backends.cuda.matmul.allow_tf32`` is True when the op runs (3xTF32 otherwise).
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from sipl_fast.kernels import proxy_attention as _kernels
-from sipl_fast.ops.saved_state import mark_saved_state
+from sipl_fast.ops.eager import kernel_autograd, plain_eager
 
 __all__ = ["proxy_attention", "proxy_attention_fwd", "proxy_attention_bwd"]
 
@@ -26,10 +27,12 @@ def _allow_tf32(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.backends.cuda.matmul.allow_tf32
 
 
-@torch.library.custom_op("sipl_fast::proxy_attention_fwd", mutates_args=())
-def proxy_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor,
-                        num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor,
+             num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _kernels.proxy_attention_forward(q, k, v, temperature, num_heads, allow_tf32=_allow_tf32(q))
+
+
+proxy_attention_fwd = torch.library.custom_op("sipl_fast::proxy_attention_fwd", mutates_args=())(_forward)
 
 
 @proxy_attention_fwd.register_fake
@@ -45,13 +48,15 @@ def _proxy_attention_fwd_fake(q, k, v, temperature, num_heads):
     )
 
 
-@torch.library.custom_op("sipl_fast::proxy_attention_bwd", mutates_args=())
-def proxy_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        temperature: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, q_rnorm: torch.Tensor,
-                        k_rnorm: torch.Tensor, num_heads: int
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_launch(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     temperature: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, q_rnorm: torch.Tensor,
+                     k_rnorm: torch.Tensor, num_heads: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _kernels.proxy_attention_backward(grad_out, q, k, v, temperature, out, lse, q_rnorm, k_rnorm,
                                              num_heads, allow_tf32=_allow_tf32(q))
+
+
+proxy_attention_bwd = torch.library.custom_op("sipl_fast::proxy_attention_bwd", mutates_args=())(_backward_launch)
 
 
 @proxy_attention_bwd.register_fake
@@ -61,26 +66,24 @@ def _proxy_attention_bwd_fake(grad_out, q, k, v, temperature, out, lse, q_rnorm,
             _kernels.empty_in_layout_of(v, v.shape), temperature.new_empty(temperature.shape))
 
 
-def _setup_context(ctx, inputs, output):
+def _save(ctx, inputs, out, state):
     q, k, v, temperature, num_heads = inputs
-    out, lse, q_rnorm, k_rnorm = output
-    ctx.save_for_backward(q, k, v, temperature, out, lse, q_rnorm, k_rnorm)
+    ctx.save_for_backward(q, k, v, temperature, out, *state)  # state: lse, q_rnorm, k_rnorm
     ctx.num_heads = num_heads
-    # lse and the inverse norms are internal (proxy_attention returns only out)
-    mark_saved_state(ctx, lse, q_rnorm, k_rnorm)
 
 
-def _backward(ctx, grad_out, _grad_lse, _grad_q_rnorm, _grad_k_rnorm):
+def _backward(ctx, grad_out, launch):
     q, k, v, temperature, out, lse, q_rnorm, k_rnorm = ctx.saved_tensors
-    dq, dk, dv, dtemperature = proxy_attention_bwd(grad_out, q, k, v, temperature, out, lse, q_rnorm, k_rnorm,
-                                                   ctx.num_heads)
-    return dq, dk, dv, dtemperature, None
+    return *launch(grad_out, q, k, v, temperature, out, lse, q_rnorm, k_rnorm, ctx.num_heads), None
 
 
-proxy_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+_Eager = kernel_autograd("ProxyAttention", proxy_attention_fwd, proxy_attention_bwd, _forward, _backward_launch,
+                         _save, _backward)
 
 
 def proxy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor,
                     num_heads: int) -> torch.Tensor:
     """Fused cosine cross-attention; arguments as :func:`sipl_fast.ops.proxy_attention` (validated there)."""
+    if plain_eager(q):
+        return _Eager.apply(q, k, v, temperature, num_heads)
     return proxy_attention_fwd(q, k, v, temperature, num_heads)[0]

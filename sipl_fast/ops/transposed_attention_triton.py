@@ -13,6 +13,7 @@ opaque calls with known output shapes:
 
 Autograd is registered on the forward op; the backward saves q, k, v (the block holds
 them anyway), stats and attn. dtemperature comes back in the temperature's own dtype.
+Plain eager calls run the same launchers as an autograd.Function (sipl_fast.ops.eager).
 """
 from __future__ import annotations
 
@@ -20,15 +21,17 @@ import torch
 
 from ..kernels import transposed_attention as kernels
 from . import torch_impl
-from .saved_state import mark_saved_state
+from .eager import kernel_autograd, plain_eager
 
 __all__ = ["transposed_attention"]
 
 
-@torch.library.custom_op("sipl_fast::transposed_attention_fwd", mutates_args=())
-def transposed_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor,
-                             num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor,
+             num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return kernels.forward(q, k, v, temperature, num_heads)
+
+
+transposed_attention_fwd = torch.library.custom_op("sipl_fast::transposed_attention_fwd", mutates_args=())(_forward)
 
 
 @transposed_attention_fwd.register_fake
@@ -42,11 +45,14 @@ def _(q, k, v, temperature, num_heads):
     return out, stats, attn
 
 
-@torch.library.custom_op("sipl_fast::transposed_attention_bwd", mutates_args=())
-def transposed_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             temperature: torch.Tensor, stats: torch.Tensor, attn: torch.Tensor,
-                             num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_launch(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     temperature: torch.Tensor, stats: torch.Tensor, attn: torch.Tensor,
+                     num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return kernels.backward(grad_out, q, k, v, temperature, stats, attn, num_heads)
+
+
+transposed_attention_bwd = torch.library.custom_op("sipl_fast::transposed_attention_bwd",
+                                                   mutates_args=())(_backward_launch)
 
 
 @transposed_attention_bwd.register_fake
@@ -55,22 +61,19 @@ def _(grad_out, q, k, v, temperature, stats, attn, num_heads):
     return grads + (torch.empty_like(temperature, memory_format=torch.contiguous_format),)
 
 
-def _setup_context(ctx, inputs, output):
+def _save(ctx, inputs, out, state):
     q, k, v, temperature, num_heads = inputs
-    _, stats, attn = output
-    ctx.save_for_backward(q, k, v, temperature, stats, attn)
+    ctx.save_for_backward(q, k, v, temperature, *state)  # state: stats, attn
     ctx.num_heads = num_heads
-    mark_saved_state(ctx, stats, attn)
 
 
-def _backward(ctx, grad_out, _grad_stats, _grad_attn):
+def _backward(ctx, grad_out, launch):
     q, k, v, temperature, stats, attn = ctx.saved_tensors
-    dq, dk, dv, dtemperature = torch.ops.sipl_fast.transposed_attention_bwd(
-        grad_out, q, k, v, temperature, stats, attn, ctx.num_heads)
-    return dq, dk, dv, dtemperature, None
+    return *launch(grad_out, q, k, v, temperature, stats, attn, ctx.num_heads), None
 
 
-transposed_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+_Eager = kernel_autograd("TransposedAttention", transposed_attention_fwd, transposed_attention_bwd, _forward,
+                         _backward_launch, _save, _backward)
 
 
 def transposed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor,
@@ -82,5 +85,6 @@ def transposed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temp
     """
     if q.shape[1] // num_heads > kernels.MAX_HEAD_CHANNELS:
         return torch_impl.transposed_attention(q, k, v, temperature, num_heads)
-    out, _, _ = torch.ops.sipl_fast.transposed_attention_fwd(q, k, v, temperature, num_heads)
-    return out
+    if plain_eager(q):
+        return _Eager.apply(q, k, v, temperature, num_heads)
+    return transposed_attention_fwd(q, k, v, temperature, num_heads)[0]
