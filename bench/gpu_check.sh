@@ -11,7 +11,7 @@
 # lists every section's status, the headline lines of each table and what the run says about
 # the defaults that wait for a measurement (bench/decide_defaults.py: the graph kernels, the
 # TF32 mixes, the Gram pieces, the eager depthwise kernels, the depthwise launch configs, the
-# strip budget, the MDTA prefetch).
+# strip budget, the MDTA prefetch, the MDTA route per dtype).
 # With a 480 s limit on the whole call: DEADLINE_S=455 fits the sections up to the
 # proxy-attention table (about 420 s on the H200, the GPU tests 175 s of it; at most 8 files
 # come back). With device time for a second call (about 350 s of it, the build kept on a
@@ -45,13 +45,17 @@ section build 150 $PY -m pip install --no-build-isolation --no-deps -q -e .
 section info 30 $PY -c "import json, sipl_fast; print(json.dumps(sipl_fast.info()))"
 # Parallel workers: most of the time is Triton and inductor compilation, which is CPU-bound
 # (H200 machine, 16 cores, 2026-11-27: 174 s with 15 workers, the graph training tests longest).
-section gpu-tests 200 $PY -m pytest -q -m gpu -p no:cacheprovider -n 15 tests --durations=15 --junitxml="$OUT/gpu_tests.xml"
+# GPU_TESTS: the test files or node ids to run (default: all of tests/).
+section gpu-tests 200 $PY -m pytest -q -m gpu -p no:cacheprovider -n 15 ${GPU_TESTS:-tests} --durations=15 --junitxml="$OUT/gpu_tests.xml"
 # The open issues' kernels first (3 and 4; the refinement, issue 5, met its targets on the
 # H200 on 2026-11-27): the MDTA kernels' 16-bit streams with and without prefetching the next
 # tile, replayed from CUDA graphs, then the MDTA and proxy-attention tables.
 section mdta-prefetch 45 $PY bench/mdta_prefetch.py "$OUT/mdta_prefetch.json" --budget-s 30
-section mdta 75 $PY bench/transposed_attention_table.py "$OUT/transposed_attention.json" --budget-s 60 --compile-budget-s 10
-section proxy-attention 75 $PY bench/proxy_attention_table.py "$OUT/proxy_attention.json" --budget-s 60 --compile-budget-s 10
+# Host time per eager call of the attention ops (the tables' eager columns were up to 6x their
+# kernels' replayed time): by route, and per Triton launch through the JIT and the compiled launcher.
+section launch-overhead 30 $PY bench/launch_overhead.py "$OUT/launch_overhead.json"
+section mdta 75 $PY bench/transposed_attention_table.py "$OUT/transposed_attention.json" --budget-s "${TABLE_BUDGET_S:-60}" --compile-budget-s 10
+section proxy-attention 75 $PY bench/proxy_attention_table.py "$OUT/proxy_attention.json" --budget-s "${TABLE_BUDGET_S:-60}" --compile-budget-s 10
 section refine 130 $PY bench/refine_table.py "$OUT/refine.json"
 # Launch configurations of the row-streaming depthwise kernels (the fused GDFN depthwise + gate
 # was the largest kernel of a replayed refinement), each checked bit for bit against the plan.
@@ -71,7 +75,7 @@ echo "=== summary"
 printf '%s\n' "${summary[@]}"
 grep -aE "^(FAILED|ERROR) " "$LOG" | head -40
 grep -aE "[0-9]+ (passed|failed)" "$LOG" | tail -2
-grep -aiE "target|speed-up|speedup|faster than|TFLOP/s|copy bandwidth|matmul|ms/step|peak|^== |^autotuned |planned config" "$LOG" | grep -av "^ *#" | tail -80
+grep -aiE "target|speed-up|speedup|faster than|TFLOP/s|copy bandwidth|matmul|ms/step|peak|^== |^autotuned |planned config| us per call|^launch " "$LOG" | grep -av "^ *#" | tail -80
 echo
 echo "=== defaults waiting for a measurement (bench/decide_defaults.py)"
 timeout 20 $PY bench/decide_defaults.py "$OUT"

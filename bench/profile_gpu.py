@@ -8,7 +8,7 @@ kernels is the bottleneck, and CUDA graphs pay), the kernels with the most GPU t
 functions with the most CPU time of one call (cProfile).
 Cases: the training step (base preset, 128x128, batch 8, bf16 autocast) with the providers of
 train_step_table.py, refinement with steps=2 at 512x512 (also the authors' loop, replayed from a CUDA graph with
-its graph kernels, "graph", eagerly with ATen's depthwise convolutions, "aten", and on the torch backend), and the MDTA and proxy-attention kernels (fwd+bwd) at their 512x512 shapes. CUDA only.
+its graph kernels, "graph", eagerly with the depthwise kernels, "dwk", and on the torch backend), and the MDTA and proxy-attention kernels (fwd+bwd) at their 512x512 shapes. CUDA only.
 """
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ def cases():
     yield "refine 512x512 steps=2 eager", lambda: refinement("sipl_fast")
     yield "refine 512x512 steps=2 reference (authors' loop)", lambda: refinement("reference")
     yield "refine 512x512 steps=2 graph", lambda: refinement("sipl_fast+graph")
-    yield "refine 512x512 steps=2 aten", lambda: refinement("sipl_fast+aten")
+    yield "refine 512x512 steps=2 dwk", lambda: refinement("sipl_fast+dwk")
     yield "refine 512x512 steps=2 torch backend", lambda: refinement("torch")
 
     shape = dict(preset="base", batch=8, patch=128)
