@@ -8,7 +8,8 @@ take microseconds (the H200 ran MDTA's bf16 fwd+bwd at enc1 512x512 in 1.11 ms e
 Each row times n calls issued back to back at a small shape (the GPU work of a call is a few
 microseconds, so the wall time is the host's) and reports microseconds per call:
 - MDTA and proxy-attention fwd+bwd by the eager route (sipl_fast.ops.eager's autograd.Function),
-  by the torch.library custom ops, and by the torch formulation (cuBLAS/SDPA);
+  by the torch.library custom ops, and by the torch formulation (cuBLAS/SDPA), with bf16 maps
+  and a float32 temperature as under autocast (the reference backend takes one dtype only);
 - one launch of each Triton kernel of an MDTA forward + backward, through Triton's JIT
   launcher (argument binding, specialisation, cache lookup) and through the compiled kernel's
   own launcher with the same bound arguments (what a launch cache of our own would cost);
@@ -62,8 +63,8 @@ def host_us(call, device: str, calls: int, rounds: int = 5) -> float:
 @contextmanager
 def route(module, name: str):
     """The op's route within the block: "eager" (its autograd.Function), "custom op" (the
-    torch.library ops), or the "torch" / "reference" backend."""
-    if name in ("torch", "reference"):
+    torch.library ops), or the "torch" backend."""
+    if name == "torch":
         with sipl_fast.use_backend(name):
             yield
         return
@@ -170,8 +171,7 @@ def main(argv=None) -> int:
             else mock.patch.dict(os.environ))
     with stub:
         for op, (module, call) in op_cases(device, dtype).items():
-            routes = ("eager", "custom op") + (() if args.smoke else ("torch", "reference"))
-            for name in routes:
+            for name in ("eager", "custom op") + (() if args.smoke else ("torch",)):
                 with route(module, name):
                     us = host_us(call, device, args.calls)
                 report["ops"].append({"op": op, "route": name, "us": us})
