@@ -21,6 +21,10 @@ from the directory and prints, with the numbers behind each line:
   formulation (transposed_attention.json, bench/transposed_attention_table.py): the kernels
   must beat the torch formulation in geometric mean over the table's shapes and modes, eager
   and replayed;
+- whether the MDTA kernels should launch through kernels/launch_cache.py by default
+  (launch_overhead.json, bench/launch_overhead.py): the eager fwd+bwd's host time with the
+  cache must be at least 5 % under that without it (and the GPU test
+  test_gpu_launch_cache_gives_the_same_bits must pass);
 - the fastest strip budget ("+sN" rows, and the default) whose peak memory stays within the
   issue's 0.25x of the reference loop's, at 512x512. These rows replay a CUDA graph, whose
   peak ran 8-13 % under the eager one's (H200): the eager default row is printed too, and a
@@ -228,6 +232,17 @@ def mdta_route_verdict(table: dict | None) -> list[str]:
     return lines
 
 
+def launch_cache_verdict(overhead: dict | None) -> list[str]:
+    """Whether MDTA's launches should go through kernels/launch_cache.py by default."""
+    host = {row["route"]: row["us"] for row in (overhead or {}).get("ops", []) if row["op"] == "MDTA"}
+    if not (host.get("eager") and host.get("eager+cache")):
+        return ["launch cache: no measurement, keep it off (SIPL_FAST_LAUNCH_CACHE=1 turns it on)"]
+    ratio = host["eager"] / host["eager+cache"]
+    verdict = "TURN ON (kernels/launch_cache.py's default)" if ratio >= 1.05 else "keep it off"
+    return [f"MDTA eager fwd+bwd host time: {host['eager+cache']:.0f} us with the launch cache, "
+            f"{host['eager']:.0f} us without ({ratio:.2f}x): {verdict}"]
+
+
 def main(argv=None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
@@ -236,10 +251,10 @@ def main(argv=None) -> int:
     directory = Path(args[0])
     refine, pixel_ops = _load(directory, "refine.json"), _load(directory, "pixel_ops.json")
     sweep, prefetch = _load(directory, "depthwise_sweep.json"), _load(directory, "mdta_prefetch.json")
-    mdta = _load(directory, "transposed_attention.json")
+    mdta, overhead = _load(directory, "transposed_attention.json"), _load(directory, "launch_overhead.json")
     verdicts = (graph_kernels_verdict(refine) + mix_precision_verdict(refine) + gram_piece_verdict(refine)
                 + eager_depthwise_verdict(refine, pixel_ops) + depthwise_config_verdict(sweep) + strip_verdict(refine)
-                + mdta_prefetch_verdict(prefetch) + mdta_route_verdict(mdta))
+                + mdta_prefetch_verdict(prefetch) + mdta_route_verdict(mdta) + launch_cache_verdict(overhead))
     for line in verdicts:
         print(line)
     return 0

@@ -8,6 +8,8 @@ take microseconds (the H200 ran MDTA's bf16 fwd+bwd at enc1 512x512 in 1.11 ms e
 Each row times n calls issued back to back at a small shape (the GPU work of a call is a few
 microseconds, so the wall time is the host's) and reports microseconds per call:
 - MDTA and proxy-attention fwd+bwd by the eager route (sipl_fast.ops.eager's autograd.Function),
+  for MDTA also with its launches through kernels/launch_cache.py ("eager+cache", off by
+  default: bench/decide_defaults.py says whether to turn it on),
   by the torch.library custom ops, and by the torch formulation (cuBLAS/SDPA), with bf16 maps
   and a float32 temperature as under autocast (the reference backend takes one dtype only);
 - one launch of each Triton kernel of an MDTA forward + backward, through Triton's JIT
@@ -37,6 +39,7 @@ import triton  # noqa: E402
 
 import sipl_fast  # noqa: E402
 from sipl_fast import ops  # noqa: E402
+from sipl_fast.kernels import launch_cache  # noqa: E402
 from sipl_fast.ops import proxy_attention_triton, transposed_attention_triton  # noqa: E402
 
 
@@ -62,13 +65,16 @@ def host_us(call, device: str, calls: int, rounds: int = 5) -> float:
 
 @contextmanager
 def route(module, name: str):
-    """The op's route within the block: "eager" (its autograd.Function), "custom op" (the
-    torch.library ops), or the "torch" backend."""
+    """The op's route within the block: "eager" (its autograd.Function), "eager+cache" (that,
+    launching through kernels/launch_cache.py), "custom op" (the torch.library ops), or the
+    "torch" backend."""
     if name == "torch":
         with sipl_fast.use_backend(name):
             yield
         return
-    with sipl_fast.use_backend("triton"), mock.patch.object(module, "plain_eager", lambda x: name == "eager"):
+    eager = name.startswith("eager")
+    with sipl_fast.use_backend("triton"), mock.patch.object(module, "plain_eager", lambda x: eager), \
+            mock.patch.object(launch_cache, "_ENABLED", name == "eager+cache"):
         yield
 
 
@@ -171,11 +177,12 @@ def main(argv=None) -> int:
             else mock.patch.dict(os.environ))
     with stub:
         for op, (module, call) in op_cases(device, dtype).items():
-            for name in ("eager", "custom op") + (() if args.smoke else ("torch",)):
+            gpu_routes = ("eager+cache", "torch") if op == "MDTA" else ("torch",)
+            for name in ("eager", "custom op") + (() if args.smoke else gpu_routes):
                 with route(module, name):
                     us = host_us(call, device, args.calls)
                 report["ops"].append({"op": op, "route": name, "us": us})
-                print(f"{op} fwd+bwd, {name:10s} {us:7.1f} us per call")
+                print(f"{op} fwd+bwd, {name:11s} {us:7.1f} us per call")
     if device == "cuda":
         report["launches"] = launch_rows(device, args.calls)
         report["scale"] = scale_rows(device, args.calls)

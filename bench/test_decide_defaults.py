@@ -127,3 +127,16 @@ def test_mdta_route_follows_the_kernels_speed_against_the_torch_formulation():
         lines[1].endswith("runs the kernels: CHANGE (ops._TORCH_FORMULATION_ON_CUDA)"), lines
     assert decide_defaults.mdta_route_verdict(None) == [
         "MDTA route: no measurement, keep ops._TORCH_FORMULATION_ON_CUDA"]
+
+
+def test_launch_cache_is_turned_on_only_for_a_clear_host_time_gain():
+    def overhead(with_cache, without):
+        return {"ops": [{"op": "MDTA", "route": "eager", "us": without},
+                        {"op": "MDTA", "route": "eager+cache", "us": with_cache},
+                        {"op": "proxy attention", "route": "eager", "us": 1.0}]}
+
+    assert decide_defaults.launch_cache_verdict(overhead(800.0, 1000.0)) == [
+        "MDTA eager fwd+bwd host time: 800 us with the launch cache, 1000 us without (1.25x): "
+        "TURN ON (kernels/launch_cache.py's default)"]
+    assert decide_defaults.launch_cache_verdict(overhead(980.0, 1000.0))[-1].endswith("keep it off")
+    assert decide_defaults.launch_cache_verdict(None)[-1].startswith("launch cache: no measurement")

@@ -8,5 +8,7 @@ One file per op; each holds its kernels, launch functions and autotune configs:
 - ``depthwise3x3``: the depthwise 3x3 convolution of the projections (forward, input and
   weight gradients).
 - ``depthwise3x3_gate``: that convolution and the gate in one pass (inference forward).
+- ``launch_cache``: launches without Triton's per-call argument binding (MDTA's kernels;
+  experimental, SIPL_FAST_LAUNCH_CACHE=1).
 Autograd Functions and custom ops wrapping them live in ``sipl_fast.ops``.
 """

@@ -46,6 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch_cache
+
 __all__ = ["forward", "backward", "MAX_HEAD_CHANNELS", "stats_size"]
 
 NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default eps
@@ -518,7 +520,7 @@ def _launch(kernel, tuned, grid, args, constants: dict, config: dict) -> None:
     if _AUTOTUNE:
         tuned[grid](*args, **constants)
     else:
-        kernel[grid](*args, **constants, **config)
+        launch_cache.launch(kernel, grid, args, {**constants, **config})
 
 
 # ----------------------------------------------------------------------------------------
@@ -649,10 +651,9 @@ def _gram_sums(call: _Call, x, y) -> torch.Tensor:
              x.stride(0), x.stride(1), y.stride(0), y.stride(1), partials.stride(0), partials.stride(1)),
             dict(PRECISION=call.precision, ACC=call.acc_tl, BLOCK_C=block_c, PREFETCH=prefetch), config)
     sums = torch.empty((heads_total, length), device=call.device, dtype=call.acc_torch)
-    _sum_chunks_kernel[(_cdiv(length, _SUM_BLOCK_L), heads_total)](
-        partials, sums, chunks, length, partials.stride(0), partials.stride(1),
-        BLOCK_L=_SUM_BLOCK_L, BLOCK_CHUNKS=_SUM_BLOCK_CHUNKS,
-    )
+    launch_cache.launch(_sum_chunks_kernel, (_cdiv(length, _SUM_BLOCK_L), heads_total),
+                        (partials, sums, chunks, length, partials.stride(0), partials.stride(1)),
+                        dict(BLOCK_L=_SUM_BLOCK_L, BLOCK_CHUNKS=_SUM_BLOCK_CHUNKS))
     return sums
 
 
@@ -719,9 +720,9 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torc
     stats = _gram_sums(call, q, k)
     attn = torch.empty((call.heads_total, c, c), device=call.device, dtype=call.acc_torch)
     rows = _softmax_rows(c)
-    _softmax_forward_kernel[(_cdiv(c, rows), call.heads_total)](
-        stats, temperature.reshape(-1), attn, c, num_heads, NORMALIZE_EPS, BLOCK_I=rows, BLOCK_C=_padded(c),
-    )
+    launch_cache.launch(_softmax_forward_kernel, (_cdiv(c, rows), call.heads_total),
+                        (stats, temperature.reshape(-1), attn, c, num_heads, NORMALIZE_EPS),
+                        dict(BLOCK_I=rows, BLOCK_C=_padded(c)))
     return _mix(call, attn, False, v), stats, attn
 
 
@@ -735,10 +736,10 @@ def backward(grad_out, q, k, v, temperature, stats, attn, num_heads: int):
     diag_q = torch.empty((heads_total, c), device=call.device, dtype=call.acc_torch)
     diag_k = torch.empty_like(diag_q)
     grad_tau = torch.empty((heads_total,), device=call.device, dtype=call.acc_torch)
-    _softmax_backward_kernel[(heads_total,)](
-        stats, attn, grad_attn, temperature.reshape(-1), p, diag_q, diag_k, grad_tau,
-        c, num_heads, NORMALIZE_EPS, BLOCK_I=_softmax_rows(c), BLOCK_C=_padded(c),
-    )
+    launch_cache.launch(_softmax_backward_kernel, (heads_total,),
+                        (stats, attn, grad_attn, temperature.reshape(-1), p, diag_q, diag_k, grad_tau,
+                         c, num_heads, NORMALIZE_EPS),
+                        dict(BLOCK_I=_softmax_rows(c), BLOCK_C=_padded(c)))
     dv = _mix(call, attn, True, grad_out)
     dq, dk = _input_gradients(call, p, diag_q, diag_k, q, k)
     grad_temperature = grad_tau.view(-1, num_heads).sum(0)

@@ -293,6 +293,29 @@ def test_gpu_results_identical_run_to_run():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_launch_cache_gives_the_same_bits(dtype, monkeypatch):
+    """With kernels/launch_cache.py on, repeated calls reach the compiled kernels' own
+    launchers (no fallback: this Triton's internals are the expected ones) and give the bits
+    of Triton's launcher, also for q, k, v sliced from one qkv map at an offset that breaks
+    16-byte alignment (the cache keys on it)."""
+    from sipl_fast.kernels import launch_cache
+    qkv = torch.randn(2, 3 * 96 + 1, 24, 40, device="cuda", dtype=dtype)
+    aligned = qkv[:, :288].chunk(3, dim=1)
+    shifted = qkv.flatten()[1:1 + qkv[:, :288].numel()].view(2, 288, 24, 40).chunk(3, dim=1)
+    temperature = torch.tensor([1.5, 3.0], device="cuda").reshape(2, 1, 1)
+    grad_out = torch.randn(2, 96, 24, 40, device="cuda", dtype=dtype)
+    expected = [run_triton(*inputs, temperature, 2, grad_out) for inputs in (aligned, shifted)]
+    monkeypatch.setattr(launch_cache, "_ENABLED", True)
+    monkeypatch.setattr(launch_cache, "stats", dict.fromkeys(launch_cache.stats, 0))
+    for _ in range(2):
+        for inputs, (out, grads) in zip((aligned, shifted), expected):
+            got_out, got_grads = run_triton(*inputs, temperature, 2, grad_out)
+            assert torch.equal(got_out, out) and all(torch.equal(a, b) for a, b in zip(got_grads, grads))
+    assert launch_cache.stats["hits"] >= 9 and launch_cache.stats["fallbacks"] == 0, launch_cache.stats
+
+
+@pytest.mark.gpu
 def test_gpu_float32_ignores_the_tf32_flag():
     """float32 runs as 3xTF32 whatever torch.backends.cuda.matmul.allow_tf32 says: plain TF32
     gave 11% error in dq on an H200 (cancellation in dq = P k - diag(T) q)."""
