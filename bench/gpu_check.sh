@@ -13,9 +13,10 @@
 # TF32 mixes, the Gram pieces, the eager depthwise kernels, the depthwise launch configs, the
 # strip budget, the MDTA prefetch, the MDTA route per dtype).
 # With a 480 s limit on the whole call: DEADLINE_S=455 fits the sections up to the
-# proxy-attention table (about 420 s on the H200, the GPU tests 175 s of it; at most 8 files
-# come back). With device time for a second call (about 350 s of it, the build kept on a
-# still-warm machine): SECTIONS="build refine depthwise-sweep profile" DEADLINE_S=300.
+# proxy-attention table (about 440 s on the H200, the GPU tests 160-175 s of it; at most 8
+# files come back). A second call (about 350 s of device time; a machine idle for 30 s is
+# given back, so it builds again): SECTIONS="device build train-step profile refine" DEADLINE_S=300
+# (the training step has not been measured since the sixth session; bf16 MDTA now runs on its kernels).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/run}
