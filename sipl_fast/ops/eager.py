@@ -2,9 +2,10 @@
 
 Each op with a backward is a pair of torch.library custom ops (what torch.compile, export and
 fake tensors see) and the same launchers as a torch.autograd.Function, which plain eager calls
-run: a custom op's Python dispatch (its autograd kernel, redispatch, argument checks) cost ~70 us
-of host time per MDTA forward + backward on this project's CPU machine (Python 3.11, torch
-2.14), where the launches themselves are what the GPU waits for in eager CUDA code.
+run. A custom op's Python dispatch (its autograd kernel, redispatch, argument checks) is host
+time that small eager calls wait for: the Function route took 26 % less per MDTA forward +
+backward on the H200 machine (992 vs 1345 us, bench/results/h200_2026-11-27f.md), 189 vs
+254 us of host code on this project's CPU machine (launches stubbed, bench/launch_overhead.py).
 """
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ def kernel_autograd(name: str, forward_op, backward_op, forward_launch, backward
     that plain eager calls run instead; both compute the same launchers.
 
     forward_launch(*inputs) -> out, or (out, *state) where state only carries what the
-    backward needs; save(ctx, inputs, out, state) stores what the backward needs; backward(ctx, grad_out, launch)
-    returns the inputs' gradients, with ``launch`` the backward launcher (``backward_op`` for
-    the custom op, ``backward_launch`` for the Function). The Function returns out alone: each
-    further output of an autograd node cost ~25 us of host time per forward + backward here.
+    backward needs; save(ctx, inputs, out, state) puts that on ctx; backward(ctx, grad_out,
+    launch) returns the inputs' gradients, with ``launch`` the backward launcher
+    (``backward_op`` for the custom op, ``backward_launch`` for the Function). The Function
+    returns out alone: each further output of an autograd node cost ~25 us of host time per
+    forward + backward on the CPU machine.
     """
     def setup_context(ctx, inputs, output):
         out, state = (output[0], output[1:]) if isinstance(output, tuple) else (output, ())
