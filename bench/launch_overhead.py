@@ -13,8 +13,8 @@ microseconds, so the wall time is the host's) and reports microseconds per call:
   by the torch.library custom ops, and by the torch formulation (cuBLAS/SDPA), with bf16 maps
   and a float32 temperature as under autocast (the reference backend takes one dtype only);
 - one launch of each Triton kernel of an MDTA forward + backward, through Triton's JIT
-  launcher (argument binding, specialisation, cache lookup) and through the compiled kernel's
-  own launcher with the same bound arguments (what a launch cache of our own would cost);
+  launcher (argument binding, specialisation, cache lookup) and through kernels/launch_cache.py
+  (the compiled kernel's own launcher with the same bound arguments);
 - a torch.empty and a one-element pointwise kernel, for scale.
 On the CPU (--smoke) only the op rows run, under the Triton interpreter with every launch
 replaced by a no-op: the host code around the launches.
@@ -102,52 +102,42 @@ def op_cases(device: str, dtype: torch.dtype):
 @contextmanager
 def recorded_launches():
     """Records the first launch of each Triton kernel made in the block: {name: (jit function,
-    grid, args, kwargs, compiled kernel)}."""
+    grid, args, kwargs)}."""
     from triton.runtime.jit import JITFunction
     seen = {}
     original = JITFunction.run
 
     def run(self, *args, grid, warmup, **kwargs):
-        kernel = original(self, *args, grid=grid, warmup=warmup, **kwargs)
-        seen.setdefault(self.fn.__name__, (self, grid, args, kwargs, kernel))
-        return kernel
+        seen.setdefault(self.fn.__name__, (self, grid, args, kwargs))
+        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     with mock.patch.object(JITFunction, "run", run):
         yield seen
 
 
-def _compiled_runner(jit_fn, grid, args, kwargs, kernel):
-    """The compiled kernel's own launcher with the launch's bound arguments, or None where this
-    Triton's internals differ (device_caches' binder, CompiledKernel.__getitem__)."""
-    try:
-        device = triton.runtime.driver.active.get_current_device()
-        binder = jit_fn.device_caches[device][-1]
-        bound_args = binder(*args, **kwargs)[0]
-        values = tuple(bound_args.values())
-        launch = kernel[tuple(grid) + (1,) * (3 - len(grid))]
-        launch(*values)
-        return lambda: launch(*values)
-    except Exception as error:  # noqa: BLE001 - reported as a missing row
-        print(f"(compiled launcher unavailable: {type(error).__name__}: {str(error)[:160]})")
-        return None
+def _cached_us(jit_fn, grid, args, kwargs, device: str, calls: int) -> float | None:
+    """Host microseconds of the launch through kernels/launch_cache.py (the compiled kernel's
+    own launcher once the first call has been through Triton's), or None where it falls back."""
+    with mock.patch.object(launch_cache, "_ENABLED", True), mock.patch.object(launch_cache, "_runners", {}), \
+            mock.patch.object(launch_cache, "stats", dict.fromkeys(launch_cache.stats, 0)):
+        us = host_us(lambda: launch_cache.launch(jit_fn, grid, args, kwargs), device, calls)
+        return None if launch_cache.stats["fallbacks"] else us
 
 
 def launch_rows(device: str, calls: int) -> list[dict]:
-    """Per Triton kernel of an MDTA fwd+bwd: host microseconds of one launch, JIT vs compiled launcher."""
+    """Per Triton kernel of an MDTA fwd+bwd: host microseconds of one launch, Triton's launcher
+    vs the launch cache."""
     module, call = op_cases(device, torch.bfloat16)["MDTA"]
     with route(module, "eager"), recorded_launches() as seen:
         call()
     rows = []
-    for name, (jit_fn, grid, args, kwargs, kernel) in seen.items():
-        if callable(grid):
-            continue
+    for name, (jit_fn, grid, args, kwargs) in seen.items():
         jit_call = lambda jit_fn=jit_fn, grid=grid, args=args, kwargs=kwargs: jit_fn[grid](*args, **kwargs)  # noqa: E731
-        compiled = _compiled_runner(jit_fn, grid, args, kwargs, kernel)
         row = {"kernel": name, "arguments": len(args) + len(kwargs), "jit_us": host_us(jit_call, device, calls),
-               "compiled_us": host_us(compiled, device, calls) if compiled else None}
+               "cached_us": _cached_us(jit_fn, grid, args, kwargs, device, calls)}
         rows.append(row)
         print(f"launch {name:32s} {row['arguments']:3d} args  JIT {row['jit_us']:6.1f} us"
-              + (f"  compiled launcher {row['compiled_us']:6.1f} us" if row["compiled_us"] else ""))
+              + (f"  launch cache {row['cached_us']:6.1f} us" if row["cached_us"] else "  (launch cache falls back)"))
     return rows
 
 

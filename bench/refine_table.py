@@ -1,11 +1,9 @@
 """Refinement with steps=2 of the full model: the authors' loop on the reference backend vs
 sipl_fast's Refiner (default backend; "+graph": a step captured in a CUDA graph and replayed,
-which records the kernels of ops.graph_kernels("refine"); "+aten" (with "+graph"): the graph
-records what eager calls run (SIPL_FAST_GRAPH_KERNELS=0): ATen's depthwise convolutions (and
-the feed-forward's depthwise convolution + gate by the torch formulation) instead of
-sipl_fast's Triton kernels, LayerNorm2d's kernel only on large calls; "+dwk" (eager): the
-depthwise convolutions by the Triton kernels (ops.kernels_forced), which eager calls leave to
-ATen by default; "+nhwc": on channels-last activations; "+sN": strips of N MiB
+which records the kernels of ops.graph_kernels("refine"); "+aten": the graph records what
+eager calls run instead (SIPL_FAST_GRAPH_KERNELS=0); "+nhwc": on channels-last activations;
+"+dwk": the depthwise convolutions, and the feed-forward's depthwise convolution + gate, by
+sipl_fast's Triton kernels in eager calls too, ``ops.kernels_forced``; "+sN": strips of N MiB
 instead of modules.STRIP_ELEMENTS's; "+tf32": float32 matrix products in TF32,
 torch.backends.cuda.matmul.allow_tf32, for the reference loop too; "+fp32mix": the 1x1
 mixes that ChannelMix runs as cuBLAS GEMMs in full float32, as before they followed the
@@ -42,7 +40,6 @@ from sipl_fast import SIPLPromptIR, modules, ops
 from sipl_fast.ops import torch_impl
 from sipl_fast.refine import Refiner, authors_loop
 
-import table_harness as harness
 from peak_memory import peak_extra_bytes
 
 CASES = {
@@ -110,14 +107,12 @@ def make_runner(model, x, provider: str):
     else:  # as a user calls it; channels_last None: the device default
         refiner = lambda image: model.refine(image, steps=2, channels_last=True if "nhwc" in extras else None)  # noqa: E731
     backend = {"reference": "reference", "torch": "torch"}.get(name)
+    forced = ops.DEPTHWISE_OPS if "dwk" in extras else ()
     graph_kernels = {"SIPL_FAST_GRAPH_KERNELS": "0" if "aten" in extras else "1"}
     strip_mib = next((int(e[1:]) for e in extras if e.startswith("s") and e[1:].isdigit()), None)
 
-    forced = ops.DEPTHWISE_OPS if "dwk" in extras else ()
-
     def run():
-        with sipl_fast.use_backend(backend) if backend else contextlib.nullcontext(), \
-                ops.kernels_forced(*forced), \
+        with sipl_fast.use_backend(backend) if backend else contextlib.nullcontext(), ops.kernels_forced(*forced), \
                 _strip_budget(x.device.type, strip_mib), mock.patch.dict(os.environ, graph_kernels), \
                 _product_variant(extras):
             return refiner(x)

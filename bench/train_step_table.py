@@ -9,9 +9,10 @@ on the CPU, NCHW on CUDA); "reference" is the authors' eager math in NCHW; "+gra
 these sizes is bound by the CPU issuing kernels); "+nhwc" trains on channels-last activations
 (``--channels-last``: cuDNN's depthwise convolutions instead of ATen's NCHW kernels); the graph
 records the kernels of ops.graph_kernels("train") (the depthwise convolutions by sipl_fast's
-Triton kernels), "+aten" ATen's depthwise convolutions instead, as eager steps run them
-(the graph records what eager steps run, SIPL_FAST_GRAPH_KERNELS=0); "+dwk" runs the depthwise convolutions with the Triton
-kernels in the eager step's gradient passes too (``ops.kernels_forced(*ops.DEPTHWISE_OPS)``). The step is ``Trainer.train_step``: the no-grad plain
+Triton kernels), "+aten" what eager steps run instead (SIPL_FAST_GRAPH_KERNELS=0); "+dwk"
+runs the depthwise convolutions (and, in the no-grad plain pass, the feed-forward's fused
+depthwise convolution + gate) with the Triton kernels in eager steps too
+(``ops.kernels_forced(*ops.DEPTHWISE_OPS)``). The step is ``Trainer.train_step``: the no-grad plain
 pass and encoder on the clean batch, the privileged pass on the degraded batch, L1, backward,
 clipping, AdamW.
 Peak memory: on CUDA the allocator's peak over the whole measurement (warm-up, the capture
@@ -36,7 +37,6 @@ from unittest import mock
 import torch
 
 import sipl_fast
-import table_harness as harness
 from sipl_fast import ops
 from peak_memory import peak_extra_bytes
 from sipl_fast.train import GRAPH_WARMUP_STEPS, TrainOptions, Trainer
@@ -77,8 +77,7 @@ def make_step(provider: str, device: torch.device, preset: str, batch: int, patc
     graph_kernels = {"SIPL_FAST_GRAPH_KERNELS": "0" if "aten" in extras else "1"}
 
     def step():
-        with sipl_fast.use_backend(backend), ops.kernels_forced(*forced), \
-                mock.patch.dict(os.environ, graph_kernels):
+        with sipl_fast.use_backend(backend), ops.kernels_forced(*forced), mock.patch.dict(os.environ, graph_kernels):
             return trainer.train_step(lq, gt)
 
     return step, trainer

@@ -137,11 +137,11 @@ def _mix_shared_bytes(c_pad, block_i, block_n, stages, element_size, streams, pr
 
 def _mix_plan(c_pad: int, element_size: int, streams: int, precision: str, prefetch: bool | None = None):
     """BLOCK_I (output rows per program), PREFETCH (see _prefetched) and the configuration of
-    the mix kernel, or None
-    when M's rows cannot stay on chip, or when two streams would leave tiles of less than half
-    a single stream's length (the caller then runs one stream per launch: with 3xTF32 at 80-128
-    channels the dual pass had 16-pixel tiles and took about 4x a single pass on the H200,
-    bench/results/h200_2026-11-27b/profile.json, where two single passes read q and k twice).
+    the mix kernel, or None when M's rows cannot stay on chip, or when two streams would leave
+    tiles of less than half a single stream's length (the caller then runs one stream per
+    launch: with 3xTF32 at 80-128 channels the dual pass had 16-pixel tiles and took about 4x
+    a single pass on the H200, bench/results/h200_2026-11-27b/profile.json, where two single
+    passes read q and k twice).
 
     M's rows are the first tl.dot operand, loaded once per program. 16-bit streams scale
     them in registers, where with the float32 accumulators they must fit in about 128

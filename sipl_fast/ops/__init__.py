@@ -38,9 +38,10 @@ _TRITON_MODULES = {
 # (MDTA's 16-bit kernels, once no faster than cuBLAS, ran fwd+bwd 1.2-3.1x faster than the
 # torch formulation eager and 1.3-3.7x replayed at the enc1/dec1 training and inference shapes
 # once they prefetched their tiles, bench/results/h200_2026-11-27f.md: they run in 16-bit
-# too; bench/decide_defaults.py re-checks this from each MDTA table.) LayerNorm2d's kernel lost forward + backward (its backward is slow), but
-# its forward alone ran 1.7-12x faster than the torch formulation (which transposes NCHW to
-# NHWC and back) on calls of >= 32k pixels, slower on smaller ones (bf16;
+# too; bench/decide_defaults.py re-checks this from each MDTA table.) LayerNorm2d's kernel
+# lost forward + backward (its backward is slow), but its forward alone ran 1.7-12x faster
+# than the torch formulation (which transposes NCHW to NHWC and back) on calls of >= 32k
+# pixels, slower on smaller ones (bf16;
 # bench/results/h200_2026-11-27/run2_norm_gate.json): it runs where no gradient is recorded
 # (refinement, the training step's plain pass) and the call is large.
 # SIPL_FAST_ALL_KERNELS=1 runs every kernel anyway (kernel tests, benchmarks);

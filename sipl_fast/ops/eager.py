@@ -26,7 +26,7 @@ def kernel_autograd(name: str, forward_op, backward_op, forward_launch, backward
     forward + backward on the CPU machine.
     """
     def setup_context(ctx, inputs, output):
-        out, state = (output[0], output[1:]) if isinstance(output, tuple) else (output, ())
+        out, state = _output_and_state(output)
         save(ctx, inputs, out, state)
         if state:
             mark_saved_state(ctx, *state)
@@ -37,8 +37,7 @@ def kernel_autograd(name: str, forward_op, backward_op, forward_launch, backward
     forward_op.register_autograd(op_backward, setup_context=setup_context)
 
     def eager_forward(ctx, *inputs):
-        output = forward_launch(*inputs)
-        out, state = (output[0], output[1:]) if isinstance(output, tuple) else (output, ())
+        out, state = _output_and_state(forward_launch(*inputs))
         save(ctx, inputs, out, state)
         return out
 
@@ -47,6 +46,11 @@ def kernel_autograd(name: str, forward_op, backward_op, forward_launch, backward
 
     return type(name, (torch.autograd.Function,), {
         "forward": staticmethod(eager_forward), "backward": staticmethod(eager_backward)})
+
+
+def _output_and_state(output) -> tuple:
+    """(out, state) of a forward launcher's result: out alone, or (out, *state)."""
+    return (output[0], output[1:]) if isinstance(output, tuple) else (output, ())
 
 
 def plain_eager(x: torch.Tensor) -> bool:
