@@ -15,8 +15,8 @@ from the directory and prints, with the numbers behind each line:
 - whether the row-streaming depthwise kernels' launch configuration (stream_config) is the
   fastest of bench/depthwise_sweep.py's candidates at the refinement's shapes;
 - whether the Gram products' 1024-pixel pieces beat the former 4096 ("+gram4096");
-- whether the MDTA kernels' 16-bit streams keep prefetching the next tile
-  (mdta_prefetch.json, bench/mdta_prefetch.py);
+- how many tiles the MDTA kernels' 16-bit streams should keep in flight (0, 1 or 2;
+  mdta_prefetch.json, bench/mdta_prefetch.py): the depth fastest in geometric mean;
 - whether the triton backend should run MDTA in each dtype by its kernels or by the torch
   formulation (transposed_attention.json, bench/transposed_attention_table.py): the kernels
   must beat the torch formulation in geometric mean over the table's shapes and modes, eager
@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from sipl_fast import modules, ops
+from sipl_fast.kernels import transposed_attention
 
 MEMORY_TARGET = 0.25  # issue 5: peak memory vs the reference loop at 512x512
 DEFAULT_STRIP_MIB = modules.STRIP_ELEMENTS["cuda"] >> 18  # elements of float32 -> MiB
@@ -184,26 +185,48 @@ def depthwise_config_verdict(sweep: dict | None) -> list[str]:
     return lines + [f"depthwise configs: keep stream_config (best candidate {best})"]
 
 
+_PREFETCH_DEPTHS = {"plain": 0, "prefetch": 1, "prefetch2": 2}  # bench/mdta_prefetch.py's variants
+
+
 def mdta_prefetch_verdict(sweep: dict | None) -> list[str]:
-    """Whether the MDTA kernels' 16-bit streams keep loading the next tile ahead
-    (bench/mdta_prefetch.py): the prefetched kernels must be faster in geometric mean over
-    the cases and modes; and where issue 4's bandwidth target stands."""
+    """How many tiles the MDTA kernels' 16-bit streams keep in flight (bench/mdta_prefetch.py):
+    the depth fastest in geometric mean, over the cases and modes, of its speed-up on the
+    plain streams, among the depths timed in every row (reports before the tenth session
+    have no "prefetch2"), replaces the default if it beats the default's depth by 2 %; and
+    where issue 4's bandwidth target stands."""
     if not sweep or not sweep.get("results"):
-        return ["MDTA prefetch: no measurement, keep kernels._PREFETCH"]
-    lines, speedups = [], []
+        return ["MDTA prefetch: no measurement, keep kernels.PREFETCH_DEFAULT"]
+    lines, speedups, timed_rows = [], {}, 0
     for result in sweep["results"]:
         for mode, row in result["modes"].items():
-            if row["speedup"]:
-                speedups.append(row["speedup"])
-                share = row["prefetch"]["copy_share"]
-                lines.append(f"MDTA {result['case']['name']} {result['case']['dtype']} {mode}: prefetch "
-                             f"{row['speedup']:.2f}x ({row['prefetch']['ms']:.3f} vs {row['plain']['ms']:.3f} ms"
+            plain = row["plain"]["ms"]
+            if not plain:
+                continue
+            timed_rows += 1
+            cells = []
+            for variant in _PREFETCH_DEPTHS:
+                cell = row.get(variant)
+                if variant == "plain" or not cell or not cell["ms"]:
+                    continue
+                speedups.setdefault(variant, []).append(plain / cell["ms"])
+                share = cell["copy_share"]
+                cells.append(f"{variant} {plain / cell['ms']:.2f}x ({cell['ms']:.3f} ms"
                              + (f", {share:.0%} of copy bandwidth)" if share else ")"))
-    if not speedups:
-        return lines + ["MDTA prefetch: no timing, keep kernels._PREFETCH"]
-    speed = _geometric_mean(speedups)
-    verdict = "keep" if speed >= 1.0 else "TURN OFF (SIPL_FAST_MDTA_PREFETCH's default to 0)"
-    return lines + [f"MDTA prefetch (kernels._PREFETCH): {speed:.3f}x in geometric mean, {verdict}"]
+            lines.append(f"MDTA {result['case']['name']} {result['case']['dtype']} {mode}: " + ", ".join(cells)
+                         + f" vs plain {plain:.3f} ms")
+    means = {"plain": 1.0, **{variant: _geometric_mean(values) for variant, values in speedups.items()
+                              if len(values) == timed_rows}}
+    if not timed_rows or len(means) == 1:
+        return lines + ["MDTA prefetch: no timing, keep kernels.PREFETCH_DEFAULT"]
+    best = max(means, key=means.get)
+    depth = _PREFETCH_DEPTHS[best]
+    default = next(variant for variant, d in _PREFETCH_DEPTHS.items() if d == transposed_attention.PREFETCH_DEFAULT)
+    # another depth must win by 2 % (run-to-run noise of replayed timings is ~1 %)
+    verdict = ("keep" if depth == transposed_attention.PREFETCH_DEFAULT or means[best] < 1.02 * means.get(default, 0)
+               else f"SET kernels.PREFETCH_DEFAULT (SIPL_FAST_MDTA_PREFETCH) to {depth}")
+    summary = ", ".join(f"{variant} {mean:.3f}x" for variant, mean in means.items() if variant != "plain")
+    return lines + [f"MDTA prefetch depth: {summary} the plain streams in geometric mean; fastest {best} "
+                    f"(depth {depth}): {verdict}"]
 
 
 _TABLE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

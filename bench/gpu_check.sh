@@ -11,7 +11,7 @@
 # lists every section's status, the headline lines of each table and what the run says about
 # the defaults that wait for a measurement (bench/decide_defaults.py: the graph kernels, the
 # TF32 mixes, the Gram pieces, the eager depthwise kernels, the depthwise launch configs, the
-# strip budget, the MDTA prefetch, the MDTA route per dtype).
+# strip budget, the MDTA prefetch depth, the MDTA route per dtype).
 # With a 480 s limit on the whole call: DEADLINE_S=455 fits the sections up to the
 # proxy-attention table (about 440 s on the H200, the GPU tests 160-175 s of it; at most 8
 # files come back). A second call (about 350 s of device time; a machine idle for 30 s is
@@ -49,9 +49,10 @@ section info 30 $PY -c "import json, sipl_fast; print(json.dumps(sipl_fast.info(
 # GPU_TESTS: the test files or node ids to run (default: all of tests/).
 section gpu-tests 200 $PY -m pytest -q -m gpu -p no:cacheprovider -n 15 ${GPU_TESTS:-tests} --durations=15 --junitxml="$OUT/gpu_tests.xml"
 # The open issues' kernels first (3 and 4; the refinement, issue 5, met its targets on the
-# H200 on 2026-11-27): the MDTA kernels' 16-bit streams with and without prefetching the next
-# tile, replayed from CUDA graphs, then the MDTA and proxy-attention tables.
-section mdta-prefetch 45 $PY bench/mdta_prefetch.py "$OUT/mdta_prefetch.json" --budget-s 30
+# H200 on 2026-11-27): the MDTA kernels' 16-bit streams with 0, 1 and 2 tiles loaded ahead
+# (depth 2 new in the tenth session, unmeasured), replayed from CUDA graphs, then the MDTA and
+# proxy-attention tables.
+section mdta-prefetch 60 $PY bench/mdta_prefetch.py "$OUT/mdta_prefetch.json" --budget-s 40
 # Host time per eager call of the attention ops (the tables' eager columns were up to 6x their
 # kernels' replayed time): by route, and per Triton launch through the JIT and the compiled launcher.
 section launch-overhead 30 $PY bench/launch_overhead.py "$OUT/launch_overhead.json"

@@ -80,11 +80,16 @@ _AUTOTUNE = os.environ.get("SIPL_FAST_TRITON_AUTOTUNE", "0") == "1" and not _INT
 # pipelining back for experiments.
 _STAGES_16BIT = int(os.environ.get("SIPL_FAST_MDTA_16BIT_STAGES", "1"))
 # Unpipelined, a program waits for each tile's loads before it multiplies, so the H200 ran
-# 16-bit streams at about 40 % of copy bandwidth. Instead a program loads the next tile into
-# registers while it multiplies this one: a pipeline of depth 2 with no shared-memory ring
-# (the part the bugs above concern). Each tile is multiplied as before (at one tile length the
-# results are bitwise those without prefetching). SIPL_FAST_MDTA_PREFETCH=0 turns it off.
-_PREFETCH = os.environ.get("SIPL_FAST_MDTA_PREFETCH", "1") == "1"
+# 16-bit streams at about 40 % of copy bandwidth. Instead a program loads the tiles ahead into
+# registers while it multiplies this one, with no shared-memory ring (the part the bugs above
+# concern): _PREFETCH is how many tiles it keeps in flight (0: none, 1: the next, 2: the next
+# two). Each tile is multiplied as before (at one tile length the results are bitwise those
+# without prefetching). Depth 1 measured 1.05x faster than none (H200); depth 2 is unmeasured
+# (see _prefetched for why it should help). SIPL_FAST_MDTA_PREFETCH=0/1/2 chooses.
+PREFETCH_DEFAULT = 1
+_PREFETCH = int(os.environ.get("SIPL_FAST_MDTA_PREFETCH", PREFETCH_DEFAULT))
+if _PREFETCH not in (0, 1, 2):
+    raise ValueError(f"SIPL_FAST_MDTA_PREFETCH must be 0, 1 or 2, got {_PREFETCH}")
 _STAGE_BYTES = 32 * 1024  # stream tiles loaded per pipeline stage
 _SHARED_MEMORY_BUDGET = 200 * 1024  # H100: 227 KB per block, minus what Triton adds
 _RESIDENT_BYTES = 128 * 1024  # most shared memory M's rows may take in a mix program
@@ -100,18 +105,27 @@ def _operand_copies(precision: str) -> int:
     return 2 if precision == "tf32x3" else 1
 
 
-def _prefetched(plan: dict, prefetch: bool | None, room: bool = True) -> dict:
-    """The plan with PREFETCH where ``prefetch`` (None: _PREFETCH) asks for it, its streams are
-    not software-pipelined and there is ``room``, in tiles of half the length: the current and
-    the next tile take the registers (and shared memory) of the one tile planned (full-length
-    tiles spilled registers at 48 channels, sm_90)."""
-    plan["PREFETCH"] = (_PREFETCH if prefetch is None else prefetch) and room and plan["num_stages"] == 1
+def _prefetched(plan: dict, prefetch: int | None, deepest: int = 2) -> dict:
+    """The plan with PREFETCH, the tiles kept in flight: ``prefetch`` (None: _PREFETCH), at most
+    ``deepest`` (what the registers allow), 0 where the streams are software-pipelined. With
+    prefetching the tiles are half the planned length: the current and the next tile take the
+    registers (and shared memory) of the one tile planned (full-length tiles spilled registers
+    at 48 channels, sm_90).
+
+    Why depth 2: a program of these passes is alone on its multiprocessor (its registers; the
+    grid is one wave), so the loads in flight per multiprocessor are its prefetched tiles:
+    at depth 1, 12 KB at SIPL's 48 and 96 channels (bf16, sm_90 plans). By Little's law that
+    sustains ~12 KB per ~1 us of memory latency per SM, ~1.6 TB/s on 132 SMs: the 36-37 % of
+    the H200's copy bandwidth measured (bench/results/h200_2026-11-27f.md). Depth 2 doubles
+    the bytes in flight for one more tile of registers."""
+    depth = _PREFETCH if prefetch is None else int(prefetch)
+    plan["PREFETCH"] = min(depth, deepest) if plan["num_stages"] == 1 else 0
     if plan["PREFETCH"] and not _INTERPRET:
         plan["BLOCK_N"] = max(16, plan["BLOCK_N"] // 2)
     return plan
 
 
-def _gram_plan(c_pad: int, element_size: int, precision: str, prefetch: bool | None = None) -> dict:
+def _gram_plan(c_pad: int, element_size: int, precision: str, prefetch: int | None = None) -> dict:
     """BLOCK_C, PREFETCH (see _prefetched) and the configuration of the Gram kernel: x and y
     tiles of BLOCK_C rows."""
     block_c = min(c_pad, 128)
@@ -120,11 +134,14 @@ def _gram_plan(c_pad: int, element_size: int, precision: str, prefetch: bool | N
     # below 64 rows tl.dot runs as mma.sync, whose operands take registers: shorter tiles
     longest = _MAX_BLOCK_N if block_c >= 64 else 64
     block_n = min(longest, _pow2_floor(_STAGE_BYTES // (2 * block_c * element_size)))
-    # a 128 x 128 float32 accumulator, or 3xTF32's split operands, need 8 warps' registers
-    warps = 8 if block_c >= 128 or precision == "tf32x3" else 4
     stages = _STAGES_16BIT if _STAGES_16BIT and element_size == 2 else 3
-    return _prefetched({"BLOCK_C": block_c, "BLOCK_N": max(16, block_n), "num_warps": warps, "num_stages": stages},
+    plan = _prefetched({"BLOCK_C": block_c, "BLOCK_N": max(16, block_n), "num_warps": 4, "num_stages": stages},
                        prefetch)
+    # a 128 x 128 float32 accumulator, 3xTF32's split operands, or two tiles in flight (at 64
+    # channels 4 warps spilled, sm_90) need 8 warps' registers
+    if block_c >= 128 or precision == "tf32x3" or plan["PREFETCH"] == 2:
+        plan["num_warps"] = 8
+    return plan
 
 
 def _mix_shared_bytes(c_pad, block_i, block_n, stages, element_size, streams, precision) -> int:
@@ -135,7 +152,7 @@ def _mix_shared_bytes(c_pad, block_i, block_n, stages, element_size, streams, pr
     return resident + pipelined + streams * block_i * block_n * element_size
 
 
-def _mix_plan(c_pad: int, element_size: int, streams: int, precision: str, prefetch: bool | None = None):
+def _mix_plan(c_pad: int, element_size: int, streams: int, precision: str, prefetch: int | None = None):
     """BLOCK_I (output rows per program), PREFETCH (see _prefetched) and the configuration of
     the mix kernel, or None when M's rows cannot stay on chip, or when two streams would leave
     tiles of less than half a single stream's length (the caller then runs one stream per
@@ -165,10 +182,11 @@ def _mix_plan(c_pad: int, element_size: int, streams: int, precision: str, prefe
             return None
         accumulator_registers = 64
     # 16-bit M rows of heads wider than 128 channels leave no registers for a second tile
-    # (176 channels spilled with it, sm_90)
-    room = c_pad <= 128
+    # (176 channels spilled with it, sm_90); at 128 channels the dual pass spilled twice as
+    # much with two tiles in flight as with one
+    deepest = 0 if c_pad > 128 else (1 if streams == 2 and c_pad == 128 else 2)
     if _INTERPRET:
-        return _prefetched({"BLOCK_I": block_i, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}, prefetch, room)
+        return _prefetched({"BLOCK_I": block_i, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}, prefetch, deepest)
     # mma.sync (fewer than 64 rows) holds its operands in registers: shorter tiles
     longest = _MAX_BLOCK_N if block_i >= 64 else 64
     block_n = min(longest, _pow2_floor(accumulator_registers * threads // (streams * block_i)),
@@ -181,7 +199,7 @@ def _mix_plan(c_pad: int, element_size: int, streams: int, precision: str, prefe
     if _STAGES_16BIT and element_size == 2:
         stages = _STAGES_16BIT
     plan = _prefetched({"BLOCK_I": block_i, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages},
-                       prefetch, room)
+                       prefetch, deepest)
     if streams == 2 and plan["BLOCK_N"] < _mix_plan(c_pad, element_size, 1, precision, prefetch)["BLOCK_N"] // 2:
         return None
     return plan
@@ -239,6 +257,17 @@ def _stream_tile(ptrs, n, rows_ok, cols, end):
     return tl.load(ptrs + n, mask=rows_ok[:, None] & (n + cols < end)[None, :], other=0.0)
 
 
+@triton.jit
+def _gram_step(x, y, gram, sq_x, sq_y, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """Adds one pair of tiles to the Gram matrix x y^T and to the squared row norms."""
+    gram = tl.dot(x, tl.trans(y), gram, input_precision=PRECISION, out_dtype=ACC)
+    # The backward's pass (x = dO, y = v) has no use for the norms: a few ALU operations per
+    # loaded element in a memory-bound loop, and one kernel variant to compile.
+    x_acc = x.to(ACC)
+    y_acc = y.to(ACC)
+    return gram, sq_x + tl.sum(x_acc * x_acc, axis=1), sq_y + tl.sum(y_acc * y_acc, axis=1)
+
+
 @triton.jit(do_not_specialize=["C", "HEADS", "SIZE_CLASS"])
 def _gram_partials_kernel(
     x_ptr, y_ptr, partials_ptr,
@@ -274,24 +303,32 @@ def _gram_partials_kernel(
     sq_y = tl.zeros((BLOCK_C,), dtype=ACC)
     start = chunk * CHUNK
     end = tl.minimum(start + CHUNK, N)
-    if PREFETCH:
-        x_next = _stream_tile(x_ptrs, start, rows_x < C, cols, end)
-        y_next = _stream_tile(y_ptrs, start, rows_y < C, cols, end)
-    for n in range(start, end, BLOCK_N):
-        if PREFETCH:  # the next tiles' loads are in flight while these are multiplied
+    x_ok, y_ok = rows_x < C, rows_y < C
+    # Prefetching: the next PREFETCH tiles' loads are in flight while one is multiplied. At
+    # depth 2 an iteration takes two tiles (past the end they load nothing and add zeros).
+    if PREFETCH >= 1:
+        x_next = _stream_tile(x_ptrs, start, x_ok, cols, end)
+        y_next = _stream_tile(y_ptrs, start, y_ok, cols, end)
+    if PREFETCH == 2:
+        x_after = _stream_tile(x_ptrs, start + BLOCK_N, x_ok, cols, end)
+        y_after = _stream_tile(y_ptrs, start + BLOCK_N, y_ok, cols, end)
+    for n in range(start, end, BLOCK_N * (2 if PREFETCH == 2 else 1)):
+        if PREFETCH == 2:
+            x, y, x_second, y_second = x_next, y_next, x_after, y_after
+            x_next = _stream_tile(x_ptrs, n + 2 * BLOCK_N, x_ok, cols, end)
+            y_next = _stream_tile(y_ptrs, n + 2 * BLOCK_N, y_ok, cols, end)
+            x_after = _stream_tile(x_ptrs, n + 3 * BLOCK_N, x_ok, cols, end)
+            y_after = _stream_tile(y_ptrs, n + 3 * BLOCK_N, y_ok, cols, end)
+            gram, sq_x, sq_y = _gram_step(x, y, gram, sq_x, sq_y, PRECISION, ACC)
+            x, y = x_second, y_second
+        elif PREFETCH == 1:
             x, y = x_next, y_next
-            x_next = _stream_tile(x_ptrs, n + BLOCK_N, rows_x < C, cols, end)
-            y_next = _stream_tile(y_ptrs, n + BLOCK_N, rows_y < C, cols, end)
+            x_next = _stream_tile(x_ptrs, n + BLOCK_N, x_ok, cols, end)
+            y_next = _stream_tile(y_ptrs, n + BLOCK_N, y_ok, cols, end)
         else:
-            x = _stream_tile(x_ptrs, n, rows_x < C, cols, end)
-            y = _stream_tile(y_ptrs, n, rows_y < C, cols, end)
-        gram = tl.dot(x, tl.trans(y), gram, input_precision=PRECISION, out_dtype=ACC)
-        # The backward's pass (x = dO, y = v) has no use for the norms: a few ALU operations
-        # per loaded element in a memory-bound loop, and one kernel variant to compile.
-        x_acc = x.to(ACC)
-        y_acc = y.to(ACC)
-        sq_x += tl.sum(x_acc * x_acc, axis=1)
-        sq_y += tl.sum(y_acc * y_acc, axis=1)
+            x = _stream_tile(x_ptrs, n, x_ok, cols, end)
+            y = _stream_tile(y_ptrs, n, y_ok, cols, end)
+        gram, sq_x, sq_y = _gram_step(x, y, gram, sq_x, sq_y, PRECISION, ACC)
 
     slot = partials_ptr + bh.to(tl.int64) * partials_stride_bh + chunk.to(tl.int64) * partials_stride_chunk
     gram_mask = (rows_x < C)[:, None] & (rows_y < C)[None, :]
@@ -467,41 +504,73 @@ def _channel_mix_kernel(
         y_ptrs = _stream_rows(y_ptr, y_stride_b, y_stride_c, batch, first_channel, ks, cols)
         x_rows_ptrs = _stream_rows(x_ptr, x_stride_b, x_stride_c, batch, first_channel, rows, cols)
         out2_ptrs = _stream_rows(out2_ptr, out2_stride_b, out2_stride_c, batch, first_channel, rows, cols)
+    else:  # placeholders: _mix_tile takes them but reads them only with DUAL
+        m2, scale2, diag2, x_rows_ptrs, out2_ptrs = m1, scale1, scale1, x_ptrs, out_ptrs
+    if not DIAG:
+        diag1, y_rows_ptrs = scale1, out_ptrs
 
     start = run * PIXELS_PER_PROGRAM
     end = tl.minimum(start + PIXELS_PER_PROGRAM, N)
-    if PREFETCH:
+    # Prefetching as in the Gram pass: PREFETCH tiles in flight, two tiles an iteration at depth 2.
+    if PREFETCH >= 1:
         x_next = _stream_tile(x_ptrs, start, ks < C, cols, end)
         if DUAL:
             y_next = _stream_tile(y_ptrs, start, ks < C, cols, end)
-    for n in range(start, end, BLOCK_N):
-        out_mask = (rows < C)[:, None] & (n + cols < end)[None, :]
-        if PREFETCH:  # the next tiles' loads are in flight while these are multiplied
+    if PREFETCH == 2:
+        x_after = _stream_tile(x_ptrs, start + BLOCK_N, ks < C, cols, end)
+        if DUAL:
+            y_after = _stream_tile(y_ptrs, start + BLOCK_N, ks < C, cols, end)
+    for n in range(start, end, BLOCK_N * (2 if PREFETCH == 2 else 1)):
+        if PREFETCH == 2:
+            x, x_second = x_next, x_after
+            y = y_next if DUAL else x
+            y_second = y_after if DUAL else x_second
+            x_next = _stream_tile(x_ptrs, n + 2 * BLOCK_N, ks < C, cols, end)
+            x_after = _stream_tile(x_ptrs, n + 3 * BLOCK_N, ks < C, cols, end)
+            if DUAL:
+                y_next = _stream_tile(y_ptrs, n + 2 * BLOCK_N, ks < C, cols, end)
+                y_after = _stream_tile(y_ptrs, n + 3 * BLOCK_N, ks < C, cols, end)
+            _mix_tile(n, x, y, m1, scale1, m2, scale2, diag1, diag2, rows, cols, end, C,
+                      out_ptrs, y_rows_ptrs, out2_ptrs, x_rows_ptrs, DIAG, DUAL, PRECISION, ACC, BLOCK_I, BLOCK_K)
+            x, y, tile = x_second, y_second, n + BLOCK_N
+        elif PREFETCH == 1:
             x = x_next
+            y = y_next if DUAL else x
             x_next = _stream_tile(x_ptrs, n + BLOCK_N, ks < C, cols, end)
             if DUAL:
-                y = y_next
                 y_next = _stream_tile(y_ptrs, n + BLOCK_N, ks < C, cols, end)
+            tile = n
         else:
             x = _stream_tile(x_ptrs, n, ks < C, cols, end)
-            if DUAL:
-                y = _stream_tile(y_ptrs, n, ks < C, cols, end)
-        out = tl.dot(m1, x, input_precision=PRECISION, out_dtype=ACC) * scale1[:, None]
-        if DIAG:
-            if DUAL and BLOCK_I == BLOCK_K:  # one row tile: the loaded tile is the rows
-                y_rows = y
-            else:
-                y_rows = tl.load(y_rows_ptrs + n, mask=out_mask, other=0.0)
-            out += diag1[:, None] * y_rows.to(ACC)
-        if DUAL:
-            if BLOCK_I == BLOCK_K:
-                x_rows = x
-            else:
-                x_rows = tl.load(x_rows_ptrs + n, mask=out_mask, other=0.0)
-            out2 = tl.dot(m2, y, input_precision=PRECISION, out_dtype=ACC) * scale2[:, None]
-            out2 += diag2[:, None] * x_rows.to(ACC)
-            tl.store(out2_ptrs + n, out2.to(out2_ptr.dtype.element_ty), mask=out_mask)
-        tl.store(out_ptrs + n, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+            y = _stream_tile(y_ptrs, n, ks < C, cols, end) if DUAL else x
+            tile = n
+        _mix_tile(tile, x, y, m1, scale1, m2, scale2, diag1, diag2, rows, cols, end, C,
+                  out_ptrs, y_rows_ptrs, out2_ptrs, x_rows_ptrs, DIAG, DUAL, PRECISION, ACC, BLOCK_I, BLOCK_K)
+
+
+@triton.jit
+def _mix_tile(n, x, y, m1, scale1, m2, scale2, diag1, diag2, rows, cols, end, C,
+              out_ptrs, y_rows_ptrs, out2_ptrs, x_rows_ptrs,
+              DIAG: tl.constexpr, DUAL: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+              BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Writes the mix pass's output tile(s) at pixel offset n from the loaded tiles x (and y)."""
+    out_mask = (rows < C)[:, None] & (n + cols < end)[None, :]
+    out = tl.dot(m1, x, input_precision=PRECISION, out_dtype=ACC) * scale1[:, None]
+    if DIAG:
+        if DUAL and BLOCK_I == BLOCK_K:  # one row tile: the loaded tile is the rows
+            y_rows = y
+        else:
+            y_rows = tl.load(y_rows_ptrs + n, mask=out_mask, other=0.0)
+        out += diag1[:, None] * y_rows.to(ACC)
+    if DUAL:
+        if BLOCK_I == BLOCK_K:
+            x_rows = x
+        else:
+            x_rows = tl.load(x_rows_ptrs + n, mask=out_mask, other=0.0)
+        out2 = tl.dot(m2, y, input_precision=PRECISION, out_dtype=ACC) * scale2[:, None]
+        out2 += diag2[:, None] * x_rows.to(ACC)
+        tl.store(out2_ptrs + n, out2.to(out2_ptrs.dtype.element_ty), mask=out_mask)
+    tl.store(out_ptrs + n, out.to(out_ptrs.dtype.element_ty), mask=out_mask)
 
 
 # The same kernels behind the autotuner (used when SIPL_FAST_TRITON_AUTOTUNE=1). The key
@@ -563,7 +632,7 @@ def _split_pixels(n_pixels: int, other_programs: int, target_programs: int, shor
 
 @functools.lru_cache(maxsize=1024)
 def _gram_layout(c: int, n_pixels: int, heads_total: int, element_size: int, precision: str, target: int,
-                 prefetch: bool):
+                 prefetch: int):
     """(BLOCK_C, PREFETCH, channel tiles, chunks, chunk length, launch configuration) of the
     Gram pass."""
     config = _gram_plan(_padded(c), element_size, precision, prefetch)
@@ -579,7 +648,7 @@ def _gram_layout(c: int, n_pixels: int, heads_total: int, element_size: int, pre
 
 @functools.lru_cache(maxsize=1024)
 def _mix_layout(c: int, n_pixels: int, heads_total: int, element_size: int, streams: int, precision: str,
-                target: int, prefetch: bool):
+                target: int, prefetch: int):
     """(BLOCK_I, PREFETCH, row tiles, runs, pixels per run, launch configuration) of a mix
     pass, or None where _mix_plan splits the streams (streams = 2 with 3xTF32 heads)."""
     config = _mix_plan(_padded(c), element_size, streams, precision, prefetch)

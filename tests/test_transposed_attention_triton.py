@@ -13,6 +13,8 @@ contiguous as a whole). Tests marked ``gpu`` run SIPL's shapes on CUDA in fp32 a
 """
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
@@ -133,22 +135,26 @@ def test_float16_gradients_do_not_underflow():
 
 
 def test_prefetched_streams_equal_the_unprefetched_bit_for_bit(monkeypatch):
-    """Loading each tile one iteration ahead (kernels._PREFETCH: the unpipelined 16-bit streams
-    on a GPU, every stream in the interpreter, whose tile length it keeps) changes no product
-    and no order: outputs and gradients equal those without it bit for bit. Runs of several
-    tiles and a partial last one. (On a GPU prefetching halves the tiles, which changes the
-    norms' summation order: test_gpu_sipl_shapes and the run-to-run test cover it there.)"""
-    q, k, v, temperature = make_inputs(1, 96, (9, 41), 2, [1.0, 8.0])
-    grad_out = torch.randn(q.shape)
-    runs, plans = [], []
-    for prefetch in (True, False):
-        monkeypatch.setattr(mdta.kernels, "_PREFETCH", prefetch)  # the cached layouts follow it
-        plans.append(mdta.kernels._gram_plan(128, 4, "ieee")["PREFETCH"])
-        runs.append(run_triton(q, k, v, temperature, 2, grad_out))
-    (out, grads), (plain_out, plain_grads) = runs
-    assert plans == [True, False]
-    assert torch.equal(out, plain_out)
-    assert all(torch.equal(a, b) for a, b in zip(grads, plain_grads))
+    """Loading tiles ahead (kernels._PREFETCH: 1 or 2 tiles in flight, the unpipelined 16-bit
+    streams on a GPU, every stream in the interpreter, whose tile length it keeps) changes no
+    product and no order: outputs and gradients equal those without it bit for bit. Runs of
+    several tiles, odd and even counts of them (depth 2 takes two an iteration) and a partial
+    last one, at 48 and 80 channels per head (the mix pass in one row tile and in two). (On a GPU
+    prefetching halves the tiles, which changes the norms' summation order:
+    test_gpu_sipl_shapes and the run-to-run test cover it there.)"""
+    cases = [make_inputs(1, 96, (9, 41), 2, [1.0, 8.0]), make_inputs(2, 80, (7, 13), 1, [3.0])]
+    for (q, k, v, temperature), heads in zip(cases, (2, 1)):
+        grad_out = torch.randn(q.shape)
+        runs, plans = [], []
+        for depth in (0, 1, 2):
+            monkeypatch.setattr(mdta.kernels, "_PREFETCH", depth)  # the cached layouts follow it
+            plans.append(mdta.kernels._gram_plan(128, 4, "ieee")["PREFETCH"])
+            runs.append(run_triton(q, k, v, temperature, heads, grad_out))
+        assert plans == [0, 1, 2]
+        (plain_out, plain_grads), *prefetched = runs
+        for out, grads in prefetched:
+            assert torch.equal(out, plain_out)
+            assert all(torch.equal(a, b) for a, b in zip(grads, plain_grads))
 
 
 def test_float64_and_strided_planes():
@@ -418,38 +424,40 @@ def compile_for_sm90() -> list[str]:
     """Compiles the two streaming kernels (the Gram pass; the mix, single and dual) with their
     GPU plans for SIPL's head widths (64, 128 and 256 padded channels), bf16 and float32, for
     sm_90 (no GPU needed) and returns the problems: a failed compile, shared memory beyond the
-    H100's 227 KB, or a prefetched plan that spills more registers than the kernel without
-    prefetching at the full tile length. Needs TRITON_INTERPRET unset before the kernels are
+    H100's 227 KB, or a prefetched plan (one or two tiles in flight) that spills more registers
+    than the kernel without prefetching at the full tile length. Needs TRITON_INTERPRET unset before the kernels are
     imported, hence its own process."""
     import triton.language as tl
 
     from sipl_fast.kernels import transposed_attention as kernels
-    problems = []
-    for c_pad in (64, 128, 256):
-        for pointer, size, precision in (("*bf16", 2, "ieee"), ("*fp32", 4, "tf32x3")):
-            cases = [("gram", kernels._gram_partials_kernel, kernels._gram_plan(c_pad, size, precision), {})]
-            for streams in (1, 2):
-                plan = kernels._mix_plan(c_pad, size, streams, precision)
-                if plan is not None:
-                    cases.append((f"mix{streams}", kernels._channel_mix_kernel, plan,
-                                  dict(DIAG=streams == 2, DUAL=streams == 2, SCALE_ROWS=size == 2, BLOCK_K=c_pad)))
-            for name, kernel, plan, flags in cases:
-                plan = dict(plan)
-                constants = dict(flags, PRECISION=precision, ACC=tl.float32, BLOCK_N=plan["BLOCK_N"],
-                                 PREFETCH=plan["PREFETCH"])
-                constants.update({key: plan[key] for key in ("BLOCK_C", "BLOCK_I") if key in plan})
-                label = f"{name} c_pad={c_pad} {pointer[1:]} {plan}"
-                try:
-                    shared, stack = _compile_sm90(kernel, constants, pointer, plan)
-                    if shared > 227 * 1024:
-                        problems.append(f"{label}: {shared} bytes of shared memory")
-                    if plan["PREFETCH"]:
-                        unprefetched = dict(constants, PREFETCH=False, BLOCK_N=2 * plan["BLOCK_N"])
-                        _, stack_before = _compile_sm90(kernel, unprefetched, pointer, plan)
-                        if stack > stack_before:
-                            problems.append(f"{label}: prefetching spills {stack} bytes, {stack_before} without")
-                except Exception as error:  # noqa: BLE001 - reported with its plan
-                    problems.append(f"{label}: {type(error).__name__}: {str(error)[-600:]}")
+    problems, seen = [], set()
+    for c_pad, (pointer, size, precision), depth in itertools.product(
+            (64, 128, 256), (("*bf16", 2, "ieee"), ("*fp32", 4, "tf32x3")), (1, 2)):
+        cases = [("gram", kernels._gram_partials_kernel, kernels._gram_plan(c_pad, size, precision, depth), {})]
+        for streams in (1, 2):
+            plan = kernels._mix_plan(c_pad, size, streams, precision, depth)
+            if plan is not None:
+                cases.append((f"mix{streams}", kernels._channel_mix_kernel, plan,
+                              dict(DIAG=streams == 2, DUAL=streams == 2, SCALE_ROWS=size == 2, BLOCK_K=c_pad)))
+        for name, kernel, plan, flags in cases:
+            label = f"{name} c_pad={c_pad} {pointer[1:]} {plan}"
+            if label in seen:  # a depth the registers do not allow gives the shallower plan
+                continue
+            seen.add(label)
+            constants = dict(flags, PRECISION=precision, ACC=tl.float32, BLOCK_N=plan["BLOCK_N"],
+                             PREFETCH=plan["PREFETCH"])
+            constants.update({key: plan[key] for key in ("BLOCK_C", "BLOCK_I") if key in plan})
+            try:
+                shared, stack = _compile_sm90(kernel, constants, pointer, plan)
+                if shared > 227 * 1024:
+                    problems.append(f"{label}: {shared} bytes of shared memory")
+                if plan["PREFETCH"]:
+                    unprefetched = dict(constants, PREFETCH=0, BLOCK_N=2 * plan["BLOCK_N"])
+                    _, stack_before = _compile_sm90(kernel, unprefetched, pointer, plan)
+                    if stack > stack_before:
+                        problems.append(f"{label}: prefetching spills {stack} bytes, {stack_before} without")
+            except Exception as error:  # noqa: BLE001 - reported with its plan
+                problems.append(f"{label}: {type(error).__name__}: {str(error)[-600:]}")
     return problems
 
 
