@@ -18,8 +18,10 @@ chunk b, fewer than its used ones (none at the SIPL sizes 48, 96, 384; 8 at d = 
 
 Passes (every buffer is linear in tokens; there is no Nq x Nkv buffer anywhere):
 1. ``_token_dot_kernel`` -> per-token inverse norms 1/max(|x|, eps) of q and k (fp32), kept for
-   the backward. Applying them to the logits (q side in the tile, k side as a column scale)
-   costs one multiply-add per logit and avoids writing normalised copies of q and k.
+   the backward. The products take q and k as loaded and the inverse norms scale the logits
+   in fp32 (q's rows, k's columns), which costs no more operations per logit than the softmax
+   needs anyway and writes no normalised copies of q and k. (Scaling the q tile in
+   registers instead made ptxas serialise every wgmma of the forward, C7515, sm_90.)
 2. ``_forward_kernel``: a query block against a range of key blocks with an online softmax
    (running max and sum in fp32, base 2). It writes the normalised output and the base-2
    logsumexp (lse) of its rows. With few queries and many keys (the dictionary side, e.g.
@@ -229,13 +231,14 @@ def _forward_kernel(
     v_base = v_ptr + batch.to(tl.int64) * v_sb + head * D * v_sc
     rk_base = rk_ptr + batch.to(tl.int64) * rk_sb + head * N_KV
 
-    # q̂ = q * r_q in the input dtype; the temperature and log2(e) go into the key-side scale.
-    rq = tl.load(rq_ptr + batch.to(tl.int64) * rq_sb + head * N_Q + queries, mask=query_mask, other=0.0)
+    # q enters the products as loaded: scaling it first (q̂ = q * r_q in registers) made ptxas
+    # serialise every wgmma of the kernel (C7515, sm_90). r_q scales the logits' rows instead:
+    # with t = (q . k) * r_k * tau * log2(e) the base-2 logit is r_q * t, and as r_q > 0 the
+    # running maximum can be kept in t, so the softmax costs no extra operation per logit.
+    rq = tl.load(rq_ptr + batch.to(tl.int64) * rq_sb + head * N_Q + queries, mask=query_mask, other=1.0)
     q_a = _load_chunk(q_base, queries, query_mask, q_st, q_sc, 0, DA, D)
-    q_a = (q_a * rq[:, None]).to(q_ptr.dtype.element_ty)
     if DB > 0:
         q_b = _load_chunk(q_base, queries, query_mask, q_st, q_sc, DA, DB, D)
-        q_b = (q_b * rq[:, None]).to(q_ptr.dtype.element_ty)
     tau_log2e = tl.load(temp_ptr + head).to(tl.float32) * _LOG2E
 
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -253,14 +256,15 @@ def _forward_kernel(
         if DB > 0:
             k_b = _load_chunk(k_base, keys, key_mask, k_st, k_sc, DA, DB, D)
             s = tl.dot(q_b, tl.trans(k_b), s, input_precision=DOT_PRECISION)
-        # logit (base 2) = (q̂ . k) * r_k * tau * log2(e); keys past N_KV get -inf (one FMA).
+        # t = (q . k) * r_k * tau * log2(e); keys past N_KV get -inf (one FMA).
         key_scale = tl.load(rk_base + keys, mask=key_mask, other=0.0) * tau_log2e
         key_bias = tl.where(key_mask, 0.0, float("-inf"))
         s = s * key_scale[None, :] + key_bias[None, :]
 
+        # row_max is the running maximum of t; p = 2^(r_q (t - max)) is one FMA per logit.
         new_max = tl.maximum(row_max, tl.max(s, axis=1))
-        rescale = tl.exp2(row_max - new_max)
-        p = tl.exp2(s - new_max[:, None])
+        rescale = tl.exp2(rq * (row_max - new_max))
+        p = tl.exp2(s * rq[:, None] - (rq * new_max)[:, None])
         row_sum = row_sum * rescale + tl.sum(p, axis=1)
         row_max = new_max
         p = p.to(v_ptr.dtype.element_ty)
@@ -275,7 +279,7 @@ def _forward_kernel(
     if DB > 0:
         _store_chunk(out_base, acc_b / row_sum[:, None], queries, query_mask, out_st, out_sc, DA, DB, D)
     lse = lse_ptr + split.to(tl.int64) * lse_ss + (batch * NUM_HEADS + head).to(tl.int64) * N_Q + queries
-    tl.store(lse, row_max + tl.log2(row_sum), mask=query_mask)
+    tl.store(lse, rq * row_max + tl.log2(row_sum), mask=query_mask)
 
 
 @triton.jit
@@ -371,27 +375,29 @@ def _backward_dkdv_kernel(
         q_base = q_ptr + batch.to(tl.int64) * q_sb + head * D * q_sc
         do_base = dout_ptr + batch.to(tl.int64) * do_sb + head * D * do_sc
         row = (batch * NUM_HEADS + head).to(tl.int64) * N_Q + queries
-        rq = tl.load(rq_ptr + batch.to(tl.int64) * rq_sb + head * N_Q + queries, mask=query_mask, other=0.0)
+        rq = tl.load(rq_ptr + batch.to(tl.int64) * rq_sb + head * N_Q + queries, mask=query_mask, other=1.0)
         lse = tl.load(lse_ptr + row, mask=query_mask, other=float("inf"))  # masked rows: P = 0
         delta = tl.load(delta_ptr + row, mask=query_mask, other=0.0)
 
-        qhat_a = (_load_chunk(q_base, queries, query_mask, q_st, q_sc, 0, DA, D) * rq[:, None]).to(dtype)
+        # The logits from q as loaded, scaled by r_q in float32, as the forward computes them
+        # (P must match its lse); q̂ in the input dtype only for the dk product.
+        q_a = _load_chunk(q_base, queries, query_mask, q_st, q_sc, 0, DA, D)
         do_a = _load_chunk(do_base, queries, query_mask, do_st, do_sc, 0, DA, D)
-        s_t = tl.dot(k_a, tl.trans(qhat_a), input_precision=DOT_PRECISION)            # (keys, queries)
+        s_t = tl.dot(k_a, tl.trans(q_a), input_precision=DOT_PRECISION)            # (keys, queries)
         dp_t = tl.dot(v_a, tl.trans(do_a), input_precision=DOT_PRECISION)
         if DB > 0:
-            qhat_b = (_load_chunk(q_base, queries, query_mask, q_st, q_sc, DA, DB, D) * rq[:, None]).to(dtype)
+            q_b = _load_chunk(q_base, queries, query_mask, q_st, q_sc, DA, DB, D)
             do_b = _load_chunk(do_base, queries, query_mask, do_st, do_sc, DA, DB, D)
-            s_t = tl.dot(k_b, tl.trans(qhat_b), s_t, input_precision=DOT_PRECISION)
+            s_t = tl.dot(k_b, tl.trans(q_b), s_t, input_precision=DOT_PRECISION)
             dp_t = tl.dot(v_b, tl.trans(do_b), dp_t, input_precision=DOT_PRECISION)
-        p_t = tl.exp2(s_t * key_scale[:, None] + key_bias[:, None] - lse[None, :])
+        p_t = tl.exp2((s_t * key_scale[:, None] + key_bias[:, None]) * rq[None, :] - lse[None, :])
         ds_t = (p_t * (dp_t - delta[None, :])).to(dtype)
         p_t = p_t.to(dtype)
         dv_a = tl.dot(p_t, do_a, dv_a, input_precision=DOT_PRECISION)
-        dk_a = tl.dot(ds_t, qhat_a, dk_a, input_precision=DOT_PRECISION)
+        dk_a = tl.dot(ds_t, (q_a * rq[:, None]).to(dtype), dk_a, input_precision=DOT_PRECISION)
         if DB > 0:
             dv_b = tl.dot(p_t, do_b, dv_b, input_precision=DOT_PRECISION)
-            dk_b = tl.dot(ds_t, qhat_b, dk_b, input_precision=DOT_PRECISION)
+            dk_b = tl.dot(ds_t, (q_b * rq[:, None]).to(dtype), dk_b, input_precision=DOT_PRECISION)
 
     # dk̂ = tau * dS^T q̂ (the key-side r_k is applied by the normalisation backward).
     dk_a = dk_a * tau
@@ -445,11 +451,12 @@ def _backward_dq_kernel(
     dtype = q_ptr.dtype.element_ty
 
     q_base = q_ptr + q_batch.to(tl.int64) * q_sb + head * D * q_sc
-    rq = tl.load(rq_ptr + q_batch.to(tl.int64) * rq_sb + head * N_Q + queries, mask=query_mask, other=0.0)
-    qhat_a = (_load_chunk(q_base, queries, query_mask, q_st, q_sc, 0, DA, D) * rq[:, None]).to(dtype)
+    rq = tl.load(rq_ptr + q_batch.to(tl.int64) * rq_sb + head * N_Q + queries, mask=query_mask, other=1.0)
+    # q as loaded: the logits are scaled by r_q in float32, as in the forward
+    q_a = _load_chunk(q_base, queries, query_mask, q_st, q_sc, 0, DA, D)
     g_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
     if DB > 0:
-        qhat_b = (_load_chunk(q_base, queries, query_mask, q_st, q_sc, DA, DB, D) * rq[:, None]).to(dtype)
+        q_b = _load_chunk(q_base, queries, query_mask, q_st, q_sc, DA, DB, D)
         g_b = tl.zeros([BLOCK_M, DB], dtype=tl.float32)
     tau = tl.load(temp_ptr + head).to(tl.float32)
     tau_log2e = tau * _LOG2E
@@ -477,15 +484,15 @@ def _backward_dq_kernel(
             rk = tl.load(rk_base + keys, mask=key_mask, other=0.0)
             k_a = _load_chunk(k_base, keys, key_mask, k_st, k_sc, 0, DA, D)
             v_a = _load_chunk(v_base, keys, key_mask, v_st, v_sc, 0, DA, D)
-            s = tl.dot(qhat_a, tl.trans(k_a), input_precision=DOT_PRECISION)
+            s = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PRECISION)
             dp = tl.dot(do_a, tl.trans(v_a), input_precision=DOT_PRECISION)
             if DB > 0:
                 k_b = _load_chunk(k_base, keys, key_mask, k_st, k_sc, DA, DB, D)
                 v_b = _load_chunk(v_base, keys, key_mask, v_st, v_sc, DA, DB, D)
-                s = tl.dot(qhat_b, tl.trans(k_b), s, input_precision=DOT_PRECISION)
+                s = tl.dot(q_b, tl.trans(k_b), s, input_precision=DOT_PRECISION)
                 dp = tl.dot(do_b, tl.trans(v_b), dp, input_precision=DOT_PRECISION)
             key_bias = tl.where(key_mask, 0.0, float("-inf"))
-            p = tl.exp2(s * (rk * tau_log2e)[None, :] + key_bias[None, :] - lse[:, None])
+            p = tl.exp2((s * (rk * tau_log2e)[None, :] + key_bias[None, :]) * rq[:, None] - lse[:, None])
             ds = (p * (dp - delta[:, None])).to(dtype)
             # G += dS k̂ with k̂ in the input dtype (not dS * r_k: r_k = 1e12 on zero keys).
             g_a = tl.dot(ds, (k_a * rk[:, None]).to(dtype), g_a, input_precision=DOT_PRECISION)

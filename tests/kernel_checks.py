@@ -108,11 +108,34 @@ def compile_sm90(kernel, constants: dict, pointer_type, warps: int, stages: int 
     return triton.compile(source, target=target, options=options.__dict__)
 
 
-def run_compiled(test_file: str, timeout: int):
+def ptxas_info(compiled) -> str:
+    """ptxas -v's report on a kernel compiled for sm_90 (compile_sm90): registers, spills and
+    the performance notes Triton does not show, among them C7515, "wgmma.mma_async
+    instructions are serialized" (each tensor-core product then waits for the one before)."""
+    import subprocess
+    import tempfile
+
+    import triton
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "kernel.ptx")
+        with open(source, "w") as f:
+            f.write(compiled.asm["ptx"])
+        result = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", source, "-o", os.path.join(folder, "kernel.o")],
+                                capture_output=True, text=True, check=True)
+    return result.stdout + result.stderr
+
+
+def wgmma_serialised(compiled) -> bool:
+    return "C7515" in ptxas_info(compiled)
+
+
+def run_compiled(test_file: str, timeout: int, args=()):
     """Runs ``test_file`` as a script with TRITON_INTERPRET=0 (its __main__ compiles its kernels
     for sm_90 and exits non-zero on a problem): the kernels must be imported with the
     interpreter off, which the test process has on. The finished process."""
     import subprocess
     import sys
     env = dict(os.environ, TRITON_INTERPRET="0")
-    return subprocess.run([sys.executable, test_file], env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, test_file, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)

@@ -25,7 +25,7 @@ from sipl_fast import ops
 from sipl_fast.ops import reference
 from sipl_fast.ops import transposed_attention_triton as mdta
 
-from kernel_checks import compile_sm90, run_compiled
+from kernel_checks import compile_sm90, run_compiled, wgmma_serialised
 
 CUDA = torch.cuda.is_available()
 
@@ -395,9 +395,10 @@ def test_gpu_plans_split_dq_and_dk_where_a_dual_pass_has_short_tiles(monkeypatch
 
 
 # ----------------------------------------------------------------------------- sm_90 compile check
-def _compile_sm90(kernel, constants: dict, pointer: str, plan: dict) -> tuple[int, int]:
-    """(shared memory bytes, stack bytes per thread: spilled registers) of ``kernel`` compiled
-    for sm_90 with ``constants`` and ``plan``'s warps and stages; ``pointer`` types the streams."""
+def _compile_sm90(kernel, constants: dict, pointer: str, plan: dict) -> tuple[int, int, bool]:
+    """(shared memory bytes, stack bytes per thread: spilled registers, whether ptxas serialises
+    its wgmma) of ``kernel`` compiled for sm_90 with ``constants`` and ``plan``'s warps and
+    stages; ``pointer`` types the streams."""
     import os
     import re
     import subprocess
@@ -417,15 +418,16 @@ def _compile_sm90(kernel, constants: dict, pointer: str, plan: dict) -> tuple[in
             f.write(compiled.asm["cubin"])
         usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", cubin], capture_output=True,
                                text=True, check=True).stdout
-    return compiled.metadata.shared, int(re.search(r"STACK:(\d+)", usage).group(1))
+    return compiled.metadata.shared, int(re.search(r"STACK:(\d+)", usage).group(1)), wgmma_serialised(compiled)
 
 
 def compile_for_sm90() -> list[str]:
     """Compiles the two streaming kernels (the Gram pass; the mix, single and dual) with their
     GPU plans for SIPL's head widths (64, 128 and 256 padded channels), bf16 and float32, for
     sm_90 (no GPU needed) and returns the problems: a failed compile, shared memory beyond the
-    H100's 227 KB, or a prefetched plan (one or two tiles in flight) that spills more registers
-    than the kernel without prefetching at the full tile length. Needs TRITON_INTERPRET unset before the kernels are
+    H100's 227 KB, tensor-core products that ptxas serialises (C7515), or a prefetched plan (one
+    or two tiles in flight) that spills more registers than the kernel without prefetching at
+    the full tile length. Needs TRITON_INTERPRET unset before the kernels are
     imported, hence its own process."""
     import triton.language as tl
 
@@ -448,12 +450,14 @@ def compile_for_sm90() -> list[str]:
                              PREFETCH=plan["PREFETCH"])
             constants.update({key: plan[key] for key in ("BLOCK_C", "BLOCK_I") if key in plan})
             try:
-                shared, stack = _compile_sm90(kernel, constants, pointer, plan)
+                shared, stack, serialised = _compile_sm90(kernel, constants, pointer, plan)
                 if shared > 227 * 1024:
                     problems.append(f"{label}: {shared} bytes of shared memory")
+                if serialised:
+                    problems.append(f"{label}: ptxas serialises its wgmma instructions (C7515)")
                 if plan["PREFETCH"]:
                     unprefetched = dict(constants, PREFETCH=0, BLOCK_N=2 * plan["BLOCK_N"])
-                    _, stack_before = _compile_sm90(kernel, unprefetched, pointer, plan)
+                    _, stack_before, _ = _compile_sm90(kernel, unprefetched, pointer, plan)
                     if stack > stack_before:
                         problems.append(f"{label}: prefetching spills {stack} bytes, {stack_before} without")
             except Exception as error:  # noqa: BLE001 - reported with its plan
