@@ -182,9 +182,10 @@ def _mix_plan(c_pad: int, element_size: int, streams: int, precision: str, prefe
             return None
         accumulator_registers = 64
     # 16-bit M rows of heads wider than 128 channels leave no registers for a second tile
-    # (176 channels spilled with it, sm_90); at 128 channels the dual pass spilled twice as
-    # much with two tiles in flight as with one
-    deepest = 0 if c_pad > 128 else (1 if streams == 2 and c_pad == 128 else 2)
+    # (176 channels spilled with it, sm_90). Two tiles in flight only pay for the single
+    # stream at 128 channels: at 64 two programs of depth 1 share a multiprocessor (one of
+    # depth 2 takes its registers), and the dual pass at 128 spilled twice as much with them.
+    deepest = 0 if c_pad > 128 else (2 if c_pad == 128 and streams == 1 else 1)
     if _INTERPRET:
         return _prefetched({"BLOCK_I": block_i, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}, prefetch, deepest)
     # mma.sync (fewer than 64 rows) holds its operands in registers: shorter tiles
@@ -511,28 +512,23 @@ def _channel_mix_kernel(
 
     start = run * PIXELS_PER_PROGRAM
     end = tl.minimum(start + PIXELS_PER_PROGRAM, N)
-    # Prefetching as in the Gram pass: PREFETCH tiles in flight, two tiles an iteration at depth 2.
+    # Prefetching as in the Gram pass: PREFETCH tiles in flight, two tiles an iteration at
+    # depth 2 (single stream only, see _mix_plan).
+    tl.static_assert(PREFETCH < 2 or not DUAL, "the dual pass prefetches one tile at most")
     if PREFETCH >= 1:
         x_next = _stream_tile(x_ptrs, start, ks < C, cols, end)
         if DUAL:
             y_next = _stream_tile(y_ptrs, start, ks < C, cols, end)
     if PREFETCH == 2:
         x_after = _stream_tile(x_ptrs, start + BLOCK_N, ks < C, cols, end)
-        if DUAL:
-            y_after = _stream_tile(y_ptrs, start + BLOCK_N, ks < C, cols, end)
     for n in range(start, end, BLOCK_N * (2 if PREFETCH == 2 else 1)):
         if PREFETCH == 2:
             x, x_second = x_next, x_after
-            y = y_next if DUAL else x
-            y_second = y_after if DUAL else x_second
             x_next = _stream_tile(x_ptrs, n + 2 * BLOCK_N, ks < C, cols, end)
             x_after = _stream_tile(x_ptrs, n + 3 * BLOCK_N, ks < C, cols, end)
-            if DUAL:
-                y_next = _stream_tile(y_ptrs, n + 2 * BLOCK_N, ks < C, cols, end)
-                y_after = _stream_tile(y_ptrs, n + 3 * BLOCK_N, ks < C, cols, end)
-            _mix_tile(n, x, y, m1, scale1, m2, scale2, diag1, diag2, rows, cols, end, C,
+            _mix_tile(n, x, x, m1, scale1, m2, scale2, diag1, diag2, rows, cols, end, C,
                       out_ptrs, y_rows_ptrs, out2_ptrs, x_rows_ptrs, DIAG, DUAL, PRECISION, ACC, BLOCK_I, BLOCK_K)
-            x, y, tile = x_second, y_second, n + BLOCK_N
+            x, y, tile = x_second, x_second, n + BLOCK_N
         elif PREFETCH == 1:
             x = x_next
             y = y_next if DUAL else x
