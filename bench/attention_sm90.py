@@ -101,6 +101,7 @@ def proxy_rows():
         da, db = proxy.head_chunks(head_dim)
         for m, n, warps, stages in shapes[proxy._tile_class(head_dim, torch_dtype)]:
             constants = dict(D=head_dim, DA=da, DB=db, DOT_PRECISION=proxy._dot_precision(torch_dtype, False),
+                             FULL_Q=True, FULL_KV=True,  # SIPL's token counts fill every block
                              **{owned: m, loop: n}, **{a: 1 for a in fn.arg_names if a.endswith("_st")})
             if "FINAL" in fn.arg_names:
                 constants["FINAL"] = True

@@ -8,6 +8,8 @@ No 1/sqrt(d): the logits are cosines times the temperature, so |s| <= |tau|.
 Layout. q is (Bq, C, Hq, Wq), k and v are (Bk, C, Hk, Wk), read in place through strides: a
 head is the d channel planes h*d .. h*d+d-1, a token is one pixel (H and W merged into one
 token stride). A batch-1 side (the dictionary) gets batch stride 0 and is never repeated.
+Token counts that fill every block (SIPL's: 4096, 65536, ...) run without token masks
+(FULL_Q / FULL_KV): ~11 % fewer instructions per logit in the backward's loops (sm_90 SASS).
 
 Head tiles. tl.arange and tl.dot need power-of-two sizes of at least 16, and SIPL uses
 d = 96 and 384. Each head tile is held as two channel chunks "a" and "b" of widths DA and DB
@@ -77,19 +79,40 @@ _INTERPRET = triton_interpreter()
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
-def _load_chunk(base, tokens, token_mask, stride_t, stride_c, ch0, CH: tl.constexpr, D: tl.constexpr):
-    """The (tokens, CH) tile of channels ch0 .. ch0+CH-1 of one head; channels >= D read as 0."""
-    channels = ch0 + tl.arange(0, CH)
-    ptrs = base + tokens[:, None] * stride_t + channels[None, :] * stride_c
-    return tl.load(ptrs, mask=token_mask[:, None] & (channels[None, :] < D), other=0.0)
+def _in_range(tokens, count, FULL: tl.constexpr):
+    """tokens < count; with FULL (count a multiple of every block size) a constant true mask,
+    which the compiler folds away: unmasked loads, no selects of their ``other`` values."""
+    if FULL:
+        return tl.full(tokens.shape, True, tl.int1)
+    return tokens < count
 
 
 @triton.jit
-def _store_chunk(base, tile, tokens, token_mask, stride_t, stride_c, ch0, CH: tl.constexpr, D: tl.constexpr):
+def _chunk_mask(token_mask, channels, ch0: tl.constexpr, CH: tl.constexpr, D: tl.constexpr):
+    """The mask of a (tokens, CH) tile: channels >= D only exist in a chunk reaching past D."""
+    if ch0 + CH <= D:
+        mask = tl.broadcast_to(token_mask[:, None], (token_mask.shape[0], CH))
+    else:
+        mask = token_mask[:, None] & (channels[None, :] < D)
+    return mask
+
+
+@triton.jit
+def _load_chunk(base, tokens, token_mask, stride_t, stride_c, ch0: tl.constexpr, CH: tl.constexpr,
+                D: tl.constexpr):
+    """The (tokens, CH) tile of channels ch0 .. ch0+CH-1 of one head; channels >= D read as 0."""
+    channels = ch0 + tl.arange(0, CH)
+    ptrs = base + tokens[:, None] * stride_t + channels[None, :] * stride_c
+    return tl.load(ptrs, mask=_chunk_mask(token_mask, channels, ch0, CH, D), other=0.0)
+
+
+@triton.jit
+def _store_chunk(base, tile, tokens, token_mask, stride_t, stride_c, ch0: tl.constexpr, CH: tl.constexpr,
+                 D: tl.constexpr):
     """Stores a (tokens, CH) tile (cast to the buffer's dtype) where _load_chunk reads it."""
     channels = ch0 + tl.arange(0, CH)
     ptrs = base + tokens[:, None] * stride_t + channels[None, :] * stride_c
-    tl.store(ptrs, tile.to(base.dtype.element_ty), mask=token_mask[:, None] & (channels[None, :] < D))
+    tl.store(ptrs, tile.to(base.dtype.element_ty), mask=_chunk_mask(token_mask, channels, ch0, CH, D))
 
 
 @triton.jit
@@ -214,7 +237,7 @@ def _forward_kernel(
     q_sb, q_sc, q_st, k_sb, k_sc, k_st, v_sb, v_sc, v_st, rq_sb, rk_sb,
     out_ss, out_sb, out_sc, out_st, lse_ss,
     D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FULL_Q: tl.constexpr, FULL_KV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One query block of one (batch, head) against the key blocks of split program_id(2).
 
@@ -228,7 +251,7 @@ def _forward_kernel(
     head = tl.program_id(1) % NUM_HEADS
     split = tl.program_id(2)
     queries = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    query_mask = queries < N_Q
+    query_mask = _in_range(queries, N_Q, FULL_Q)
     offs_n = tl.arange(0, BLOCK_N)
 
     q_base = q_ptr + batch.to(tl.int64) * q_sb + head * D * q_sc
@@ -255,7 +278,7 @@ def _forward_kernel(
     kv_blocks = tl.cdiv(N_KV, BLOCK_N)
     for n_block in range(split * kv_blocks // NUM_SPLITS, (split + 1) * kv_blocks // NUM_SPLITS):
         keys = n_block * BLOCK_N + offs_n
-        key_mask = keys < N_KV
+        key_mask = _in_range(keys, N_KV, FULL_KV)
         k_a = _load_chunk(k_base, keys, key_mask, k_st, k_sc, 0, DA, D)
         s = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PRECISION)
         if DB > 0:
@@ -263,7 +286,9 @@ def _forward_kernel(
             s = tl.dot(q_b, tl.trans(k_b), s, input_precision=DOT_PRECISION)
         # t = (q . k) * r_k * tau * log2(e); keys past N_KV get -inf (one FMA).
         key_scale = tl.load(rk_base + keys, mask=key_mask, other=0.0) * tau_log2e
-        key_bias = tl.where(key_mask, 0.0, float("-inf"))
+        # (the bias from the comparison even where every key is valid: with a constant zero
+        # bias ptxas serialised the 64-row config's wgmma, C7515)
+        key_bias = tl.where(keys < N_KV, 0.0, float("-inf"))
         s = s * key_scale[None, :] + key_bias[None, :]
 
         # row_max is the running maximum of t; p = 2^(r_q (t - max)) is one FMA per logit.
@@ -336,7 +361,7 @@ def _backward_dkdv_kernel(
     q_sb, q_sc, q_st, k_sb, k_sc, k_st, v_sb, v_sc, v_st, rq_sb, rk_sb, do_sb, do_sc, do_st,
     dk_ss, dk_sb, dk_sc, dk_st, dv_ss, dv_sb, dv_sc, dv_st,
     D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DOT_PRECISION: tl.constexpr, FINAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FULL_Q: tl.constexpr, FULL_KV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dk and dv of one key block of one (key batch, head), summed over split program_id(2)'s
     share of the (batch, query block) pairs that read it.
@@ -351,7 +376,7 @@ def _backward_dkdv_kernel(
     head = tl.program_id(1) % NUM_HEADS
     split = tl.program_id(2)
     keys = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    key_mask = keys < N_KV
+    key_mask = _in_range(keys, N_KV, FULL_KV)
     offs_m = tl.arange(0, BLOCK_M)
     dtype = q_ptr.dtype.element_ty
 
@@ -376,7 +401,7 @@ def _backward_dkdv_kernel(
     for unit in range(split * units // NUM_SPLITS, (split + 1) * units // NUM_SPLITS):
         batch = kv_batch * BATCHES_PER_KV + unit // q_blocks
         queries = (unit % q_blocks) * BLOCK_M + offs_m
-        query_mask = queries < N_Q
+        query_mask = _in_range(queries, N_Q, FULL_Q)
         q_base = q_ptr + batch.to(tl.int64) * q_sb + head * D * q_sc
         do_base = dout_ptr + batch.to(tl.int64) * do_sb + head * D * do_sc
         row = (batch * NUM_HEADS + head).to(tl.int64) * N_Q + queries
@@ -435,7 +460,7 @@ def _backward_dq_kernel(
     q_sb, q_sc, q_st, k_sb, k_sc, k_st, v_sb, v_sc, v_st, rq_sb, rk_sb, do_sb, do_sc, do_st,
     dq_ss, dq_sb, dq_sc, dq_st, dtau_ss,
     D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DOT_PRECISION: tl.constexpr, FINAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FULL_Q: tl.constexpr, FULL_KV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dq of one query block of one (query batch, head), summed over split program_id(2)'s
     share of the (batch, key block) pairs it meets, and the per-token dtau partials.
@@ -451,7 +476,7 @@ def _backward_dq_kernel(
     head = tl.program_id(1) % NUM_HEADS
     split = tl.program_id(2)
     queries = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    query_mask = queries < N_Q
+    query_mask = _in_range(queries, N_Q, FULL_Q)
     offs_n = tl.arange(0, BLOCK_N)
     dtype = q_ptr.dtype.element_ty
 
@@ -485,7 +510,7 @@ def _backward_dq_kernel(
         last = tl.minimum(unit_end - batch_offset * kv_blocks, kv_blocks)
         for n_block in range(first, last):
             keys = n_block * BLOCK_N + offs_n
-            key_mask = keys < N_KV
+            key_mask = _in_range(keys, N_KV, FULL_KV)
             rk = tl.load(rk_base + keys, mask=key_mask, other=0.0)
             k_a = _load_chunk(k_base, keys, key_mask, k_st, k_sc, 0, DA, D)
             v_a = _load_chunk(v_base, keys, key_mask, v_st, v_sc, 0, DA, D)
@@ -624,6 +649,12 @@ def _num_splits(programs: int, loop_tokens: int, batches_per_program: int, devic
     return max(1, min(triton.cdiv(2 * sms, programs), loop_blocks // min_blocks))
 
 
+def _full_blocks(tokens: int) -> bool:
+    """Whether ``tokens`` is a multiple of every block size a config may pick (SIPL's token
+    counts are): the kernels then run without token masks."""
+    return tokens % (16 if _INTERPRET else 128) == 0
+
+
 def _nominal_rows(head_dim: int) -> int:
     return 16 if _INTERPRET else (64 if head_dim > 128 else 128)
 
@@ -702,6 +733,7 @@ def proxy_attention_forward(q, k, v, temperature, num_heads: int, *, allow_tf32:
         0 if q.shape[0] == 1 else q_rnorm.stride(0), 0 if k.shape[0] == 1 else k_rnorm.stride(0),
         *out_strides, target_lse.stride(0),
         D=head_dim, DA=da, DB=db, DOT_PRECISION=_dot_precision(q.dtype, allow_tf32),
+        FULL_Q=_full_blocks(n_q), FULL_KV=_full_blocks(n_kv),
     )
     if num_splits > 1:
         block_t, block_d = _small_tile(head_dim)
@@ -752,7 +784,8 @@ def proxy_attention_backward(grad_out, q, k, v, temperature, out, lse, q_rnorm, 
     v, v_sb, v_sc, v_st = _token_strides(v)
     rq_sb = 0 if batch_q == 1 else q_rnorm.stride(0)
     rk_sb = 0 if batch_kv == 1 else k_rnorm.stride(0)
-    common = dict(D=head_dim, DA=da, DB=db, DOT_PRECISION=_dot_precision(q.dtype, allow_tf32))
+    common = dict(D=head_dim, DA=da, DB=db, DOT_PRECISION=_dot_precision(q.dtype, allow_tf32),
+                  FULL_Q=_full_blocks(n_q), FULL_KV=_full_blocks(n_kv))
     strides = (q_sb, q_sc, q_st, k_sb, k_sc, k_st, v_sb, v_sc, v_st, rq_sb, rk_sb, do_sb, do_sc, do_st)
     rows = _nominal_rows(head_dim)
 

@@ -155,7 +155,12 @@ def assert_matches_reference(q, k, v, temperature, num_heads, splits=None):
 
 # (batch_q, batch_kv, head_dim, heads, q (H, W), kv (H, W), tau): token counts are not
 # multiples of the 16-row interpreter blocks and Nq != Nkv; the SIPL head sizes, both broadcasts.
+# The "full" cases have token counts that are (the kernels then drop their token masks, as at
+# SIPL's sizes on the GPU): both sides, and one side only.
 CASES = {
+    "d96-2heads-full-blocks": (2, 1, 96, 2, (4, 8), (8, 6), [2.0, 20.0]),
+    "d48-full-queries": (1, 2, 48, 1, (4, 4), (3, 5), 5.0),
+    "d40-full-keys": (2, 2, 40, 1, (3, 5), (4, 8), 3.0),
     "d96-1head": (2, 2, 96, 1, (4, 5), (3, 7), 1.0),
     "d96-2heads-dictionary-query": (1, 2, 96, 2, (3, 6), (5, 4), [2.0, 0.5]),
     "d96-4heads-dictionary-kv": (2, 1, 96, 4, (3, 6), (4, 5), [1.0, 50.0, -3.0, 10.0]),
@@ -174,6 +179,7 @@ def test_matches_reference(case):
 # (case, (forward splits, dk/dv splits, dq splits)): the flash-decoding forward and the split
 # backward passes with their fp32 partials and reductions.
 SPLIT_CASES = {  # a split count above the loop's block count leaves empty backward splits
+    "d96-full-blocks": ("d96-2heads-full-blocks", (2, 2, 3)),
     "d96-split-all": ("d96-1head", (2, 3, 3)),
     "d96-dictionary-query": ("d96-2heads-dictionary-query", (2, 2, 3)),
     "d48-dictionary-kv": ("d48-2heads-tau50", (3, 3, 2)),
@@ -343,7 +349,9 @@ def compile_gpu_configs_for_sm90(head_dims=(96, 384), dtypes=("bf16", "fp32")) -
                 torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
                 for m, n, warps, stages in table[kernels._tile_class(head_dim, torch_dtype)]:
                     precision = kernels._dot_precision(torch_dtype, allow_tf32=False)
-                    constants = dict(D=head_dim, DA=da, DB=db, DOT_PRECISION=precision, **{owned: m, loop: n})
+                    # SIPL's token counts (4096, 65536, ...) fill every block: no token masks
+                    constants = dict(D=head_dim, DA=da, DB=db, DOT_PRECISION=precision, FULL_Q=True, FULL_KV=True,
+                                     **{owned: m, loop: n})
                     if "FINAL" in fn.arg_names:
                         constants["FINAL"] = True
                     # NCHW inputs: unit token strides; token counts and other strides divisible by 16.
