@@ -93,8 +93,8 @@ def proxy_rows():
     counts = {"NUM_HEADS", "NUM_SPLITS", "BATCHES_PER_KV", "BATCHES_PER_Q"}
     for (kernel, shapes, owned, loop), head_dim, dtype in itertools.product(
             ((proxy._forward_kernel, proxy._FORWARD_SHAPES, "BLOCK_M", "BLOCK_N"),
-             (proxy._backward_dkdv_kernel, proxy._BACKWARD_SHAPES, "BLOCK_N", "BLOCK_M"),
-             (proxy._backward_dq_kernel, proxy._BACKWARD_SHAPES, "BLOCK_M", "BLOCK_N")),
+             (proxy._backward_dkdv_kernel, proxy._DKDV_SHAPES, "BLOCK_N", "BLOCK_M"),
+             (proxy._backward_dq_kernel, proxy._DQ_SHAPES, "BLOCK_M", "BLOCK_N")),
             (96, 384), ("bf16", "fp32")):
         fn = kernel.fn
         torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16

@@ -176,7 +176,7 @@ def _token_dot_kernel(
 # d > 128 class, which spills at every tile size tl.dot allows (IEEE fp32 dots on CUDA cores)
 # and only the small p3_cross block meets. The lists are short because each entry costs a
 # compile (1-5 s) per dtype, head size and output kind: the 16-bit d <= 128 class, the SIPL
-# hot path, is autotuned (forward among three shapes, backward two), the float32 forward at
+# hot path, is autotuned (forward among four shapes, dk/dv two, dq three), the float32 forward at
 # d <= 128 (the refinement's, 37 ms of a replayed 512x512 one on the H200) between two; the
 # others run one (unmeasured) choice. Added in the seventh session, sm_90 SASS only, not yet
 # timed: the 16-bit forward's 128 x 128 tiles (wgmma n128 for the scores and half the loop
@@ -196,12 +196,16 @@ _FORWARD_SHAPES = {
     "fp32, d <= 128": [(64, 32, 8, 2), (128, 32, 8, 2)],
     "fp32, d > 128": [(32, 32, 8, 1)],
 }
-_BACKWARD_SHAPES = {
+_DKDV_SHAPES = {
     "16-bit, d <= 128": [(128, 32, 8, 3), (64, 32, 4, 3)],
     "16-bit, d > 128": [(32, 32, 8, 2)],
     "fp32, d <= 128": [(32, 32, 8, 2)],
     "fp32, d > 128": [(32, 32, 8, 1)],
 }
+# The dq pass no longer scales its q tile in registers (tenth session), which freed the room for
+# loop blocks of 64 keys at 128 owned rows: 238 registers, no spills (247 with token masks),
+# wgmma N = 64 for the logits, 22 instead of 32 instructions per logit in the loop; untimed.
+_DQ_SHAPES = dict(_DKDV_SHAPES, **{"16-bit, d <= 128": [(128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3)]})
 
 
 def _tile_class(head_dim: int, dtype) -> str:
@@ -353,7 +357,7 @@ def _combine_splits_kernel(
 # Backward
 # --------------------------------------------------------------------------------------------
 
-@_autotune("BLOCK_N", "BLOCK_M", _BACKWARD_SHAPES)
+@_autotune("BLOCK_N", "BLOCK_M", _DKDV_SHAPES)
 @triton.jit
 def _backward_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, temp_ptr, rq_ptr, rk_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
@@ -452,7 +456,7 @@ def _backward_dkdv_kernel(
         _store_chunk(dv_base, dv_b, keys, key_mask, dv_st, dv_sc, DA, DB, D)
 
 
-@_autotune("BLOCK_M", "BLOCK_N", _BACKWARD_SHAPES)
+@_autotune("BLOCK_M", "BLOCK_N", _DQ_SHAPES)
 @triton.jit
 def _backward_dq_kernel(
     q_ptr, k_ptr, v_ptr, temp_ptr, rq_ptr, rk_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, dtau_ptr,

@@ -340,8 +340,8 @@ def compile_gpu_configs_for_sm90(head_dims=(96, 384), dtypes=("bf16", "fp32")) -
     counts = {"NUM_HEADS", "NUM_SPLITS", "BATCHES_PER_KV", "BATCHES_PER_Q"}
     failures = []
     for kernel, table, owned, loop in ((kernels._forward_kernel, kernels._FORWARD_SHAPES, "BLOCK_M", "BLOCK_N"),
-                                       (kernels._backward_dkdv_kernel, kernels._BACKWARD_SHAPES, "BLOCK_N", "BLOCK_M"),
-                                       (kernels._backward_dq_kernel, kernels._BACKWARD_SHAPES, "BLOCK_M", "BLOCK_N")):
+                                       (kernels._backward_dkdv_kernel, kernels._DKDV_SHAPES, "BLOCK_N", "BLOCK_M"),
+                                       (kernels._backward_dq_kernel, kernels._DQ_SHAPES, "BLOCK_M", "BLOCK_N")):
         fn = kernel.fn
         for head_dim in head_dims:
             for dtype in dtypes:
