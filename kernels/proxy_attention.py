@@ -116,6 +116,19 @@ def _store_chunk(base, tile, tokens, token_mask, stride_t, stride_c, ch0: tl.con
 
 
 @triton.jit
+def _normalized_operand(x, r, NORM_IN_DS: tl.constexpr):
+    """The operand x̂ = x * r (r: inverse norms of x's tokens) of a product dS x̂, in x's dtype;
+    x itself where dS's columns carry r instead (NORM_IN_DS): x then stays the operand as
+    loaded, with no register copy of x̂ (fewer registers and instructions). The backward does
+    so except in float16, where dS * r overflows (r = 1e12 on zero tokens)."""
+    if NORM_IN_DS:
+        operand = x
+    else:
+        operand = (x * r[:, None]).to(x.dtype)
+    return operand
+
+
+@triton.jit
 def _normalize_grad(xhat, g, r, proj):
     """dx for x̂ = x * r, given g = dL/dx̂ and proj = x̂ . g per token (0 where the norm was clamped).
 
@@ -383,6 +396,7 @@ def _backward_dkdv_kernel(
     key_mask = _in_range(keys, N_KV, FULL_KV)
     offs_m = tl.arange(0, BLOCK_M)
     dtype = q_ptr.dtype.element_ty
+    norm_in_ds = dtype != tl.float16  # see _normalized_operand
 
     k_base = k_ptr + kv_batch.to(tl.int64) * k_sb + head * D * k_sc
     v_base = v_ptr + kv_batch.to(tl.int64) * v_sb + head * D * v_sc
@@ -414,7 +428,7 @@ def _backward_dkdv_kernel(
         delta = tl.load(delta_ptr + row, mask=query_mask, other=0.0)
 
         # The logits from q as loaded, scaled by r_q in float32, as the forward computes them
-        # (P must match its lse); q̂ in the input dtype only for the dk product.
+        # (P must match its lse).
         q_a = _load_chunk(q_base, queries, query_mask, q_st, q_sc, 0, DA, D)
         do_a = _load_chunk(do_base, queries, query_mask, do_st, do_sc, 0, DA, D)
         s_t = tl.dot(k_a, tl.trans(q_a), input_precision=DOT_PRECISION)            # (keys, queries)
@@ -425,13 +439,16 @@ def _backward_dkdv_kernel(
             s_t = tl.dot(k_b, tl.trans(q_b), s_t, input_precision=DOT_PRECISION)
             dp_t = tl.dot(v_b, tl.trans(do_b), dp_t, input_precision=DOT_PRECISION)
         p_t = tl.exp2((s_t * key_scale[:, None] + key_bias[:, None]) * rq[None, :] - lse[None, :])
-        ds_t = (p_t * (dp_t - delta[None, :])).to(dtype)
+        ds_t = p_t * (dp_t - delta[None, :])
+        if norm_in_ds:  # dk̂ += dS^T q̂ as (dS r_q)^T q
+            ds_t = ds_t * rq[None, :]
+        ds_t = ds_t.to(dtype)
         p_t = p_t.to(dtype)
         dv_a = tl.dot(p_t, do_a, dv_a, input_precision=DOT_PRECISION)
-        dk_a = tl.dot(ds_t, (q_a * rq[:, None]).to(dtype), dk_a, input_precision=DOT_PRECISION)
+        dk_a = tl.dot(ds_t, _normalized_operand(q_a, rq, norm_in_ds), dk_a, input_precision=DOT_PRECISION)
         if DB > 0:
             dv_b = tl.dot(p_t, do_b, dv_b, input_precision=DOT_PRECISION)
-            dk_b = tl.dot(ds_t, (q_b * rq[:, None]).to(dtype), dk_b, input_precision=DOT_PRECISION)
+            dk_b = tl.dot(ds_t, _normalized_operand(q_b, rq, norm_in_ds), dk_b, input_precision=DOT_PRECISION)
 
     # dk̂ = tau * dS^T q̂ (the key-side r_k is applied by the normalisation backward).
     dk_a = dk_a * tau
@@ -483,6 +500,7 @@ def _backward_dq_kernel(
     query_mask = _in_range(queries, N_Q, FULL_Q)
     offs_n = tl.arange(0, BLOCK_N)
     dtype = q_ptr.dtype.element_ty
+    norm_in_ds = dtype != tl.float16  # see _normalized_operand
 
     q_base = q_ptr + q_batch.to(tl.int64) * q_sb + head * D * q_sc
     rq = tl.load(rq_ptr + q_batch.to(tl.int64) * rq_sb + head * N_Q + queries, mask=query_mask, other=1.0)
@@ -527,11 +545,13 @@ def _backward_dq_kernel(
                 dp = tl.dot(do_b, tl.trans(v_b), dp, input_precision=DOT_PRECISION)
             key_bias = tl.where(key_mask, 0.0, float("-inf"))
             p = tl.exp2((s * (rk * tau_log2e)[None, :] + key_bias[None, :]) * rq[:, None] - lse[:, None])
-            ds = (p * (dp - delta[:, None])).to(dtype)
-            # G += dS k̂ with k̂ in the input dtype (not dS * r_k: r_k = 1e12 on zero keys).
-            g_a = tl.dot(ds, (k_a * rk[:, None]).to(dtype), g_a, input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            if norm_in_ds:  # G += dS k̂ as (dS r_k) k
+                ds = ds * rk[None, :]
+            ds = ds.to(dtype)
+            g_a = tl.dot(ds, _normalized_operand(k_a, rk, norm_in_ds), g_a, input_precision=DOT_PRECISION)
             if DB > 0:
-                g_b = tl.dot(ds, (k_b * rk[:, None]).to(dtype), g_b, input_precision=DOT_PRECISION)
+                g_b = tl.dot(ds, _normalized_operand(k_b, rk, norm_in_ds), g_b, input_precision=DOT_PRECISION)
 
     # dtau partial: G_i . q̂_i; and dq̂ = tau * G, whose projection on q̂ is tau * (G_i . q̂_i).
     # q̂ is rebuilt in fp32 here rather than kept live in registers through the loop.
