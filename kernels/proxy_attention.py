@@ -120,7 +120,8 @@ def _normalized_operand(x, r, NORM_IN_DS: tl.constexpr):
     """The operand x̂ = x * r (r: inverse norms of x's tokens) of a product dS x̂, in x's dtype;
     x itself where dS's columns carry r instead (NORM_IN_DS): x then stays the operand as
     loaded, with no register copy of x̂ (fewer registers and instructions). The backward does
-    so except in float16, where dS * r overflows (r = 1e12 on zero tokens)."""
+    so except in float16, where dS * r overflows (r = 1e12 on zero tokens), and with 3xTF32
+    dots, which split their operands in registers anyway (there it spilled more, sm_90)."""
     if NORM_IN_DS:
         operand = x
     else:
@@ -396,7 +397,7 @@ def _backward_dkdv_kernel(
     key_mask = _in_range(keys, N_KV, FULL_KV)
     offs_m = tl.arange(0, BLOCK_M)
     dtype = q_ptr.dtype.element_ty
-    norm_in_ds = dtype != tl.float16  # see _normalized_operand
+    norm_in_ds = dtype != tl.float16 and DOT_PRECISION != "tf32x3"  # see _normalized_operand
 
     k_base = k_ptr + kv_batch.to(tl.int64) * k_sb + head * D * k_sc
     v_base = v_ptr + kv_batch.to(tl.int64) * v_sb + head * D * v_sc
@@ -500,7 +501,7 @@ def _backward_dq_kernel(
     query_mask = _in_range(queries, N_Q, FULL_Q)
     offs_n = tl.arange(0, BLOCK_N)
     dtype = q_ptr.dtype.element_ty
-    norm_in_ds = dtype != tl.float16  # see _normalized_operand
+    norm_in_ds = dtype != tl.float16 and DOT_PRECISION != "tf32x3"  # see _normalized_operand
 
     q_base = q_ptr + q_batch.to(tl.int64) * q_sb + head * D * q_sc
     rq = tl.load(rq_ptr + q_batch.to(tl.int64) * rq_sb + head * N_Q + queries, mask=query_mask, other=1.0)

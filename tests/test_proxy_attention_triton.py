@@ -194,6 +194,29 @@ def test_split_passes_match_reference(case, splits):
     assert_matches_reference(*inputs, heads, splits=splits)
 
 
+@pytest.mark.parametrize("splits", [(1, 1), (2, 3)], ids=["one-pass", "split"])
+def test_norms_folded_into_ds_give_the_same_gradients(splits):
+    """With TF32 dots allowed (and in bf16) the backward multiplies dS by the other side's
+    inverse norms instead of forming q̂ and k̂; 3xTF32 forms them. The interpreter's dots are
+    exact, so both give the same gradients to float32 rounding, zero-norm tokens (r = 1e12)
+    included, with full blocks and with partial ones and split passes."""
+    for case in ("d96-2heads-full-blocks", "d96-4heads-dictionary-kv"):
+        batch_q, batch_kv, head_dim, heads, q_hw, kv_hw, tau = CASES[case]
+        q, k, v, temperature = make_inputs(batch_q, batch_kv, head_dim * heads, q_hw, kv_hw, heads, tau)
+        grad_out = torch.randn(max(batch_q, batch_kv), *q.shape[1:])
+        results = []
+        for allow_tf32 in (False, True):
+            out, lse, q_rnorm, k_rnorm = kernels.proxy_attention_forward(q, k, v, temperature, heads,
+                                                                          allow_tf32=allow_tf32)
+            grads = kernels.proxy_attention_backward(grad_out, q, k, v, temperature, out, lse, q_rnorm, k_rnorm,
+                                                     heads, allow_tf32=allow_tf32, kv_splits=splits[0],
+                                                     q_splits=splits[1])
+            results.append((out, *grads))
+        for name, formed, folded in zip(NAMES, *results):
+            torch.testing.assert_close(folded, formed, rtol=1e-4, atol=1e-5 * formed.abs().max().item(),
+                                       msg=f"{case} {name}")
+
+
 def test_strided_inputs_are_read_in_place():
     """Channel slices of one tensor (k, v = kv.chunk(2)) and a channels-last q, as in the model."""
     q, k, v, temperature = make_inputs(2, 2, 96, (5, 6), (4, 7), 2, [3.0, 1.0])
