@@ -108,6 +108,41 @@ def compile_sm90(kernel, constants: dict, pointer_type, warps: int, stages: int 
     return triton.compile(source, target=target, options=options.__dict__)
 
 
+def compiled_proxy_configs(head_dims=(96, 384), dtypes=("bf16", "fp32")):
+    """Yields (kernel name, dtype, head size, (rows, loop rows, warps, stages), compiled kernel
+    or the exception its compile raised) for each proxy-attention kernel and each GPU autotune
+    config of its tile class, compiled for sm_90 as SIPL launches them: NCHW inputs (unit token
+    strides), token counts that fill every block, other strides and sizes divisible by 16.
+    Needs TRITON_INTERPRET unset before the kernels are imported."""
+    import itertools
+
+    from sipl_fast.kernels import proxy_attention as kernels
+    stats = {"temp_ptr", "rq_ptr", "rk_ptr", "lse_ptr", "delta_ptr", "dtau_ptr"}
+    counts = {"NUM_HEADS", "NUM_SPLITS", "BATCHES_PER_KV", "BATCHES_PER_Q"}
+    for (kernel, table, owned, loop), head_dim, dtype in itertools.product(
+            ((kernels._forward_kernel, kernels._FORWARD_SHAPES, "BLOCK_M", "BLOCK_N"),
+             (kernels._backward_dkdv_kernel, kernels._DKDV_SHAPES, "BLOCK_N", "BLOCK_M"),
+             (kernels._backward_dq_kernel, kernels._DQ_SHAPES, "BLOCK_M", "BLOCK_N")),
+            head_dims, dtypes):
+        fn = kernel.fn
+        torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+        da, db = kernels.head_chunks(head_dim)
+        for shape in table[kernels._tile_class(head_dim, torch_dtype)]:
+            m, n, warps, stages = shape
+            constants = dict(D=head_dim, DA=da, DB=db, DOT_PRECISION=kernels._dot_precision(torch_dtype, False),
+                             FULL_Q=True, FULL_KV=True, **{owned: m, loop: n},
+                             **{a: 1 for a in fn.arg_names if a.endswith("_st")})
+            if "FINAL" in fn.arg_names:
+                constants["FINAL"] = True
+            aligned = [a for a in fn.arg_names if a not in constants and a not in counts]
+            try:
+                compiled = compile_sm90(fn, constants, lambda a: "*fp32" if a in stats else f"*{dtype}", warps, stages,
+                                        aligned)
+            except Exception as error:  # noqa: BLE001 - handed to the caller with its config
+                compiled = error
+            yield fn.__name__, dtype, head_dim, shape, compiled
+
+
 def ptxas_info(compiled) -> str:
     """ptxas -v's report on a kernel compiled for sm_90 (compile_sm90): registers, spills and
     the performance notes Triton does not show, among them C7515, "wgmma.mma_async
@@ -128,6 +163,57 @@ def ptxas_info(compiled) -> str:
 
 def wgmma_serialised(compiled) -> bool:
     return "C7515" in ptxas_info(compiled)
+
+
+def ptxas_usage(compiled) -> dict:
+    """Registers per thread, spilled bytes (the stack) and whether wgmma is serialised, from
+    ptxas -v."""
+    import re
+    info = ptxas_info(compiled)
+    stack = re.search(r"(\d+) bytes cumulative stack size", info)
+    return {"registers": int(re.search(r"Used (\d+) registers", info).group(1)),
+            "spilled": int(stack.group(1)) if stack else 0, "serialised": "C7515" in info}
+
+
+def mdta_stream_plans():
+    """Yields (pass name, padded head width, pointer type, element size, plan, kernel, its
+    constexprs, streams) for each streaming pass of the MDTA kernels (the Gram pass; the mix,
+    single and dual) with its GPU plan at SIPL's padded widths 64, 128 and 256, bf16 and float32,
+    prefetch depths 1 and 2 (a depth the registers do not allow gives the shallower plan, once).
+    Needs TRITON_INTERPRET unset before the kernels are imported."""
+    import itertools
+
+    import triton.language as tl
+
+    from sipl_fast.kernels import transposed_attention as kernels
+    seen = set()
+    for c_pad, (pointer, size, precision), depth in itertools.product(
+            (64, 128, 256), (("*bf16", 2, "ieee"), ("*fp32", 4, "tf32x3")), (1, 2)):
+        cases = [("gram", kernels._gram_partials_kernel, kernels._gram_plan(c_pad, size, precision, depth), {}, 2)]
+        for streams in (1, 2):
+            plan = kernels._mix_plan(c_pad, size, streams, precision, depth)
+            if plan is not None:
+                cases.append((f"mix{streams}", kernels._channel_mix_kernel, plan,
+                              dict(DIAG=streams == 2, DUAL=streams == 2, SCALE_ROWS=size == 2, BLOCK_K=c_pad), streams))
+        for name, kernel, plan, flags, streams in cases:
+            key = (name, c_pad, pointer, tuple(sorted(plan.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            constants = dict(flags, PRECISION=precision, ACC=tl.float32, BLOCK_N=plan["BLOCK_N"],
+                             PREFETCH=plan["PREFETCH"], **{k: plan[k] for k in ("BLOCK_C", "BLOCK_I") if k in plan})
+            yield name, c_pad, pointer, size, plan, kernel, constants, streams
+
+
+def compile_mdta_plan(kernel, constants: dict, pointer: str, plan: dict):
+    """An MDTA streaming kernel compiled for sm_90 with ``constants`` and ``plan``'s warps and
+    stages, its streams typed ``pointer``, as Triton specialises a launch on maps whose planes
+    hold a multiple of 16 pixels (512x512)."""
+    small = ("m_ptr", "diag1_ptr", "diag2_ptr", "partials_ptr")  # the float32 c x c matrices
+    aligned = [name for name in kernel.arg_names if name not in constants
+               and (name.endswith("_ptr") or "stride" in name or name in ("N", "CHUNK", "PIXELS_PER_PROGRAM"))]
+    return compile_sm90(kernel, constants, lambda name: "*fp32" if name in small else pointer,
+                        plan["num_warps"], plan["num_stages"], aligned)
 
 
 def run_compiled(test_file: str, timeout: int, args=()):

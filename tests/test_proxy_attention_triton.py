@@ -22,7 +22,7 @@ from sipl_fast import ops
 from sipl_fast.kernels import proxy_attention as kernels
 from sipl_fast.ops import reference
 
-from kernel_checks import run_compiled, wgmma_serialised
+from kernel_checks import compiled_proxy_configs, run_compiled, wgmma_serialised
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,51 +355,16 @@ def compile_gpu_configs_for_sm90(head_dims=(96, 384), dtypes=("bf16", "fp32")) -
     The interpreter catches none of these (tl.dot shapes, shared memory, register limits). Needs
     TRITON_INTERPRET unset before the kernels are imported, hence its own process.
     """
-    from triton.backends.compiler import GPUTarget
-    import triton
-    target = GPUTarget("cuda", 90, 32)
-    backend = triton.compiler.make_backend(target)
-    stats_pointers = {"temp_ptr", "rq_ptr", "rk_ptr", "lse_ptr", "delta_ptr", "dtau_ptr"}
-    counts = {"NUM_HEADS", "NUM_SPLITS", "BATCHES_PER_KV", "BATCHES_PER_Q"}
     failures = []
-    for kernel, table, owned, loop in ((kernels._forward_kernel, kernels._FORWARD_SHAPES, "BLOCK_M", "BLOCK_N"),
-                                       (kernels._backward_dkdv_kernel, kernels._DKDV_SHAPES, "BLOCK_N", "BLOCK_M"),
-                                       (kernels._backward_dq_kernel, kernels._DQ_SHAPES, "BLOCK_M", "BLOCK_N")):
-        fn = kernel.fn
-        for head_dim in head_dims:
-            for dtype in dtypes:
-                da, db = kernels.head_chunks(head_dim)
-                torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
-                for m, n, warps, stages in table[kernels._tile_class(head_dim, torch_dtype)]:
-                    precision = kernels._dot_precision(torch_dtype, allow_tf32=False)
-                    # SIPL's token counts (4096, 65536, ...) fill every block: no token masks
-                    constants = dict(D=head_dim, DA=da, DB=db, DOT_PRECISION=precision, FULL_Q=True, FULL_KV=True,
-                                     **{owned: m, loop: n})
-                    if "FINAL" in fn.arg_names:
-                        constants["FINAL"] = True
-                    # NCHW inputs: unit token strides; token counts and other strides divisible by 16.
-                    constants.update({a: 1 for a in fn.arg_names if a.endswith("_st")})
-                    signature, attrs = {}, {}
-                    for i, arg in enumerate(fn.arg_names):
-                        if arg in constants:
-                            signature[arg] = "constexpr"
-                        else:
-                            signature[arg] = ("*fp32" if arg in stats_pointers else f"*{dtype}") if arg.endswith(
-                                "_ptr") else "i32"
-                            if arg not in counts:
-                                attrs[(i,)] = [["tt.divisibility", 16]]
-                    label = f"{fn.__name__} {dtype} d={head_dim} {(m, n, warps, stages)}"
-                    try:
-                        source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants,
-                                                           attrs=attrs)
-                        options = backend.parse_options({"num_warps": warps, "num_stages": stages})
-                        compiled = triton.compile(source, target=target, options=options.__dict__)
-                        if compiled.metadata.shared > SM90_SHARED_BYTES:
-                            failures.append(f"{label}: {compiled.metadata.shared} bytes of shared memory")
-                        if wgmma_serialised(compiled):
-                            failures.append(f"{label}: ptxas serialises its wgmma instructions (C7515)")
-                    except Exception as error:  # noqa: BLE001 - reported with the config it belongs to
-                        failures.append(f"{label}: {type(error).__name__}: {str(error)[:500]}")
+    for name, dtype, head_dim, shape, compiled in compiled_proxy_configs(head_dims, dtypes):
+        label = f"{name} {dtype} d={head_dim} {shape}"
+        if isinstance(compiled, Exception):
+            failures.append(f"{label}: {type(compiled).__name__}: {str(compiled)[:500]}")
+            continue
+        if compiled.metadata.shared > SM90_SHARED_BYTES:
+            failures.append(f"{label}: {compiled.metadata.shared} bytes of shared memory")
+        if wgmma_serialised(compiled):
+            failures.append(f"{label}: ptxas serialises its wgmma instructions (C7515)")
     return failures
 
 

@@ -13,8 +13,6 @@ contiguous as a whole). Tests marked ``gpu`` run SIPL's shapes on CUDA in fp32 a
 """
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
@@ -25,7 +23,7 @@ from sipl_fast import ops
 from sipl_fast.ops import reference
 from sipl_fast.ops import transposed_attention_triton as mdta
 
-from kernel_checks import compile_sm90, run_compiled, wgmma_serialised
+from kernel_checks import compile_mdta_plan, mdta_stream_plans, ptxas_usage, run_compiled
 
 CUDA = torch.cuda.is_available()
 
@@ -395,32 +393,6 @@ def test_gpu_plans_split_dq_and_dk_where_a_dual_pass_has_short_tiles(monkeypatch
 
 
 # ----------------------------------------------------------------------------- sm_90 compile check
-def _compile_sm90(kernel, constants: dict, pointer: str, plan: dict) -> tuple[int, int, bool]:
-    """(shared memory bytes, stack bytes per thread: spilled registers, whether ptxas serialises
-    its wgmma) of ``kernel`` compiled for sm_90 with ``constants`` and ``plan``'s warps and
-    stages; ``pointer`` types the streams."""
-    import os
-    import re
-    import subprocess
-    import tempfile
-
-    import triton
-    small = ("m_ptr", "diag1_ptr", "diag2_ptr", "partials_ptr")  # the float32 c x c matrices
-    # as Triton specialises a launch on maps whose planes hold a multiple of 16 pixels (512x512)
-    aligned = [name for name in kernel.arg_names if name not in constants
-               and (name.endswith("_ptr") or "stride" in name or name in ("N", "CHUNK", "PIXELS_PER_PROGRAM"))]
-    compiled = compile_sm90(kernel, constants, lambda name: "*fp32" if name in small else pointer,
-                            plan["num_warps"], plan["num_stages"], aligned)
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    with tempfile.TemporaryDirectory() as folder:
-        cubin = os.path.join(folder, "kernel.cubin")
-        with open(cubin, "wb") as f:
-            f.write(compiled.asm["cubin"])
-        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", cubin], capture_output=True,
-                               text=True, check=True).stdout
-    return compiled.metadata.shared, int(re.search(r"STACK:(\d+)", usage).group(1)), wgmma_serialised(compiled)
-
-
 def compile_for_sm90() -> list[str]:
     """Compiles the two streaming kernels (the Gram pass; the mix, single and dual) with their
     GPU plans for SIPL's head widths (64, 128 and 256 padded channels), bf16 and float32, for
@@ -429,39 +401,23 @@ def compile_for_sm90() -> list[str]:
     or two tiles in flight) that spills more registers than the kernel without prefetching at
     the full tile length. Needs TRITON_INTERPRET unset before the kernels are
     imported, hence its own process."""
-    import triton.language as tl
-
-    from sipl_fast.kernels import transposed_attention as kernels
-    problems, seen = [], set()
-    for c_pad, (pointer, size, precision), depth in itertools.product(
-            (64, 128, 256), (("*bf16", 2, "ieee"), ("*fp32", 4, "tf32x3")), (1, 2)):
-        cases = [("gram", kernels._gram_partials_kernel, kernels._gram_plan(c_pad, size, precision, depth), {})]
-        for streams in (1, 2):
-            plan = kernels._mix_plan(c_pad, size, streams, precision, depth)
-            if plan is not None:
-                cases.append((f"mix{streams}", kernels._channel_mix_kernel, plan,
-                              dict(DIAG=streams == 2, DUAL=streams == 2, SCALE_ROWS=size == 2, BLOCK_K=c_pad)))
-        for name, kernel, plan, flags in cases:
-            label = f"{name} c_pad={c_pad} {pointer[1:]} {plan}"
-            if label in seen:  # a depth the registers do not allow gives the shallower plan
-                continue
-            seen.add(label)
-            constants = dict(flags, PRECISION=precision, ACC=tl.float32, BLOCK_N=plan["BLOCK_N"],
-                             PREFETCH=plan["PREFETCH"])
-            constants.update({key: plan[key] for key in ("BLOCK_C", "BLOCK_I") if key in plan})
-            try:
-                shared, stack, serialised = _compile_sm90(kernel, constants, pointer, plan)
-                if shared > 227 * 1024:
-                    problems.append(f"{label}: {shared} bytes of shared memory")
-                if serialised:
-                    problems.append(f"{label}: ptxas serialises its wgmma instructions (C7515)")
-                if plan["PREFETCH"]:
-                    unprefetched = dict(constants, PREFETCH=0, BLOCK_N=2 * plan["BLOCK_N"])
-                    _, stack_before, _ = _compile_sm90(kernel, unprefetched, pointer, plan)
-                    if stack > stack_before:
-                        problems.append(f"{label}: prefetching spills {stack} bytes, {stack_before} without")
-            except Exception as error:  # noqa: BLE001 - reported with its plan
-                problems.append(f"{label}: {type(error).__name__}: {str(error)[-600:]}")
+    problems = []
+    for name, c_pad, pointer, _, plan, kernel, constants, _ in mdta_stream_plans():
+        label = f"{name} c_pad={c_pad} {pointer[1:]} {plan}"
+        try:
+            compiled = compile_mdta_plan(kernel, constants, pointer, plan)
+            usage = ptxas_usage(compiled)
+            if compiled.metadata.shared > 227 * 1024:
+                problems.append(f"{label}: {compiled.metadata.shared} bytes of shared memory")
+            if usage["serialised"]:
+                problems.append(f"{label}: ptxas serialises its wgmma instructions (C7515)")
+            if plan["PREFETCH"]:
+                unprefetched = dict(constants, PREFETCH=0, BLOCK_N=2 * plan["BLOCK_N"])
+                before = ptxas_usage(compile_mdta_plan(kernel, unprefetched, pointer, plan))["spilled"]
+                if usage["spilled"] > before:
+                    problems.append(f"{label}: prefetching spills {usage['spilled']} bytes, {before} without")
+        except Exception as error:  # noqa: BLE001 - reported with its plan
+            problems.append(f"{label}: {type(error).__name__}: {str(error)[-600:]}")
     return problems
 
 
