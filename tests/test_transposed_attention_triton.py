@@ -297,6 +297,31 @@ def test_gpu_results_identical_run_to_run():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("channels,heads", [(48, 1), (96, 1), (704, 4)], ids=["c48", "c96", "c176"])
+def test_gpu_two_tiles_in_flight(channels, heads, monkeypatch):
+    """Prefetch depth 2 (SIPL_FAST_MDTA_PREFETCH=2; its speed waits for bench/mdta_prefetch.py)
+    multiplies the tiles of depth 1 in their order: the same bits, bf16, forward and backward,
+    where both run the same warps (96 and 176 channels). At 48 the Gram pass of depth 2 runs 8
+    warps instead of 4, which sums the squared norms in another order: FlashAttention's rule
+    against float64 there."""
+    size = 512 if channels < 704 else 64
+    q, k, v, temperature = make_inputs(1, channels, (size, size), heads, [2.0] * heads, dtype=torch.bfloat16,
+                                       device="cuda")
+    if channels == 48:
+        monkeypatch.setattr(mdta.kernels, "_PREFETCH", 2)
+        assert_matches_float64(q, k, v, temperature, heads, error=tensor_relative_error)
+        return
+    grad_out = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+    runs = []
+    for depth in (1, 2):
+        monkeypatch.setattr(mdta.kernels, "_PREFETCH", depth)  # the cached layouts follow it
+        runs.append(run_triton(q, k, v, temperature, heads, grad_out))
+    (out, grads), (deeper_out, deeper_grads) = runs
+    assert torch.equal(out, deeper_out)
+    assert all(torch.equal(a, b) for a, b in zip(grads, deeper_grads))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_gpu_launch_cache_gives_the_same_bits(dtype, monkeypatch):
     """With kernels/launch_cache.py on, repeated calls reach the compiled kernels' own
