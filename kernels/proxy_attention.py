@@ -202,8 +202,8 @@ def _token_dot_kernel(
 # Tenth session (static, sm_90, no GPU; bench/attention_sm90.py): until then ptxas serialised
 # every wgmma of the 16-bit forward (C7515), so the shapes above were timed that way. The
 # forward's loop spends ~8 non-tensor instructions per logit at 128 x 64 (d = 96), 1.5 of them
-# rescaling the 96-wide accumulator; 128 x 128 halves that share (13.7 -> 10.6 instructions
-# per logit in the loop), and a third pipeline stage for it fits (173 KB): added, untimed.
+# rescaling the 96-wide accumulator; 128 x 128 halves that share (13.4 -> 10.5 instructions
+# per logit in the loop), and a third pipeline stage for it fits (169 KB): added, untimed.
 _FORWARD_SHAPES = {
     "16-bit, d <= 128": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 128, 8, 3)],
     "16-bit, d > 128": [(64, 32, 8, 2)],
@@ -216,9 +216,9 @@ _DKDV_SHAPES = {
     "fp32, d <= 128": [(32, 32, 8, 2)],
     "fp32, d > 128": [(32, 32, 8, 1)],
 }
-# The dq pass no longer scales its q tile in registers (tenth session), which freed the room for
-# loop blocks of 64 keys at 128 owned rows: 238 registers, no spills (247 with token masks),
-# wgmma N = 64 for the logits, 22 instead of 32 instructions per logit in the loop; untimed.
+# The dq pass no longer forms q̂ or k̂ in registers (tenth session), which freed the room for
+# loop blocks of 64 keys at 128 owned rows: 228 registers in bf16, no spills, wgmma N = 64 for
+# the logits, 19 instead of 27 instructions per logit in the loop (128 x 32); untimed.
 _DQ_SHAPES = dict(_DKDV_SHAPES, **{"16-bit, d <= 128": [(128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3)]})
 
 
