@@ -112,8 +112,9 @@ def _prefetched(plan: dict, prefetch: int | None, deepest: int = 2) -> dict:
     registers (and shared memory) of the one tile planned (full-length tiles spilled registers
     at 48 channels, sm_90).
 
-    Why depth 2: a program of these passes is alone on its multiprocessor (its registers; the
-    grid is one wave), so the loads in flight per multiprocessor are its prefetched tiles:
+    Why depth 2: at SIPL's widths a program of these passes mostly has its multiprocessor to
+    itself (its registers; the Gram grid is one wave), so the loads in flight per
+    multiprocessor are its prefetched tiles:
     at depth 1, 12 KB at SIPL's 48 and 96 channels (bf16, sm_90 plans). By Little's law that
     sustains ~12 KB per ~1 us of memory latency per SM, ~1.6 TB/s on 132 SMs: the 36-37 % of
     the H200's copy bandwidth measured (bench/results/h200_2026-11-27f.md). Depth 2 doubles
