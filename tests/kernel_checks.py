@@ -165,6 +165,29 @@ def wgmma_serialised(compiled) -> bool:
     return "C7515" in ptxas_info(compiled)
 
 
+def loop_wgmma(compiled) -> tuple[int, int]:
+    """(wgmma instructions, waits for them) in the longest loop of a kernel compiled for sm_90:
+    as many waits as products means each product waits for the one before it, whether ptxas
+    serialised them (C7515) or the compiler placed the waits."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as folder:
+        cubin = os.path.join(folder, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        listing = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    code = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", listing)]
+    loops = [(int(target.group(1), 16), address) for address, text in code
+             for target in [re.search(r"BRA[^0-9]*0x([0-9a-f]+)", text)] if target and int(target.group(1), 16) < address]
+    start, end = max(loops, key=lambda loop: loop[1] - loop[0], default=(0, -1))
+    body = [text for address, text in code if start <= address <= end]
+    return (sum("HGMMA" in text for text in body), sum("WARPGROUP.DEPBAR" in text for text in body))
+
+
 def ptxas_usage(compiled) -> dict:
     """Registers per thread, spilled bytes (the stack) and whether wgmma is serialised, from
     ptxas -v."""

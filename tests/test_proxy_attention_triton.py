@@ -22,7 +22,7 @@ from sipl_fast import ops
 from sipl_fast.kernels import proxy_attention as kernels
 from sipl_fast.ops import reference
 
-from kernel_checks import compiled_proxy_configs, run_compiled, wgmma_serialised
+from kernel_checks import compiled_proxy_configs, loop_wgmma, run_compiled, wgmma_serialised
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,8 +349,9 @@ SM90_SHARED_BYTES = 232448
 def compile_gpu_configs_for_sm90(head_dims=(96, 384), dtypes=("bf16", "fp32")) -> list[str]:
     """Compiles each attention kernel with each config of its tile class for sm_90 (no GPU
     needed) and returns the failures: compile errors, shared memory over the H100's limit, or
-    tensor-core products that ptxas serialises (C7515: the forward ran so until the tenth
-    session, its q tile scaled in registers).
+    tensor-core products that wait for each other: serialised by ptxas (C7515: the forward ran
+    so until the tenth session, its q tile scaled in registers) or with a wait after each in
+    the loop.
 
     The interpreter catches none of these (tl.dot shapes, shared memory, register limits). Needs
     TRITON_INTERPRET unset before the kernels are imported, hence its own process.
@@ -365,6 +366,9 @@ def compile_gpu_configs_for_sm90(head_dims=(96, 384), dtypes=("bf16", "fp32")) -
             failures.append(f"{label}: {compiled.metadata.shared} bytes of shared memory")
         if wgmma_serialised(compiled):
             failures.append(f"{label}: ptxas serialises its wgmma instructions (C7515)")
+        products, waits = loop_wgmma(compiled)
+        if 2 * waits > products:  # e.g. issuing the next block's logits early made Triton 3.8 do so
+            failures.append(f"{label}: its loop waits {waits} times for {products} wgmma products")
     return failures
 
 
