@@ -12,8 +12,9 @@
 # the defaults that wait for a measurement (bench/decide_defaults.py: the graph kernels, the
 # TF32 mixes, the Gram pieces, the eager depthwise kernels, the depthwise launch configs, the
 # strip budget, the MDTA prefetch depth, the MDTA route per dtype).
-# With a 480 s limit on the whole call: DEADLINE_S=455 fits the sections up to the MDTA table
-# (about 440 s on the H200, the GPU tests 160-175 s of it; at most 8 files come back). The
+# With a 480 s limit on the whole call: DEADLINE_S=455 fits the sections up to the MDTA table,
+# which may be cut short (the ninth session's sections up to its tables took about 440 s on
+# the H200, the GPU tests 160-175 s of it; at most 8 files come back). The
 # tenth session (no GPU) changed what those measure: the proxy-attention forward no longer has
 # its wgmma serialised (C7515) and its backward issues fewer instructions, and MDTA's 16-bit
 # streams can keep two tiles in flight; all untimed, hence the proxy table right after the
