@@ -185,7 +185,7 @@ def depthwise_config_verdict(sweep: dict | None) -> list[str]:
     return lines + [f"depthwise configs: keep stream_config (best candidate {best})"]
 
 
-_PREFETCH_DEPTHS = {"plain": 0, "prefetch": 1, "prefetch2": 2}  # bench/mdta_prefetch.py's variants
+PREFETCH_DEPTHS = {"plain": 0, "prefetch": 1, "prefetch2": 2}  # bench/mdta_prefetch.py's variants: tiles in flight
 
 
 def mdta_prefetch_verdict(sweep: dict | None) -> list[str]:
@@ -204,7 +204,7 @@ def mdta_prefetch_verdict(sweep: dict | None) -> list[str]:
                 continue
             timed_rows += 1
             cells = []
-            for variant in _PREFETCH_DEPTHS:
+            for variant in PREFETCH_DEPTHS:
                 cell = row.get(variant)
                 if variant == "plain" or not cell or not cell["ms"]:
                     continue
@@ -219,8 +219,8 @@ def mdta_prefetch_verdict(sweep: dict | None) -> list[str]:
     if not timed_rows or len(means) == 1:
         return lines + ["MDTA prefetch: no timing, keep kernels.PREFETCH_DEFAULT"]
     best = max(means, key=means.get)
-    depth = _PREFETCH_DEPTHS[best]
-    default = next(variant for variant, d in _PREFETCH_DEPTHS.items() if d == transposed_attention.PREFETCH_DEFAULT)
+    depth = PREFETCH_DEPTHS[best]
+    default = next(variant for variant, d in PREFETCH_DEPTHS.items() if d == transposed_attention.PREFETCH_DEFAULT)
     # another depth must win by 2 % (run-to-run noise of replayed timings is ~1 %)
     verdict = ("keep" if depth == transposed_attention.PREFETCH_DEFAULT or means[best] < 1.02 * means.get(default, 0)
                else f"SET kernels.PREFETCH_DEFAULT (SIPL_FAST_MDTA_PREFETCH) to {depth}")

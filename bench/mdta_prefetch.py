@@ -42,7 +42,7 @@ class Case:
 
 CASES = tuple(Case(shape.name, shape) for shape in table.SHAPES[:4])  # 512x512 and the training shapes
 SMOKE_CASES = (Case("smoke", table.Shape("smoke", 1, 96, 2, (9, 41)), "fp32"),)
-VARIANTS = {"plain": 0, "prefetch": 1, "prefetch2": 2}  # name: tiles in flight (kernels._PREFETCH)
+VARIANTS = decide_defaults.PREFETCH_DEPTHS  # name: tiles in flight (kernels._PREFETCH)
 
 
 @contextlib.contextmanager

@@ -5,84 +5,38 @@ is at hand to time them.
 
     python bench/sass_counts.py [--size 512x512]
 
-Uses the nvdisasm and cuobjdump that ship with Triton; compiles as Triton's launcher would
-specialise a contiguous float32 map whose width is a multiple of 16 (unit column stride,
-16-byte aligned pointers, strides and width; a strip's height need not be).
+Uses the nvdisasm and ptxas that ship with Triton (through tests/kernel_checks.py); compiles
+as Triton's launcher would specialise a contiguous float32 map whose width is a multiple of 16
+(unit column stride, 16-byte aligned pointers, strides and width; a strip's height need not be).
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
 os.environ["TRITON_INTERPRET"] = "0"  # the compiler, not the interpreter
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
 
+import kernel_checks  # noqa: E402
+from kernel_checks import compile_sm90, longest_loop, opcode, ptxas_usage  # noqa: E402
 from sipl_fast.kernels import depthwise3x3 as dw  # noqa: E402
-
-_ADDRESS = re.compile(r"/\*([0-9a-f]{4})\*/")
-_OPCODE = re.compile(r"\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)")
 
 
 def sass(kernel, constants: dict, warps: int) -> tuple[list[tuple[int, str]], int]:
     """((address, instruction) of ``kernel`` compiled for sm_90 in order, registers per thread)."""
-    target = GPUTarget("cuda", 90, 32)
-    backend = triton.compiler.make_backend(target)
     constants = {name: value for name, value in constants.items() if name in kernel.arg_names}
-    signature = {name: "constexpr" if name in constants else ("*fp32" if name.endswith("_ptr") else "i32")
-                 for name in kernel.arg_names}
-    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
-               if name not in constants and (name.endswith("_ptr") or name[1:3] in ("x_", "o_", "d_") or name == "width")}
-    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=aligned)
-    compiled = triton.compile(source, target=target,
-                              options=backend.parse_options({"num_warps": warps, "num_stages": 1}).__dict__)
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    with tempfile.TemporaryDirectory() as folder:
-        cubin = os.path.join(folder, "kernel.cubin")
-        with open(cubin, "wb") as f:
-            f.write(compiled.asm["cubin"])
-        listing = subprocess.run([os.path.join(tools, "nvdisasm"), "-c", cubin], capture_output=True, text=True).stdout
-        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", cubin], capture_output=True,
-                               text=True).stdout
-    return instructions(listing), int(re.search(r"REG:(\d+)", usage).group(1))
-
-
-def instructions(listing: str) -> list[tuple[int, str]]:
-    """(address, text) of each instruction of an nvdisasm listing; labels become ("label", name)."""
-    out = []
-    for line in listing.splitlines():
-        label = re.match(r"\s*\.(L_x_\d+):", line)
-        address = _ADDRESS.search(line)
-        if label:
-            out.append((-1, label.group(1)))
-        elif address and _OPCODE.search(line):
-            out.append((int(address.group(1), 16), line))
-    return out
+    aligned = [name for name in kernel.arg_names
+               if name not in constants and (name.endswith("_ptr") or name[1:3] in ("x_", "o_", "d_") or name == "width")]
+    compiled = compile_sm90(kernel, constants, lambda name: "*fp32", warps, aligned=aligned)
+    return kernel_checks.sass(compiled), ptxas_usage(compiled)["registers"]
 
 
 def opcodes(code: list[tuple[int, str]]) -> collections.Counter:
-    return collections.Counter(_OPCODE.search(text).group(2).split(".")[0] for address, text in code if address >= 0)
-
-
-def longest_loop(code: list[tuple[int, str]]) -> list[tuple[int, str]]:
-    """The instructions of the longest backward branch's loop (the unrolled row loop), or []."""
-    labels, best = {}, []
-    for index, (address, text) in enumerate(code):
-        if address < 0:
-            labels[text] = index
-            continue
-        target = re.search(r"BRA `\(\.(L_x_\d+)\)", text)
-        if target and labels.get(target.group(1)) is not None:
-            body = [entry for entry in code[labels[target.group(1)]:index + 1] if entry[0] >= 0]
-            best = max(best, body, key=len)
-    return best
+    return collections.Counter(opcode(text) for address, text in code if address >= 0)
 
 
 def main(argv=None) -> int:

@@ -116,12 +116,28 @@ def _store_chunk(base, tile, tokens, token_mask, stride_t, stride_c, ch0: tl.con
 
 
 @triton.jit
+def _norm_in_ds(dtype, DOT_PRECISION: tl.constexpr):
+    """Whether a backward product dS x̂ (x̂ = x * r, r the inverse norms of x's tokens) runs as
+    (dS r) x: x then stays the operand as loaded, with no register copy of x̂ (fewer registers
+    and instructions). Not in float16, where dS * r overflows (r = 1e12 on zero tokens), nor
+    with 3xTF32 dots, which split their operands in registers anyway (there it spilled more,
+    sm_90)."""
+    return dtype != tl.float16 and DOT_PRECISION != "tf32x3"
+
+
+@triton.jit
+def _ds_operand(ds, r, NORM_IN_DS: tl.constexpr, dtype: tl.constexpr):
+    """dS (rows x tokens of x, fp32) as the first operand of dS x̂, in ``dtype``: times r per
+    column where NORM_IN_DS (see _norm_in_ds)."""
+    if NORM_IN_DS:
+        ds = ds * r[None, :]
+    return ds.to(dtype)
+
+
+@triton.jit
 def _normalized_operand(x, r, NORM_IN_DS: tl.constexpr):
-    """The operand x̂ = x * r (r: inverse norms of x's tokens) of a product dS x̂, in x's dtype;
-    x itself where dS's columns carry r instead (NORM_IN_DS): x then stays the operand as
-    loaded, with no register copy of x̂ (fewer registers and instructions). The backward does
-    so except in float16, where dS * r overflows (r = 1e12 on zero tokens), and with 3xTF32
-    dots, which split their operands in registers anyway (there it spilled more, sm_90)."""
+    """The second operand of dS x̂: x̂ = x * r in x's dtype, or x itself where dS carries r
+    (_ds_operand, _norm_in_ds)."""
     if NORM_IN_DS:
         operand = x
     else:
@@ -397,7 +413,7 @@ def _backward_dkdv_kernel(
     key_mask = _in_range(keys, N_KV, FULL_KV)
     offs_m = tl.arange(0, BLOCK_M)
     dtype = q_ptr.dtype.element_ty
-    norm_in_ds = dtype != tl.float16 and DOT_PRECISION != "tf32x3"  # see _normalized_operand
+    norm_in_ds = _norm_in_ds(dtype, DOT_PRECISION)
 
     k_base = k_ptr + kv_batch.to(tl.int64) * k_sb + head * D * k_sc
     v_base = v_ptr + kv_batch.to(tl.int64) * v_sb + head * D * v_sc
@@ -440,10 +456,7 @@ def _backward_dkdv_kernel(
             s_t = tl.dot(k_b, tl.trans(q_b), s_t, input_precision=DOT_PRECISION)
             dp_t = tl.dot(v_b, tl.trans(do_b), dp_t, input_precision=DOT_PRECISION)
         p_t = tl.exp2((s_t * key_scale[:, None] + key_bias[:, None]) * rq[None, :] - lse[None, :])
-        ds_t = p_t * (dp_t - delta[None, :])
-        if norm_in_ds:  # dk̂ += dS^T q̂ as (dS r_q)^T q
-            ds_t = ds_t * rq[None, :]
-        ds_t = ds_t.to(dtype)
+        ds_t = _ds_operand(p_t * (dp_t - delta[None, :]), rq, norm_in_ds, dtype)  # dk̂ += dS^T q̂
         p_t = p_t.to(dtype)
         dv_a = tl.dot(p_t, do_a, dv_a, input_precision=DOT_PRECISION)
         dk_a = tl.dot(ds_t, _normalized_operand(q_a, rq, norm_in_ds), dk_a, input_precision=DOT_PRECISION)
@@ -501,7 +514,7 @@ def _backward_dq_kernel(
     query_mask = _in_range(queries, N_Q, FULL_Q)
     offs_n = tl.arange(0, BLOCK_N)
     dtype = q_ptr.dtype.element_ty
-    norm_in_ds = dtype != tl.float16 and DOT_PRECISION != "tf32x3"  # see _normalized_operand
+    norm_in_ds = _norm_in_ds(dtype, DOT_PRECISION)
 
     q_base = q_ptr + q_batch.to(tl.int64) * q_sb + head * D * q_sc
     rq = tl.load(rq_ptr + q_batch.to(tl.int64) * rq_sb + head * N_Q + queries, mask=query_mask, other=1.0)
@@ -546,10 +559,7 @@ def _backward_dq_kernel(
                 dp = tl.dot(do_b, tl.trans(v_b), dp, input_precision=DOT_PRECISION)
             key_bias = tl.where(key_mask, 0.0, float("-inf"))
             p = tl.exp2((s * (rk * tau_log2e)[None, :] + key_bias[None, :]) * rq[:, None] - lse[:, None])
-            ds = p * (dp - delta[:, None])
-            if norm_in_ds:  # G += dS k̂ as (dS r_k) k
-                ds = ds * rk[None, :]
-            ds = ds.to(dtype)
+            ds = _ds_operand(p * (dp - delta[:, None]), rk, norm_in_ds, dtype)  # G += dS k̂
             g_a = tl.dot(ds, _normalized_operand(k_a, rk, norm_in_ds), g_a, input_precision=DOT_PRECISION)
             if DB > 0:
                 g_b = tl.dot(ds, _normalized_operand(k_b, rk, norm_in_ds), g_b, input_precision=DOT_PRECISION)

@@ -3,6 +3,7 @@ the depthwise convolution): outputs and every gradient against the float64 refer
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 
@@ -149,9 +150,7 @@ def ptxas_info(compiled) -> str:
     instructions are serialized" (each tensor-core product then waits for the one before)."""
     import subprocess
     import tempfile
-
-    import triton
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    ptxas = _triton_tool("ptxas")
     with tempfile.TemporaryDirectory() as folder:
         source = os.path.join(folder, "kernel.ptx")
         with open(source, "w") as f:
@@ -161,37 +160,67 @@ def ptxas_info(compiled) -> str:
     return result.stdout + result.stderr
 
 
-def wgmma_serialised(compiled) -> bool:
-    return "C7515" in ptxas_info(compiled)
+_SASS_ADDRESS = re.compile(r"/\*([0-9a-f]{4,})\*/")
+_SASS_OPCODE = re.compile(r"\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)")
+
+
+def _triton_tool(name: str) -> str:
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def sass(compiled) -> list[tuple[int, str]]:
+    """(address, text) of each instruction of a kernel compiled for sm_90, in order (nvdisasm,
+    shipped with Triton); branch labels come as (-1, name)."""
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        cubin = os.path.join(folder, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        listing = subprocess.run([_triton_tool("nvdisasm"), "-c", cubin], capture_output=True, text=True,
+                                 check=True).stdout
+    code = []
+    for line in listing.splitlines():
+        label = re.match(r"\s*\.(L_x_\d+):", line)
+        address = _SASS_ADDRESS.search(line)
+        if label:
+            code.append((-1, label.group(1)))
+        elif address and _SASS_OPCODE.search(line):
+            code.append((int(address.group(1), 16), line))
+    return code
+
+
+def opcode(text: str) -> str:
+    """The opcode of a SASS instruction's text, without its modifiers (HGMMA, LDG, ...)."""
+    return _SASS_OPCODE.search(text).group(2).split(".")[0]
+
+
+def longest_loop(code: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """The instructions of the longest backward branch's loop in ``sass`` output, or []."""
+    labels, best = {}, []
+    for index, (address, text) in enumerate(code):
+        if address < 0:
+            labels[text] = index
+            continue
+        target = re.search(r"BRA `\(\.(L_x_\d+)\)", text)
+        if target and labels.get(target.group(1)) is not None:
+            body = [entry for entry in code[labels[target.group(1)]:index + 1] if entry[0] >= 0]
+            best = max(best, body, key=len)
+    return best
 
 
 def loop_wgmma(compiled) -> tuple[int, int]:
     """(wgmma instructions, waits for them) in the longest loop of a kernel compiled for sm_90:
     as many waits as products means each product waits for the one before it, whether ptxas
     serialised them (C7515) or the compiler placed the waits."""
-    import re
-    import subprocess
-    import tempfile
-
-    import triton
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.TemporaryDirectory() as folder:
-        cubin = os.path.join(folder, "kernel.cubin")
-        with open(cubin, "wb") as f:
-            f.write(compiled.asm["cubin"])
-        listing = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
-    code = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", listing)]
-    loops = [(int(target.group(1), 16), address) for address, text in code
-             for target in [re.search(r"BRA[^0-9]*0x([0-9a-f]+)", text)] if target and int(target.group(1), 16) < address]
-    start, end = max(loops, key=lambda loop: loop[1] - loop[0], default=(0, -1))
-    body = [text for address, text in code if start <= address <= end]
-    return (sum("HGMMA" in text for text in body), sum("WARPGROUP.DEPBAR" in text for text in body))
+    body = [text for _, text in longest_loop(sass(compiled))]
+    return sum(opcode(text) == "HGMMA" for text in body), sum("WARPGROUP.DEPBAR" in text for text in body)
 
 
 def ptxas_usage(compiled) -> dict:
     """Registers per thread, spilled bytes (the stack) and whether wgmma is serialised, from
     ptxas -v."""
-    import re
     info = ptxas_info(compiled)
     stack = re.search(r"(\d+) bytes cumulative stack size", info)
     return {"registers": int(re.search(r"Used (\d+) registers", info).group(1)),

@@ -22,7 +22,7 @@ from sipl_fast import ops
 from sipl_fast.kernels import proxy_attention as kernels
 from sipl_fast.ops import reference
 
-from kernel_checks import compiled_proxy_configs, loop_wgmma, run_compiled, wgmma_serialised
+from kernel_checks import compiled_proxy_configs, loop_wgmma, ptxas_usage, run_compiled
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,7 +364,7 @@ def compile_gpu_configs_for_sm90(head_dims=(96, 384), dtypes=("bf16", "fp32")) -
             continue
         if compiled.metadata.shared > SM90_SHARED_BYTES:
             failures.append(f"{label}: {compiled.metadata.shared} bytes of shared memory")
-        if wgmma_serialised(compiled):
+        if ptxas_usage(compiled)["serialised"]:
             failures.append(f"{label}: ptxas serialises its wgmma instructions (C7515)")
         products, waits = loop_wgmma(compiled)
         if 2 * waits > products:  # e.g. issuing the next block's logits early made Triton 3.8 do so
