@@ -57,6 +57,11 @@ section gpu-tests 200 $PY -m pytest -q -m gpu -p no:cacheprovider -n 15 ${GPU_TE
 # and 2 tiles loaded ahead (depth 2 new in the tenth session), replayed from CUDA graphs, and
 # the MDTA table.
 section proxy-attention 75 $PY bench/proxy_attention_table.py "$OUT/proxy_attention.json" --budget-s "${TABLE_BUDGET_S:-60}" --compile-budget-s 10
+# The float32 rows of the training shape and the refinement's 65536 x 4096 forward, which the
+# table's budget has always cut: 3xTF32 is SIPL's default training precision, and the eleventh
+# session (no GPU) gave its backward wgmma tile candidates (its 32 x 32 blocks issued 6-9x more
+# instructions per logit, sm_90 SASS).
+section proxy-fp32 50 $PY bench/proxy_attention_table.py "$OUT/proxy_attention_fp32.json" --dtypes fp32 --shapes "level1 train128 B8,cross_p1 512px" --providers triton,torch,reference --budget-s 35 --compile-budget-s 0
 section mdta-prefetch 60 $PY bench/mdta_prefetch.py "$OUT/mdta_prefetch.json" --budget-s 40
 section mdta 75 $PY bench/transposed_attention_table.py "$OUT/transposed_attention.json" --budget-s "${TABLE_BUDGET_S:-60}" --compile-budget-s 10
 # Host time per eager call of the attention ops (the tables' eager columns were up to 6x their

@@ -246,7 +246,15 @@ def attention_table_main(argv, *, doc: str, script: str, dtypes, providers, shap
     matmul TFLOP/s or copy GB/s, measured first), the table, its ``summary(rows, rate)``, the report."""
     parser = table_parser(doc.split("\n")[0], dtypes, providers, default_dtypes="bf16,fp32",
                           budget_s=budget_s, compile_budget_s=compile_budget_s, tf32=True)
+    parser.add_argument("--shapes", help="comma list of the shapes to measure (default: all): "
+                        + ", ".join(shape.name for shape in shapes))
     args = parser.parse_args(argv)
+    if args.shapes:
+        wanted = args.shapes.split(",")
+        unknown = sorted(set(wanted) - {shape.name for shape in shapes})
+        if unknown:
+            parser.error(f"unknown shapes {unknown}; choose from {[shape.name for shape in shapes]}")
+        shapes = [shape for shape in shapes if shape.name in wanted]
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     chosen = choose_device(script, args)
     if chosen is None:

@@ -206,15 +206,15 @@ def _token_dot_kernel(
 # d > 128 class, which spills at every tile size tl.dot allows (IEEE fp32 dots on CUDA cores)
 # and only the small p3_cross block meets. The lists are short because each entry costs a
 # compile (1-5 s) per dtype, head size and output kind: the 16-bit d <= 128 class, the SIPL
-# hot path, is autotuned (forward among four shapes, dk/dv two, dq three), the float32 forward at
-# d <= 128 (the refinement's, 37 ms of a replayed 512x512 one on the H200) between two; the
-# others run one (unmeasured) choice. Added in the seventh session, sm_90 SASS only, not yet
+# hot path, is autotuned (forward among four shapes, dk/dv and dq three), the float32 class at
+# d <= 128 (the refinement's forward, 37 ms of a replayed 512x512 one on the H200) among three;
+# the others run one (unmeasured) choice. Added in the seventh session, sm_90 SASS only, not yet
 # timed: the 16-bit forward's 128 x 128 tiles (wgmma n128 for the scores and half the loop
 # steps of 128 x 64; 217 registers instead of 162, 123 KB of shared memory, still one program
 # of 8 warps per SM, no spills) and the float32 forward's 128 x 32 (with 64 query rows and 8
 # warps the two warpgroups split the score tile's 32 columns: 112 wgmma instructions in the
 # kernel for 64 rows where 128 x 32 issues 60 for 128 rows; 219 registers instead of 233, no
-# spills). The backward's loop blocks of 64 spill (255 registers) and stay at 32.
+# spills). The backward's loop blocks of 64 spilled (255 registers) and stayed at 32.
 # Tenth session (static, sm_90, no GPU; bench/attention_sm90.py): until then ptxas serialised
 # every wgmma of the 16-bit forward (C7515), so the shapes above were timed that way. The
 # forward's loop spends ~8 non-tensor instructions per logit at 128 x 64 (d = 96), 1.5 of them
@@ -223,18 +223,27 @@ def _token_dot_kernel(
 _FORWARD_SHAPES = {
     "16-bit, d <= 128": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 128, 8, 3)],
     "16-bit, d > 128": [(64, 32, 8, 2)],
-    "fp32, d <= 128": [(64, 32, 8, 2), (128, 32, 8, 2)],
+    "fp32, d <= 128": [(64, 32, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
     "fp32, d > 128": [(32, 32, 8, 1)],
 }
+# Eleventh session (static, sm_90, no GPU; instructions per logit in the innermost loop, bf16
+# and 3xTF32 at d = 96, Triton 3.8; 3.6 within 5 %). The dk/dv loop steps its batch's offsets
+# instead of dividing the unit index: 22.4 -> 20.2 at 128 x 32; 64-query loop blocks now spill
+# 56 bytes (4 local loads per iteration, L1) for 15.9 and wgmma N = 64 for the logits. The
+# float32 class (3xTF32 dots, SIPL's default training dtype) ran its backward in 32 x 32
+# blocks, where the products are mma.sync with split operands: 991 (dk/dv) and 682 (dq)
+# instructions per logit, with 331 local accesses per dk/dv iteration. One warpgroup of 64
+# owned rows runs them as wgmma: 150 / 112 (64 x 32) or 216 / 162 (64 x 16, fewer spills);
+# the forward's 64 x 32 with 4 warps issues 77 where 8 warps issue 169. All candidates, untimed.
 _DKDV_SHAPES = {
-    "16-bit, d <= 128": [(128, 32, 8, 3), (64, 32, 4, 3)],
+    "16-bit, d <= 128": [(128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3)],
     "16-bit, d > 128": [(32, 32, 8, 2)],
-    "fp32, d <= 128": [(32, 32, 8, 2)],
+    "fp32, d <= 128": [(32, 32, 8, 2), (64, 32, 4, 3), (64, 16, 4, 3)],
     "fp32, d > 128": [(32, 32, 8, 1)],
 }
 # The dq pass no longer forms q̂ or k̂ in registers (tenth session), which freed the room for
 # loop blocks of 64 keys at 128 owned rows: 228 registers in bf16, no spills, wgmma N = 64 for
-# the logits, 19 instead of 27 instructions per logit in the loop (128 x 32); untimed.
+# the logits, 12.7 instead of 16.9 instructions per logit in the inner loop (128 x 32); untimed.
 _DQ_SHAPES = dict(_DKDV_SHAPES, **{"16-bit, d <= 128": [(128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3)]})
 
 
@@ -431,18 +440,24 @@ def _backward_dkdv_kernel(
     key_scale = rk * (tau * _LOG2E)
     key_bias = tl.where(key_mask, 0.0, float("-inf"))
 
+    # The units of work are (batch, query block) pairs. The loop carries its batch's base
+    # offsets and steps them when the query blocks wrap: computing them from the unit index
+    # (a division by q_blocks, 64-bit products) took ~10 % of the loop's instructions (sm_90).
     q_blocks = tl.cdiv(N_Q, BLOCK_M)
     units = BATCHES_PER_KV * q_blocks
-    for unit in range(split * units // NUM_SPLITS, (split + 1) * units // NUM_SPLITS):
-        batch = kv_batch * BATCHES_PER_KV + unit // q_blocks
-        queries = (unit % q_blocks) * BLOCK_M + offs_m
+    unit_begin = split * units // NUM_SPLITS
+    batch = kv_batch * BATCHES_PER_KV + unit_begin // q_blocks
+    m_block = unit_begin % q_blocks
+    q_base = q_ptr + batch.to(tl.int64) * q_sb + head * D * q_sc
+    do_base = dout_ptr + batch.to(tl.int64) * do_sb + head * D * do_sc
+    rq_base = rq_ptr + batch.to(tl.int64) * rq_sb + head * N_Q
+    row_base = (batch * NUM_HEADS + head).to(tl.int64) * N_Q  # of lse and delta
+    for _ in range(unit_begin, (split + 1) * units // NUM_SPLITS):
+        queries = m_block * BLOCK_M + offs_m
         query_mask = _in_range(queries, N_Q, FULL_Q)
-        q_base = q_ptr + batch.to(tl.int64) * q_sb + head * D * q_sc
-        do_base = dout_ptr + batch.to(tl.int64) * do_sb + head * D * do_sc
-        row = (batch * NUM_HEADS + head).to(tl.int64) * N_Q + queries
-        rq = tl.load(rq_ptr + batch.to(tl.int64) * rq_sb + head * N_Q + queries, mask=query_mask, other=1.0)
-        lse = tl.load(lse_ptr + row, mask=query_mask, other=float("inf"))  # masked rows: P = 0
-        delta = tl.load(delta_ptr + row, mask=query_mask, other=0.0)
+        rq = tl.load(rq_base + queries, mask=query_mask, other=1.0)
+        lse = tl.load(lse_ptr + row_base + queries, mask=query_mask, other=float("inf"))  # masked rows: P = 0
+        delta = tl.load(delta_ptr + row_base + queries, mask=query_mask, other=0.0)
 
         # The logits from q as loaded, scaled by r_q in float32, as the forward computes them
         # (P must match its lse).
@@ -463,6 +478,14 @@ def _backward_dkdv_kernel(
         if DB > 0:
             dv_b = tl.dot(p_t, do_b, dv_b, input_precision=DOT_PRECISION)
             dk_b = tl.dot(ds_t, _normalized_operand(q_b, rq, norm_in_ds), dk_b, input_precision=DOT_PRECISION)
+
+        m_block += 1
+        next_batch = m_block == q_blocks
+        m_block = tl.where(next_batch, 0, m_block)
+        q_base = tl.where(next_batch, q_base + q_sb, q_base)
+        do_base = tl.where(next_batch, do_base + do_sb, do_base)
+        rq_base = tl.where(next_batch, rq_base + rq_sb, rq_base)
+        row_base = tl.where(next_batch, row_base + NUM_HEADS * N_Q, row_base)
 
     # dk̂ = tau * dS^T q̂ (the key-side r_k is applied by the normalisation backward).
     dk_a = dk_a * tau

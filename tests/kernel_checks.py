@@ -196,25 +196,36 @@ def opcode(text: str) -> str:
     return _SASS_OPCODE.search(text).group(2).split(".")[0]
 
 
-def longest_loop(code: list[tuple[int, str]]) -> list[tuple[int, str]]:
-    """The instructions of the longest backward branch's loop in ``sass`` output, or []."""
-    labels, best = {}, []
+def _loops(code: list[tuple[int, str]]) -> list[tuple[int, int]]:
+    """(index of the label, index of the backward branch) of each loop in ``sass`` output."""
+    labels, loops = {}, []
     for index, (address, text) in enumerate(code):
         if address < 0:
             labels[text] = index
             continue
         target = re.search(r"BRA `\(\.(L_x_\d+)\)", text)
         if target and labels.get(target.group(1)) is not None:
-            body = [entry for entry in code[labels[target.group(1)]:index + 1] if entry[0] >= 0]
-            best = max(best, body, key=len)
-    return best
+            loops.append((labels[target.group(1)], index))
+    return loops
+
+
+def longest_loop(code: list[tuple[int, str]], innermost: bool = False) -> list[tuple[int, str]]:
+    """The instructions of the longest loop in ``sass`` output, or []; with ``innermost``, of
+    the longest loop that contains no other loop (the steady state of a nested loop: the outer
+    loop's body also holds the inner loop's prologue and epilogue)."""
+    loops = _loops(code)
+    if innermost:
+        loops = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    bodies = [[entry for entry in code[start:end + 1] if entry[0] >= 0] for start, end in loops]
+    return max(bodies, key=len, default=[])
 
 
 def loop_wgmma(compiled) -> tuple[int, int]:
-    """(wgmma instructions, waits for them) in the longest loop of a kernel compiled for sm_90:
+    """(wgmma instructions, waits for them) in the hot loop (the longest innermost one) of a
+    kernel compiled for sm_90:
     as many waits as products means each product waits for the one before it, whether ptxas
     serialised them (C7515) or the compiler placed the waits."""
-    body = [text for _, text in longest_loop(sass(compiled))]
+    body = [text for _, text in longest_loop(sass(compiled), innermost=True)]
     return sum(opcode(text) == "HGMMA" for text in body), sum("WARPGROUP.DEPBAR" in text for text in body)
 
 

@@ -167,6 +167,7 @@ CASES = {
     "d384-1head": (1, 2, 384, 1, (4, 5), (3, 7), 4.0),
     "d40-4heads": (1, 2, 40, 4, (4, 5), (5, 4), [50.0, 1.0, 0.1, 7.0]),
     "d48-2heads-tau50": (2, 1, 48, 2, (3, 7), (6, 6), 50.0),
+    "d40-dictionary-kv-3-query-blocks": (3, 1, 40, 1, (5, 8), (4, 4), 2.0),
 }
 
 
@@ -184,6 +185,8 @@ SPLIT_CASES = {  # a split count above the loop's block count leaves empty backw
     "d96-dictionary-query": ("d96-2heads-dictionary-query", (2, 2, 3)),
     "d48-dictionary-kv": ("d48-2heads-tau50", (3, 3, 2)),
     "d384": ("d384-1head", (2, 2, 2)),
+    # dk/dv: 3 batches x 3 query blocks in 2 splits, the second starting mid-batch
+    "d40-dictionary-kv-mid-batch": ("d40-dictionary-kv-3-query-blocks", (1, 2, 1)),
 }
 
 
