@@ -261,13 +261,27 @@ def _stream_tile(ptrs, n, rows_ok, cols, end):
 
 @triton.jit
 def _gram_step(x, y, gram, sq_x, sq_y, PRECISION: tl.constexpr, ACC: tl.constexpr):
-    """Adds one pair of tiles to the Gram matrix x y^T and to the squared row norms."""
+    """Adds one pair of tiles to the Gram matrix x y^T and to the squares of x and y: kept per
+    element (tiles of squares, summed over the row once after the loop, _row_sums) where the
+    accumulators are tiles, else summed over the row here."""
     gram = tl.dot(x, tl.trans(y), gram, input_precision=PRECISION, out_dtype=ACC)
     # The backward's pass (x = dO, y = v) has no use for the norms: a few ALU operations per
     # loaded element in a memory-bound loop, and one kernel variant to compile.
     x_acc = x.to(ACC)
     y_acc = y.to(ACC)
-    return gram, sq_x + tl.sum(x_acc * x_acc, axis=1), sq_y + tl.sum(y_acc * y_acc, axis=1)
+    if len(sq_x.shape) == 2:
+        sq_x, sq_y = sq_x + x_acc * x_acc, sq_y + y_acc * y_acc
+    else:
+        sq_x, sq_y = sq_x + tl.sum(x_acc * x_acc, axis=1), sq_y + tl.sum(y_acc * y_acc, axis=1)
+    return gram, sq_x, sq_y
+
+
+@triton.jit
+def _row_sums(squares):
+    """The squared row norms from _gram_step's accumulator."""
+    if len(squares.shape) == 2:
+        squares = tl.sum(squares, axis=1)
+    return squares
 
 
 @triton.jit(do_not_specialize=["C", "HEADS", "SIZE_CLASS"])
@@ -301,8 +315,15 @@ def _gram_partials_kernel(
     y_ptrs = _stream_rows(y_ptr, y_stride_b, y_stride_c, batch, first_channel, rows_y, cols)
 
     gram = tl.zeros((BLOCK_C, BLOCK_C), dtype=ACC)
-    sq_x = tl.zeros((BLOCK_C,), dtype=ACC)
-    sq_y = tl.zeros((BLOCK_C,), dtype=ACC)
+    # 16-bit streams keep their squares per element, which spares each tile a reduction over
+    # its row (a sixth of the Gram loop's instructions at 96 channels, sm_90); float32 ones sum
+    # them per tile (3xTF32's split operands leave no registers for the tiles: spills).
+    if x_ptr.dtype.element_ty.primitive_bitwidth == 16:
+        sq_x = tl.zeros((BLOCK_C, BLOCK_N), dtype=ACC)
+        sq_y = tl.zeros((BLOCK_C, BLOCK_N), dtype=ACC)
+    else:
+        sq_x = tl.zeros((BLOCK_C,), dtype=ACC)
+        sq_y = tl.zeros((BLOCK_C,), dtype=ACC)
     start = chunk * CHUNK
     end = tl.minimum(start + CHUNK, N)
     x_ok, y_ok = rows_x < C, rows_y < C
@@ -336,8 +357,8 @@ def _gram_partials_kernel(
     gram_mask = (rows_x < C)[:, None] & (rows_y < C)[None, :]
     tl.store(slot + rows_x[:, None] * C + rows_y[None, :], gram, mask=gram_mask)
     # every tile computes the norms; the first tile of each row / column stores them
-    tl.store(slot + C * C + rows_x, sq_x, mask=(rows_x < C) & (tile_y == 0))
-    tl.store(slot + C * C + C + rows_y, sq_y, mask=(rows_y < C) & (tile_x == 0))
+    tl.store(slot + C * C + rows_x, _row_sums(sq_x), mask=(rows_x < C) & (tile_y == 0))
+    tl.store(slot + C * C + C + rows_y, _row_sums(sq_y), mask=(rows_y < C) & (tile_x == 0))
 
 
 @triton.jit(do_not_specialize=["CHUNKS", "L"])
