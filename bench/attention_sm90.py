@@ -4,7 +4,7 @@ registers per thread, spilled bytes, shared memory, programs that fit on one mul
 and whether ptxas serialises its tensor-core products (C7515: each wgmma then waits for the
 one before it). For the proxy kernels also the thread instructions per logit in the hot
 (innermost) loop, a proxy for their ALU/issue cost next to the tensor work, and its wgmma
-products and waits. For the MDTA streams, which are memory-bound, also the bytes of loads a
+products and waits; for the MDTA streams the instructions per loaded element. For the MDTA streams, which are memory-bound, also the bytes of loads a
 multiprocessor keeps in flight: by Little's law a card sustains about (bytes in flight per
 SM x SMs) / memory latency, so 12 KB per SM at ~1 us on 132 SMs caps the streams near
 1.6 TB/s whatever the card's bandwidth.
@@ -50,7 +50,8 @@ def _cell(row: dict) -> str:
 def mdta_rows():
     """Each MDTA stream plan: 16-bit at prefetch depths 1 and 2, float32 (pipelined)."""
     for name, c_pad, pointer, size, plan, kernel, constants, streams in mdta_stream_plans():
-        row = usage(compile_mdta_plan(kernel, constants, pointer, plan), plan["num_warps"])
+        compiled = compile_mdta_plan(kernel, constants, pointer, plan)
+        row = usage(compiled, plan["num_warps"])
         # tiles of loads in flight while a program multiplies: its prefetched ones, or the
         # software pipeline's stages ahead; the grid puts one (Gram) or two (mix) programs on an SM
         tiles = plan["PREFETCH"] or plan["num_stages"] - 1
@@ -58,7 +59,18 @@ def mdta_rows():
         in_flight = programs * tiles * streams * SIPL_WIDTHS[c_pad] * plan["BLOCK_N"] * size
         yield (f"MDTA {name:4} c={SIPL_WIDTHS[c_pad]:3d} {pointer[1:]:4} depth {plan['PREFETCH']} "
                f"stages {plan['num_stages']} BLOCK_N {plan['BLOCK_N']:3d} {plan['num_warps']} warps: {_cell(row)}; "
-               f"{in_flight / 1024:4.0f} KB of loads in flight per SM ({programs} program(s))")
+               f"{in_flight / 1024:4.0f} KB of loads in flight per SM ({programs} program(s)); "
+               f"{_per_loaded_element(compiled, name, c_pad, plan, streams):4.1f} instructions per loaded element")
+
+
+def _per_loaded_element(compiled, name: str, c_pad: int, plan: dict, streams: int) -> float:
+    """Thread instructions of the hot loop per stream element it loads (SIPL's channels, not
+    the padded ones): next to the card's bytes per clock, a proxy for whether issuing them
+    keeps up with memory (an H100 SM issues 128 per clock and receives ~20 bytes per clock at
+    full bandwidth: ~26 per float32 element, ~13 per 16-bit one)."""
+    tiles = 2 if plan["PREFETCH"] == 2 else 1  # depth 2 takes two tiles an iteration
+    loaded = (2 if name == "gram" else streams) * SIPL_WIDTHS[c_pad] * plan["BLOCK_N"] * tiles
+    return len(longest_loop(sass(compiled), innermost=True)) * plan["num_warps"] * 32 / loaded
 
 
 def proxy_rows():
