@@ -10,6 +10,7 @@ term_scales). Tests marked ``gpu`` run the real SIPL shapes; test_configs_compil
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -431,6 +432,64 @@ def test_gpu_real_shapes(shape, dtype):
     inputs = make_inputs(batch_q, batch_kv, head_dim * heads, q_hw, kv_hw, heads, [1.0, 4.0, 0.5, 12.0][:heads],
                          dtype, device="cuda", zero_tokens=False)
     assert_within_reference_rule(*inputs, heads, dtype)
+
+
+# Each kernel's autotuner with the names of its (owned, loop) block sizes and its table of
+# (owned, loop, warps, stages) per tile class.
+AUTOTUNED = {
+    "forward": (kernels._forward_kernel, "BLOCK_M", "BLOCK_N", kernels._FORWARD_SHAPES),
+    "dkdv": (kernels._backward_dkdv_kernel, "BLOCK_N", "BLOCK_M", kernels._DKDV_SHAPES),
+    "dq": (kernels._backward_dq_kernel, "BLOCK_M", "BLOCK_N", kernels._DQ_SHAPES),
+}
+
+
+@contextlib.contextmanager
+def only_config(kernel: str, shape: tuple):
+    """Within the block, the autotuned ``kernel`` ("forward", "dkdv", "dq") runs the one config
+    ``shape`` = (owned rows, loop rows, warps, stages), whatever its timings would pick."""
+    tuned, owned, loop, _ = AUTOTUNED[kernel]
+    chosen = [c for c in tuned.configs if (c.kwargs[owned], c.kwargs[loop], c.num_warps, c.num_stages) == shape]
+    assert len(chosen) == 1, f"{shape} is not a config of the {kernel} kernel"
+    configs, cache = tuned.configs, dict(tuned.cache)
+    tuned.configs = chosen
+    tuned.cache.clear()
+    try:
+        yield
+    finally:
+        tuned.configs = configs
+        tuned.cache.clear()
+        tuned.cache.update(cache)
+
+
+def test_only_config_runs_the_chosen_config():
+    """The interpreter's one config, forced, still gives the reference; an unknown one is refused."""
+    tuned = AUTOTUNED["dkdv"][0]
+    configs = list(tuned.configs)
+    with only_config("dkdv", (16, 16, 1, 1)):
+        assert [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"]) for c in tuned.configs] == [(16, 16)]
+        assert_matches_reference(*make_inputs(2, 1, 48, (4, 5), (4, 4), 1, 3.0), 1)
+    assert tuned.configs == configs
+    with pytest.raises(AssertionError, match="not a config"), only_config("dq", (128, 32, 8, 3)):
+        pass
+
+
+# At d = 96 (bf16 and float32): every config the autotuner may pick. It picks by time, so which
+# one runs depends on the shape and the card: a config that computed wrong results would go
+# unnoticed by the tests above until some user's shape picked it.
+CONFIG_CASES = {f"{kernel}-{dtype_name}-{'x'.join(map(str, shape))}": (kernel, dtype, shape)
+                for kernel, (_, _, _, table) in AUTOTUNED.items()
+                for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))
+                for shape in table[kernels._tile_class(96, dtype)]}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel, dtype, shape", CONFIG_CASES.values(), ids=CONFIG_CASES.keys())
+def test_gpu_every_d96_config(kernel, dtype, shape):
+    """Zero-norm tokens, a batch-1 key side, and partial blocks on either side in turn."""
+    with only_config(kernel, shape):
+        for q_hw, kv_hw in (((25, 40), (32, 32)), ((32, 32), (24, 40))):
+            inputs = make_inputs(2, 1, 96, q_hw, kv_hw, 1, 8.0, dtype, device="cuda")
+            assert_within_reference_rule(*inputs, 1, dtype)
 
 
 @pytest.mark.gpu
