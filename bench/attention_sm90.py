@@ -3,7 +3,7 @@ autotune config (proxy attention) compiled for sm_90 as Triton would on an H100/
 registers per thread, spilled bytes, shared memory, programs that fit on one multiprocessor,
 and whether ptxas serialises its tensor-core products (C7515: each wgmma then waits for the
 one before it). For the proxy kernels also the thread instructions per logit in the hot
-(innermost) loop, a proxy for their ALU/issue cost next to the tensor work, and its wgmma
+(innermost) loops, a proxy for their ALU/issue cost next to the tensor work, and their wgmma
 products and waits; for the MDTA streams the instructions per loaded element. For the MDTA streams, which are memory-bound, also the bytes of loads a
 multiprocessor keeps in flight: by Little's law a card sustains about (bytes in flight per
 SM x SMs) / memory latency, so 12 KB per SM at ~1 us on 132 SMs caps the streams near
@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import triton  # noqa: E402
 
-from kernel_checks import (compile_mdta_plan, compiled_proxy_configs, longest_loop, loop_wgmma,  # noqa: E402
-                           mdta_stream_plans, ptxas_usage, sass)
+from kernel_checks import (compile_mdta_plan, compiled_proxy_configs, innermost_loops,  # noqa: E402
+                           longest_loop, loop_wgmma, mdta_stream_plans, ptxas_usage, sass)
 
 REGISTERS_PER_SM, SHARED_PER_SM, WARPS_PER_SM = 65536, 228 * 1024, 64
 SIPL_WIDTHS = {64: 48, 128: 96, 256: 176}  # padded head width: SIPL's channels per head there
@@ -80,11 +80,13 @@ def proxy_rows():
             raise compiled
         name = name.strip("_").replace("_kernel", "").replace("backward_", "")
         owned, loop, warps, _ = shape
-        hot_loop = longest_loop(sass(compiled), innermost=True)
-        products, waits = loop_wgmma(compiled)
+        # each innermost loop's instructions per logit (the forward has two: fixed and running
+        # softmax shift), and its wgmma products / waits
+        loops = [len(body) * warps * 32 / (owned * loop) for body in innermost_loops(sass(compiled))
+                 if len(body) >= 50]  # (not the short copy loops)
+        waits = ", ".join(f"{products}/{count}" for products, count in loop_wgmma(compiled)) or "none"
         yield (f"proxy {name:7} d={head_dim:3d} {dtype} {shape}: {_cell(usage(compiled, warps))}; "
-               f"{len(hot_loop) * warps * 32 / (owned * loop):4.1f} instructions per logit, "
-               f"{products} wgmma / {waits} waits in the loop")
+               f"{' / '.join(f'{x:.1f}' for x in loops)} instructions per logit, wgmma / waits {waits}")
 
 
 def main(argv=None) -> int:

@@ -272,6 +272,78 @@ def _autotune(owned: str, loop: str, shapes: dict):
 # Forward
 # --------------------------------------------------------------------------------------------
 
+# The forward's softmax shift. Its logits are cosines times the temperature, so every base-2
+# logit lies in [-bound, bound] with bound = |tau| log2(e). Shifting by the bound instead of a
+# running maximum, p = 2^(logit - bound) lies in [2^(-2 bound), 1] (1 + rounding), a normal
+# float32 (and bfloat16: the same exponents) while 2 bound <= 126: no running maximum, no
+# rescaling of the accumulators, nothing per logit but the exponential (sm_90: ~2 fewer
+# instructions per logit, untimed). Above that (|tau| > ~41.6), and always in float16 (whose
+# normals end at 2^-14), the running maximum.
+_FIXED_SHIFT_MAX = tl.constexpr(60.0)
+
+
+@triton.jit
+def _attend_keys(q_a, q_b, rq, k_base, v_base, rk_base, first, last, N_KV, k_st, k_sc, v_st, v_sc, tau_log2e, shift,
+                 D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 FULL_KV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUNNING_MAX: tl.constexpr):
+    """The forward's loop over key blocks first .. last-1 for one query block: returns the
+    accumulators of sum_j p_ij v_j (chunks a and b; b is a placeholder when DB = 0), the row
+    sums of p, and each row's shift (p_ij = 2^(logit_ij - shift_i)): the running maximum of the
+    logits with RUNNING_MAX, else ``shift``.
+
+    q enters the products as loaded: scaling it first (q̂ = q * r_q in registers) made ptxas
+    serialise every wgmma of the kernel (C7515, sm_90). r_q scales the logits' rows instead:
+    with t = (q . k) * r_k * tau * log2(e) the base-2 logit is r_q * t, and as r_q > 0 the
+    running maximum can be kept in t, so the softmax costs no extra operation per logit.
+    """
+    offs_n = tl.arange(0, BLOCK_N)
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
+    if DB > 0:
+        acc_b = tl.zeros([BLOCK_M, DB], dtype=tl.float32)
+    else:
+        acc_b = acc_a  # unused
+    for n_block in range(first, last):
+        keys = n_block * BLOCK_N + offs_n
+        key_mask = _in_range(keys, N_KV, FULL_KV)
+        k_a = _load_chunk(k_base, keys, key_mask, k_st, k_sc, 0, DA, D)
+        s = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PRECISION)
+        if DB > 0:
+            k_b = _load_chunk(k_base, keys, key_mask, k_st, k_sc, DA, DB, D)
+            s = tl.dot(q_b, tl.trans(k_b), s, input_precision=DOT_PRECISION)
+        # t = (q . k) * r_k * tau * log2(e); keys past N_KV get -inf (one FMA).
+        key_scale = tl.load(rk_base + keys, mask=key_mask, other=0.0) * tau_log2e
+        # (the bias from the comparison even where every key is valid: with a constant zero
+        # bias ptxas serialised the 64-row config's wgmma, C7515)
+        key_bias = tl.where(keys < N_KV, 0.0, float("-inf"))
+        s = s * key_scale[None, :] + key_bias[None, :]
+        if RUNNING_MAX:
+            # row_max is the running maximum of t; p = 2^(r_q (t - max)) is one FMA per logit.
+            new_max = tl.maximum(row_max, tl.max(s, axis=1))
+            rescale = tl.exp2(rq * (row_max - new_max))
+            p = tl.exp2(s * rq[:, None] - (rq * new_max)[:, None])
+            row_sum = row_sum * rescale + tl.sum(p, axis=1)
+            row_max = new_max
+            acc_a = acc_a * rescale[:, None]
+            if DB > 0:
+                acc_b = acc_b * rescale[:, None]
+        else:
+            p = tl.exp2(s * rq[:, None] - shift)
+            row_sum += tl.sum(p, axis=1)
+        p = p.to(v_base.dtype.element_ty)
+        v_a = _load_chunk(v_base, keys, key_mask, v_st, v_sc, 0, DA, D)
+        acc_a = tl.dot(p, v_a, acc_a, input_precision=DOT_PRECISION)
+        if DB > 0:
+            v_b = _load_chunk(v_base, keys, key_mask, v_st, v_sc, DA, DB, D)
+            acc_b = tl.dot(p, v_b, acc_b, input_precision=DOT_PRECISION)
+    if RUNNING_MAX:
+        row_shift = rq * row_max
+    else:
+        row_shift = tl.full([BLOCK_M], 0.0, dtype=tl.float32) + shift
+    return acc_a, acc_b, row_sum, row_shift
+
+
 @_autotune("BLOCK_M", "BLOCK_N", _FORWARD_SHAPES)
 @triton.jit
 def _forward_kernel(
@@ -295,64 +367,41 @@ def _forward_kernel(
     split = tl.program_id(2)
     queries = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     query_mask = _in_range(queries, N_Q, FULL_Q)
-    offs_n = tl.arange(0, BLOCK_N)
 
     q_base = q_ptr + batch.to(tl.int64) * q_sb + head * D * q_sc
     k_base = k_ptr + batch.to(tl.int64) * k_sb + head * D * k_sc
     v_base = v_ptr + batch.to(tl.int64) * v_sb + head * D * v_sc
     rk_base = rk_ptr + batch.to(tl.int64) * rk_sb + head * N_KV
 
-    # q enters the products as loaded: scaling it first (q̂ = q * r_q in registers) made ptxas
-    # serialise every wgmma of the kernel (C7515, sm_90). r_q scales the logits' rows instead:
-    # with t = (q . k) * r_k * tau * log2(e) the base-2 logit is r_q * t, and as r_q > 0 the
-    # running maximum can be kept in t, so the softmax costs no extra operation per logit.
+    # q as loaded; r_q scales the logits' rows (see _attend_keys)
     rq = tl.load(rq_ptr + batch.to(tl.int64) * rq_sb + head * N_Q + queries, mask=query_mask, other=1.0)
     q_a = _load_chunk(q_base, queries, query_mask, q_st, q_sc, 0, DA, D)
     if DB > 0:
         q_b = _load_chunk(q_base, queries, query_mask, q_st, q_sc, DA, DB, D)
+    else:
+        q_b = q_a  # unused
     tau_log2e = tl.load(temp_ptr + head).to(tl.float32) * _LOG2E
 
-    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
-    if DB > 0:
-        acc_b = tl.zeros([BLOCK_M, DB], dtype=tl.float32)
-
+    # The cosines bound every base-2 logit by |tau| log2(e): where that bound is small enough,
+    # the softmax shifts by it instead of a running maximum (see _FIXED_SHIFT_MAX).
+    shift = tl.abs(tau_log2e)
     kv_blocks = tl.cdiv(N_KV, BLOCK_N)
-    for n_block in range(split * kv_blocks // NUM_SPLITS, (split + 1) * kv_blocks // NUM_SPLITS):
-        keys = n_block * BLOCK_N + offs_n
-        key_mask = _in_range(keys, N_KV, FULL_KV)
-        k_a = _load_chunk(k_base, keys, key_mask, k_st, k_sc, 0, DA, D)
-        s = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PRECISION)
-        if DB > 0:
-            k_b = _load_chunk(k_base, keys, key_mask, k_st, k_sc, DA, DB, D)
-            s = tl.dot(q_b, tl.trans(k_b), s, input_precision=DOT_PRECISION)
-        # t = (q . k) * r_k * tau * log2(e); keys past N_KV get -inf (one FMA).
-        key_scale = tl.load(rk_base + keys, mask=key_mask, other=0.0) * tau_log2e
-        # (the bias from the comparison even where every key is valid: with a constant zero
-        # bias ptxas serialised the 64-row config's wgmma, C7515)
-        key_bias = tl.where(keys < N_KV, 0.0, float("-inf"))
-        s = s * key_scale[None, :] + key_bias[None, :]
-
-        # row_max is the running maximum of t; p = 2^(r_q (t - max)) is one FMA per logit.
-        new_max = tl.maximum(row_max, tl.max(s, axis=1))
-        rescale = tl.exp2(rq * (row_max - new_max))
-        p = tl.exp2(s * rq[:, None] - (rq * new_max)[:, None])
-        row_sum = row_sum * rescale + tl.sum(p, axis=1)
-        row_max = new_max
-        p = p.to(v_ptr.dtype.element_ty)
-        v_a = _load_chunk(v_base, keys, key_mask, v_st, v_sc, 0, DA, D)
-        acc_a = tl.dot(p, v_a, acc_a * rescale[:, None], input_precision=DOT_PRECISION)
-        if DB > 0:
-            v_b = _load_chunk(v_base, keys, key_mask, v_st, v_sc, DA, DB, D)
-            acc_b = tl.dot(p, v_b, acc_b * rescale[:, None], input_precision=DOT_PRECISION)
+    first, last = split * kv_blocks // NUM_SPLITS, (split + 1) * kv_blocks // NUM_SPLITS
+    if (shift <= _FIXED_SHIFT_MAX) & (v_ptr.dtype.element_ty != tl.float16):
+        acc_a, acc_b, row_sum, row_shift = _attend_keys(
+            q_a, q_b, rq, k_base, v_base, rk_base, first, last, N_KV, k_st, k_sc, v_st, v_sc, tau_log2e, shift,
+            D, DA, DB, DOT_PRECISION, FULL_KV, BLOCK_M, BLOCK_N, RUNNING_MAX=False)
+    else:
+        acc_a, acc_b, row_sum, row_shift = _attend_keys(
+            q_a, q_b, rq, k_base, v_base, rk_base, first, last, N_KV, k_st, k_sc, v_st, v_sc, tau_log2e, shift,
+            D, DA, DB, DOT_PRECISION, FULL_KV, BLOCK_M, BLOCK_N, RUNNING_MAX=True)
 
     out_base = out_ptr + split.to(tl.int64) * out_ss + batch.to(tl.int64) * out_sb + head * D * out_sc
     _store_chunk(out_base, acc_a / row_sum[:, None], queries, query_mask, out_st, out_sc, 0, DA, D)
     if DB > 0:
         _store_chunk(out_base, acc_b / row_sum[:, None], queries, query_mask, out_st, out_sc, DA, DB, D)
     lse = lse_ptr + split.to(tl.int64) * lse_ss + (batch * NUM_HEADS + head).to(tl.int64) * N_Q + queries
-    tl.store(lse, rq * row_max + tl.log2(row_sum), mask=query_mask)
+    tl.store(lse, row_shift + tl.log2(row_sum), mask=query_mask)
 
 
 @triton.jit

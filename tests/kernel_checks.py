@@ -209,24 +209,35 @@ def _loops(code: list[tuple[int, str]]) -> list[tuple[int, int]]:
     return loops
 
 
+def innermost_loops(code: list[tuple[int, str]]) -> list[list[tuple[int, str]]]:
+    """The instructions of each loop in ``sass`` output that contains no other loop: the steady
+    states (an outer loop's body also holds its inner loop's pipeline prologue and epilogue)."""
+    loops = _loops(code)
+    inner = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    return [[entry for entry in code[start:end + 1] if entry[0] >= 0] for start, end in inner]
+
+
 def longest_loop(code: list[tuple[int, str]], innermost: bool = False) -> list[tuple[int, str]]:
     """The instructions of the longest loop in ``sass`` output, or []; with ``innermost``, of
-    the longest loop that contains no other loop (the steady state of a nested loop: the outer
-    loop's body also holds the inner loop's prologue and epilogue)."""
-    loops = _loops(code)
+    the longest loop that contains no other loop."""
     if innermost:
-        loops = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
-    bodies = [[entry for entry in code[start:end + 1] if entry[0] >= 0] for start, end in loops]
+        bodies = innermost_loops(code)
+    else:
+        bodies = [[entry for entry in code[start:end + 1] if entry[0] >= 0] for start, end in _loops(code)]
     return max(bodies, key=len, default=[])
 
 
-def loop_wgmma(compiled) -> tuple[int, int]:
-    """(wgmma instructions, waits for them) in the hot loop (the longest innermost one) of a
-    kernel compiled for sm_90:
-    as many waits as products means each product waits for the one before it, whether ptxas
+def loop_wgmma(compiled) -> list[tuple[int, int]]:
+    """(wgmma instructions, waits for them) in each innermost loop with wgmma of a kernel
+    compiled for sm_90 (the proxy forward has two: its fixed and running softmax shifts): as
+    many waits as products means each product waits for the one before it, whether ptxas
     serialised them (C7515) or the compiler placed the waits."""
-    body = [text for _, text in longest_loop(sass(compiled), innermost=True)]
-    return sum(opcode(text) == "HGMMA" for text in body), sum("WARPGROUP.DEPBAR" in text for text in body)
+    counts = []
+    for body in innermost_loops(sass(compiled)):
+        products = sum(opcode(text) == "HGMMA" for _, text in body)
+        if products:
+            counts.append((products, sum("WARPGROUP.DEPBAR" in text for _, text in body)))
+    return counts
 
 
 def ptxas_usage(compiled) -> dict:

@@ -191,6 +191,20 @@ SPLIT_CASES = {  # a split count above the loop's block count leaves empty backw
 }
 
 
+@pytest.mark.parametrize("tau", [41.0, 42.0, 60.0, -60.0])
+def test_every_key_anti_aligned(tau):
+    """Every key points against every query (all cosines -1): the logits sit at -tau, for
+    tau > 0 the far end of the forward's fixed softmax shift (p = 2^(-2 |tau| log2 e), near
+    float32's smallest normal at |tau| = 41.6, the largest it is used for) and beyond it, where
+    the running maximum takes over (at tau = 60 a fixed shift would underflow every p to 0)."""
+    direction = torch.nn.functional.normalize(torch.randn(48), dim=0).reshape(1, 48, 1, 1)
+    q = direction * (torch.rand(2, 1, 4, 5) + 0.5)
+    k = -direction * (torch.rand(1, 1, 3, 6) + 0.5)
+    v = torch.randn(1, 48, 3, 6)
+    temperature = torch.full((1, 1, 1), tau)
+    assert_matches_reference(q, k, v, temperature, 1, splits=(2, 1, 1))
+
+
 @pytest.mark.parametrize("case, splits", SPLIT_CASES.values(), ids=SPLIT_CASES.keys())
 def test_split_passes_match_reference(case, splits):
     batch_q, batch_kv, head_dim, heads, q_hw, kv_hw, tau = CASES[case]
@@ -370,9 +384,9 @@ def compile_gpu_configs_for_sm90(head_dims=(96, 384), dtypes=("bf16", "fp32")) -
             failures.append(f"{label}: {compiled.metadata.shared} bytes of shared memory")
         if ptxas_usage(compiled)["serialised"]:
             failures.append(f"{label}: ptxas serialises its wgmma instructions (C7515)")
-        products, waits = loop_wgmma(compiled)
-        if 2 * waits > products:  # e.g. issuing the next block's logits early made Triton 3.8 do so
-            failures.append(f"{label}: its loop waits {waits} times for {products} wgmma products")
+        for products, waits in loop_wgmma(compiled):
+            if 2 * waits > products:  # e.g. issuing the next block's logits early made Triton 3.8 do so
+                failures.append(f"{label}: a loop waits {waits} times for {products} wgmma products")
     return failures
 
 
