@@ -25,8 +25,9 @@ Passes (every buffer is linear in tokens; there is no Nq x Nkv buffer anywhere):
    needs anyway and writes no normalised copies of q and k. (Scaling the q tile in
    registers instead made ptxas serialise every wgmma of the forward, C7515, sm_90.)
 2. ``_forward_kernel``: a query block against a range of key blocks with an online softmax
-   (running max and sum in fp32, base 2). It writes the normalised output and the base-2
-   logsumexp (lse) of its rows. With few queries and many keys (the dictionary side, e.g.
+   (sum in fp32, base 2), shifted by the bound |tau| log2(e) on its logits where that is at
+   most 40, else by a running maximum (_FIXED_SHIFT_MAX). It writes the normalised output and
+   the base-2 logsumexp (lse) of its rows. With few queries and many keys (the dictionary side, e.g.
    4096 x 65536) the key range is split across programs (flash-decoding) so that the GPU is
    full at batch 1; each split writes fp32 partials and ``_combine_splits_kernel`` merges them
    in a fixed order (deterministic).

@@ -197,12 +197,17 @@ def test_every_key_anti_aligned(tau):
     tau > 0 the far end of the forward's fixed softmax shift (p = 2^(-2 |tau| log2 e): 2^-79 at
     27.5, near the largest |tau| it is used for) and beyond it, where the running maximum takes
     over (at tau = 60 a fixed shift would underflow every p to 0)."""
-    direction = torch.nn.functional.normalize(torch.randn(48), dim=0).reshape(1, 48, 1, 1)
-    q = direction * (torch.rand(2, 1, 4, 5) + 0.5)
-    k = -direction * (torch.rand(1, 1, 3, 6) + 0.5)
-    v = torch.randn(1, 48, 3, 6)
+    assert_matches_reference(*anti_aligned_inputs(48, (4, 5), (3, 6), tau), 1, splits=(2, 1, 1))
+
+
+def anti_aligned_inputs(channels, q_hw, kv_hw, tau, dtype=torch.float32, device="cpu"):
+    """q (batch 2) and k (batch 1) tokens along one direction and against it, random v."""
+    direction = torch.nn.functional.normalize(torch.randn(channels), dim=0).reshape(1, channels, 1, 1)
+    q = direction * (torch.rand(2, 1, *q_hw) + 0.5)
+    k = -direction * (torch.rand(1, 1, *kv_hw) + 0.5)
+    v = torch.randn(1, channels, *kv_hw)
     temperature = torch.full((1, 1, 1), tau)
-    assert_matches_reference(q, k, v, temperature, 1, splits=(2, 1, 1))
+    return [t.to(device=device, dtype=dtype if t is not temperature else torch.float32) for t in (q, k, v, temperature)]
 
 
 @pytest.mark.parametrize("case, splits", SPLIT_CASES.values(), ids=SPLIT_CASES.keys())
@@ -509,6 +514,15 @@ def test_gpu_every_d96_config(kernel, dtype, shape):
 @pytest.mark.gpu
 def test_gpu_zero_tokens_broadcast_and_large_temperature():
     inputs = make_inputs(2, 1, 96, (32, 32), (48, 48), 1, 50.0, torch.bfloat16, device="cuda")
+    assert_within_reference_rule(*inputs, 1, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tau", [27.5, 28.0])
+def test_gpu_every_key_anti_aligned(tau):
+    """bf16 on the tensor cores at the far end of the forward's fixed softmax shift (p = 2^-79)
+    and just beyond it (running maximum)."""
+    inputs = anti_aligned_inputs(96, (32, 32), (40, 24), tau, torch.bfloat16, "cuda")
     assert_within_reference_rule(*inputs, 1, torch.bfloat16)
 
 
