@@ -161,8 +161,10 @@ def _mix_plan(c_pad: int, element_size: int, streams: int, precision: str, prefe
     a single pass on the H200, bench/results/h200_2026-11-27b/profile.json, where two single
     passes read q and k twice).
 
-    M's rows are the first tl.dot operand, loaded once per program. 16-bit streams scale
-    them in registers, where with the float32 accumulators they must fit in about 128
+    M's rows are the first tl.dot operand, loaded once per program. 16-bit streams are
+    planned as if they scaled them in registers (float16 does, _mixing_rows; bfloat16 no longer
+    does and takes fewer registers than planned: 122 instead of 171 at 96 channels, two
+    programs per SM), where with the float32 accumulators they must fit in about 128
     registers per thread; other streams keep them in shared memory, at most _RESIDENT_BYTES.
     BLOCK_I shrinks first, not below 64 where wgmma needs it (3xTF32 below 64 rows runs as
     mma.sync with split operands in registers, and spills); then BLOCK_N gives way.
@@ -183,9 +185,11 @@ def _mix_plan(c_pad: int, element_size: int, streams: int, precision: str, prefe
             return None
         accumulator_registers = 64
     # 16-bit M rows of heads wider than 128 channels leave no registers for a second tile
-    # (176 channels spilled with it, sm_90). Two tiles in flight only pay for the single
-    # stream at 128 channels: at 64 two programs of depth 1 share a multiprocessor (one of
-    # depth 2 takes its registers), and the dual pass at 128 spilled twice as much with them.
+    # (float16's scaled rows, 176 channels, spilled with it, sm_90). Two tiles in flight only
+    # pay for the single stream at 128 channels: at 64 two programs of depth 1 share a
+    # multiprocessor (one of depth 2 takes its registers), and the dual pass at 128 spilled
+    # twice as much with them. (bfloat16 at 128 channels now fits two programs of depth 1 per
+    # multiprocessor, as many loads in flight as one of depth 2: the default depth 1 suits it.)
     deepest = 0 if c_pad > 128 else (2 if c_pad == 128 and streams == 1 else 1)
     if _INTERPRET:
         return _prefetched({"BLOCK_I": block_i, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}, prefetch, deepest)
@@ -471,9 +475,10 @@ def _softmax_backward_kernel(stats_ptr, attn_ptr, grad_attn_ptr, temperature_ptr
 def _mixing_rows(m_ptr, stride_i, stride_j, rows, ks, C, DOT_DTYPE: tl.constexpr, SCALE_ROWS: tl.constexpr):
     """Rows ``rows`` of a small matrix M as a tl.dot operand of DOT_DTYPE, and their scales.
 
-    For a 16-bit dot each row is divided by its largest |entry| first (the scale multiplies
+    For a float16 dot each row is divided by its largest |entry| first (the scale multiplies
     the product back in float32): P's entries can be far below float16's smallest normal, or
-    above its largest, while their ratios within a row are what the product needs.
+    above its largest, while their ratios within a row are what the product needs. bfloat16
+    has float32's exponents: its rows go in as they are (a multiply per output element fewer).
     """
     valid = (rows < C)[:, None] & (ks < C)[None, :]
     m = tl.load(m_ptr + rows[:, None] * stride_i + ks[None, :] * stride_j, mask=valid, other=0.0)
@@ -759,7 +764,7 @@ def _channel_mix(call: _Call, layout, matrix, transpose: bool, x, out, diag=None
              x, x.stride(0), x.stride(1), out, out.stride(0), out.stride(1),
              y, y.stride(0), y.stride(1), out2, out2.stride(0), out2.stride(1),
              diag1, diag2, call.c, call.n_pixels, call.heads, per_run, call.size_class),
-            dict(DIAG=diag is not None, DUAL=second is not None, SCALE_ROWS=call.element_size == 2,
+            dict(DIAG=diag is not None, DUAL=second is not None, SCALE_ROWS=call.dtype == torch.float16,
                  PRECISION=call.precision, ACC=call.acc_tl, BLOCK_I=block_i, BLOCK_K=_padded(call.c),
                  PREFETCH=prefetch), config)
 

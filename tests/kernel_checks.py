@@ -268,7 +268,7 @@ def mdta_stream_plans():
             plan = kernels._mix_plan(c_pad, size, streams, precision, depth)
             if plan is not None:
                 cases.append((f"mix{streams}", kernels._channel_mix_kernel, plan,
-                              dict(DIAG=streams == 2, DUAL=streams == 2, SCALE_ROWS=size == 2, BLOCK_K=c_pad), streams))
+                              dict(DIAG=streams == 2, DUAL=streams == 2, SCALE_ROWS=pointer == "*fp16", BLOCK_K=c_pad), streams))
         for name, kernel, plan, flags, streams in cases:
             key = (name, c_pad, pointer, tuple(sorted(plan.items())))
             if key in seen:
