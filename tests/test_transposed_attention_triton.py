@@ -113,15 +113,20 @@ def test_matches_float64_reference(batch, c, heads, hw, tau):
     assert_matches_float64(q, k, v, temperature, heads, bound=FP32_BOUND)
 
 
-def test_near_constant_and_zero_channels():
-    """Channels that barely vary (cosines near 1, a saturated softmax at tau = 50) and
-    all-zero channels of q and k (norm below eps: finite, and equal to F.normalize's math)."""
-    q, k, v, temperature = make_inputs(1, 48, (8, 9), 1, [50.0])
-    q[:, :6] = 3.0 + 1e-3 * torch.randn_like(q[:, :6])
-    k[:, 2:8] = -2.0 + 1e-3 * torch.randn_like(k[:, 2:8])
+def near_constant_and_zero_channels(channels, hw, dtype=torch.float32, device="cpu", scale=1.0):
+    """Inputs with channels that barely vary (cosines near 1, a saturated softmax at tau = 50)
+    and all-zero channels of q and k (norm below eps), as q, k, v, temperature."""
+    q, k, v, temperature = make_inputs(1, channels, hw, 1, [50.0], device=device, scale=scale)
+    q[:, :6] = scale * (3.0 + 1e-3 * torch.randn_like(q[:, :6]))
+    k[:, 2:8] = scale * (-2.0 + 1e-3 * torch.randn_like(k[:, 2:8]))
     q[:, 10] = 0
     k[:, 20] = 0
-    assert_matches_float64(q, k, v, temperature, 1, bound=FP32_BOUND)
+    return q.to(dtype), k.to(dtype), v.to(dtype), temperature
+
+
+def test_near_constant_and_zero_channels():
+    """Zero channels are finite and equal F.normalize's math."""
+    assert_matches_float64(*near_constant_and_zero_channels(48, (8, 9)), 1, bound=FP32_BOUND)
 
 
 def test_float16_gradients_do_not_underflow():
@@ -284,6 +289,15 @@ def test_gpu_sipl_shapes(name, batch, channels, heads, hw, dtype):
     q, k, v, temperature = make_inputs(batch, channels, hw, heads, torch.linspace(0.5, 4.0, heads).tolist(),
                                        dtype=dtype, device="cuda")
     assert_matches_float64(q, k, v, temperature, heads, error=tensor_relative_error)
+
+
+@pytest.mark.gpu
+def test_gpu_bfloat16_zero_and_near_constant_channels():
+    """bfloat16 on the tensor cores, with large activations: zero channels (inverse norms of
+    1e12, so P's rows span a vast range, which bfloat16's mix rows take unscaled) beside
+    near-constant ones at tau = 50. (float16 cannot hold a zero channel's gradient, ~1e12.)"""
+    inputs = near_constant_and_zero_channels(96, (64, 64), torch.bfloat16, "cuda", scale=30.0)
+    assert_matches_float64(*inputs, 1)
 
 
 @pytest.mark.gpu
