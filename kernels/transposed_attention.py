@@ -153,7 +153,8 @@ def _mix_shared_bytes(c_pad, block_i, block_n, stages, element_size, streams, pr
     return resident + pipelined + streams * block_i * block_n * element_size
 
 
-def _mix_plan(c_pad: int, element_size: int, streams: int, precision: str, prefetch: int | None = None):
+def _mix_plan(c_pad: int, element_size: int, streams: int, precision: str, prefetch: int | None = None,
+              scaled_rows: bool = False):
     """BLOCK_I (output rows per program), PREFETCH (see _prefetched) and the configuration of
     the mix kernel, or None when M's rows cannot stay on chip, or when two streams would leave
     tiles of less than half a single stream's length (the caller then runs one stream per
@@ -162,10 +163,10 @@ def _mix_plan(c_pad: int, element_size: int, streams: int, precision: str, prefe
     passes read q and k twice).
 
     M's rows are the first tl.dot operand, loaded once per program. 16-bit streams are
-    planned as if they scaled them in registers (float16 does, _mixing_rows; bfloat16 no longer
-    does and takes fewer registers than planned: 122 instead of 171 at 96 channels, two
-    programs per SM), where with the float32 accumulators they must fit in about 128
-    registers per thread; other streams keep them in shared memory, at most _RESIDENT_BYTES.
+    planned as if they scaled them in registers (float16 does, ``scaled_rows``, _mixing_rows;
+    bfloat16 does not and takes fewer registers than planned: 122 instead of 171 at 96
+    channels, two programs per SM), where with the float32 accumulators they must fit in about
+    128 registers per thread; other streams keep them in shared memory, at most _RESIDENT_BYTES.
     BLOCK_I shrinks first, not below 64 where wgmma needs it (3xTF32 below 64 rows runs as
     mma.sync with split operands in registers, and spills); then BLOCK_N gives way.
     """
@@ -184,13 +185,20 @@ def _mix_plan(c_pad: int, element_size: int, streams: int, precision: str, prefe
         if m_bytes(block_i) > _RESIDENT_BYTES:
             return None
         accumulator_registers = 64
-    # 16-bit M rows of heads wider than 128 channels leave no registers for a second tile
-    # (float16's scaled rows, 176 channels, spilled with it, sm_90). Two tiles in flight only
-    # pay for the single stream at 128 channels: at 64 two programs of depth 1 share a
-    # multiprocessor (one of depth 2 takes its registers), and the dual pass at 128 spilled
-    # twice as much with them. (bfloat16 at 128 channels now fits two programs of depth 1 per
-    # multiprocessor, as many loads in flight as one of depth 2: the default depth 1 suits it.)
-    deepest = 0 if c_pad > 128 else (2 if c_pad == 128 and streams == 1 else 1)
+    # Tiles in flight (sm_90, bf16 / fp16). Beyond 128 channels none: rows scaled in registers
+    # (float16) spilled with one (176 channels); unscaled ones (bfloat16) fit it, but halving
+    # the tile for it nearly doubled the loop's instructions per element (3.2 -> 5.9 single,
+    # 5.5 -> 10.4 dual), so the measured plan stays. Up to 128 channels scaled rows gain from two
+    # only in the single stream at 128: at 64 two programs of depth 1 share a multiprocessor
+    # (one of depth 2 takes its registers), and the dual pass at 128 spilled twice as much with
+    # them. Unscaled rows (bfloat16, and the interpreter's float32) take two without spills (the
+    # dual pass at 96 channels: 188 registers, twice the 12 KB in flight of depth 1).
+    if c_pad > 128:
+        deepest = 0
+    elif scaled_rows:
+        deepest = 2 if c_pad == 128 and streams == 1 else 1
+    else:
+        deepest = 2
     if _INTERPRET:
         return _prefetched({"BLOCK_I": block_i, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}, prefetch, deepest)
     # mma.sync (fewer than 64 rows) holds its operands in registers: shorter tiles
@@ -206,7 +214,8 @@ def _mix_plan(c_pad: int, element_size: int, streams: int, precision: str, prefe
         stages = _STAGES_16BIT
     plan = _prefetched({"BLOCK_I": block_i, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages},
                        prefetch, deepest)
-    if streams == 2 and plan["BLOCK_N"] < _mix_plan(c_pad, element_size, 1, precision, prefetch)["BLOCK_N"] // 2:
+    if streams == 2 and plan["BLOCK_N"] < _mix_plan(c_pad, element_size, 1, precision, prefetch,
+                                                     scaled_rows)["BLOCK_N"] // 2:
         return None
     return plan
 
@@ -240,7 +249,8 @@ def _prune_gram(configs, named_args, **kwargs):
 def _prune_mix(configs, named_args, **kwargs):
     size = named_args["x_ptr"].element_size()
     streams = 2 if kwargs["DUAL"] else 1
-    plan = _mix_plan(kwargs["BLOCK_K"], size, streams, kwargs["PRECISION"], kwargs.get("PREFETCH"))
+    plan = _mix_plan(kwargs["BLOCK_K"], size, streams, kwargs["PRECISION"], kwargs.get("PREFETCH"),
+                     kwargs.get("SCALE_ROWS", False))
     return _near(configs, plan, lambda c: _mix_shared_bytes(
         kwargs["BLOCK_K"], kwargs["BLOCK_I"], c.kwargs["BLOCK_N"], c.num_stages, size, streams,
         kwargs["PRECISION"]) <= _SHARED_MEMORY_BUDGET, size)
@@ -540,22 +550,29 @@ def _channel_mix_kernel(
     start = run * PIXELS_PER_PROGRAM
     end = tl.minimum(start + PIXELS_PER_PROGRAM, N)
     # Prefetching as in the Gram pass: PREFETCH tiles in flight, two tiles an iteration at
-    # depth 2 (single stream only, see _mix_plan).
-    tl.static_assert(PREFETCH < 2 or not DUAL, "the dual pass prefetches one tile at most")
+    # depth 2 (see _mix_plan for where it is planned).
     if PREFETCH >= 1:
         x_next = _stream_tile(x_ptrs, start, ks < C, cols, end)
         if DUAL:
             y_next = _stream_tile(y_ptrs, start, ks < C, cols, end)
     if PREFETCH == 2:
         x_after = _stream_tile(x_ptrs, start + BLOCK_N, ks < C, cols, end)
+        if DUAL:
+            y_after = _stream_tile(y_ptrs, start + BLOCK_N, ks < C, cols, end)
     for n in range(start, end, BLOCK_N * (2 if PREFETCH == 2 else 1)):
         if PREFETCH == 2:
             x, x_second = x_next, x_after
             x_next = _stream_tile(x_ptrs, n + 2 * BLOCK_N, ks < C, cols, end)
             x_after = _stream_tile(x_ptrs, n + 3 * BLOCK_N, ks < C, cols, end)
-            _mix_tile(n, x, x, m1, scale1, m2, scale2, diag1, diag2, rows, cols, end, C,
+            if DUAL:
+                y, y_second = y_next, y_after
+                y_next = _stream_tile(y_ptrs, n + 2 * BLOCK_N, ks < C, cols, end)
+                y_after = _stream_tile(y_ptrs, n + 3 * BLOCK_N, ks < C, cols, end)
+            else:
+                y, y_second = x, x_second
+            _mix_tile(n, x, y, m1, scale1, m2, scale2, diag1, diag2, rows, cols, end, C,
                       out_ptrs, y_rows_ptrs, out2_ptrs, x_rows_ptrs, DIAG, DUAL, PRECISION, ACC, BLOCK_I, BLOCK_K)
-            x, y, tile = x_second, x_second, n + BLOCK_N
+            x, y, tile = x_second, y_second, n + BLOCK_N
         elif PREFETCH == 1:
             x = x_next
             y = y_next if DUAL else x
@@ -671,10 +688,10 @@ def _gram_layout(c: int, n_pixels: int, heads_total: int, element_size: int, pre
 
 @functools.lru_cache(maxsize=1024)
 def _mix_layout(c: int, n_pixels: int, heads_total: int, element_size: int, streams: int, precision: str,
-                target: int, prefetch: int):
+                target: int, prefetch: int, scaled_rows: bool):
     """(BLOCK_I, PREFETCH, row tiles, runs, pixels per run, launch configuration) of a mix
     pass, or None where _mix_plan splits the streams (streams = 2 with 3xTF32 heads)."""
-    config = _mix_plan(_padded(c), element_size, streams, precision, prefetch)
+    config = _mix_plan(_padded(c), element_size, streams, precision, prefetch, scaled_rows)
     if config is None:
         return None
     block_i, prefetch = config.pop("BLOCK_I"), config.pop("PREFETCH")
@@ -718,6 +735,7 @@ class _Call:
         self.heads_total = batch * num_heads
         self.device, self.dtype, self.element_size = x.device, x.dtype, x.element_size()
         self.precision = _precision(x.dtype)
+        self.scaled_rows = x.dtype == torch.float16  # see _mixing_rows
         self.acc_torch, self.acc_tl = _accumulator(x.dtype)
         self.target = _multiprocessors(x.device.index or 0)
         self.size_class = _size_class(self.n_pixels)
@@ -729,7 +747,7 @@ class _Call:
 
     def mix_layout(self, streams: int):
         return _mix_layout(self.c, self.n_pixels, self.heads_total, self.element_size, streams, self.precision,
-                           self.target, self.prefetch)
+                           self.target, self.prefetch, self.scaled_rows)
 
 
 def _gram_sums(call: _Call, x, y) -> torch.Tensor:
@@ -764,7 +782,7 @@ def _channel_mix(call: _Call, layout, matrix, transpose: bool, x, out, diag=None
              x, x.stride(0), x.stride(1), out, out.stride(0), out.stride(1),
              y, y.stride(0), y.stride(1), out2, out2.stride(0), out2.stride(1),
              diag1, diag2, call.c, call.n_pixels, call.heads, per_run, call.size_class),
-            dict(DIAG=diag is not None, DUAL=second is not None, SCALE_ROWS=call.dtype == torch.float16,
+            dict(DIAG=diag is not None, DUAL=second is not None, SCALE_ROWS=call.scaled_rows,
                  PRECISION=call.precision, ACC=call.acc_tl, BLOCK_I=block_i, BLOCK_K=_padded(call.c),
                  PREFETCH=prefetch), config)
 
