@@ -23,8 +23,10 @@
 # changed more, all untimed: the proxy forward's softmax shift (fixed by the temperature's
 # bound, no running maximum, where |tau| log2 e <= 40), a leaner dk/dv loop with 64-query blocks
 # as a candidate, wgmma tiles for the float32 backward (whose rows the new proxy-fp32 section
-# times), the MDTA Gram pass's squares kept per element; the GPU tests gained every d = 96
-# autotune config forced one at a time. A second call (about 350 s of device time; a machine
+# times), the MDTA Gram pass's squares kept per element, bfloat16 mix rows no longer scaled
+# (fewer registers: two programs per SM for the single mix at 96 channels, and the dual mix
+# may keep two tiles in flight at depth 2); the GPU tests gained every d = 96 autotune config
+# forced one at a time and bfloat16 MDTA with zero channels. A second call (about 350 s of device time; a machine
 # idle for 30 s is given back, so it builds again): SECTIONS="device build launch-overhead
 # train-step profile refine" DEADLINE_S=300 (the training step has not been measured since the
 # sixth session), or, if the first call cut them, SECTIONS="device build proxy-fp32 mdta".
