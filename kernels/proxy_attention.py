@@ -252,21 +252,36 @@ def _tile_class(head_dim: int, dtype) -> str:
     return f"{'fp32' if dtype == torch.float32 else '16-bit'}, d {'>' if head_dim > 128 else '<='} 128"
 
 
+def _config_shape(config, owned: str, loop: str) -> tuple:
+    """A triton.Config as its entry of a shape table: (owned rows, loop rows, warps, stages)."""
+    return config.kwargs[owned], config.kwargs[loop], config.num_warps, config.num_stages
+
+
 def _autotune(owned: str, loop: str, shapes: dict):
     """triton.autotune over ``shapes`` (all classes), pruned at launch to the class of (D, dtype).
+    The tuned kernel keeps ``tile_names`` (owned, loop) and ``shapes`` for the tools and tests
+    that compile or force its configs.
 
     Under the interpreter: one small config (tl.dot needs 16) and no benchmarking.
     """
     if _INTERPRET:
-        return triton.autotune(configs=[triton.Config({owned: 16, loop: 16}, num_warps=1, num_stages=1)], key=[])
-    unique = sorted({shape for class_shapes in shapes.values() for shape in class_shapes})
-    configs = [triton.Config({owned: m, loop: n}, num_warps=w, num_stages=st) for m, n, w, st in unique]
+        tune = triton.autotune(configs=[triton.Config({owned: 16, loop: 16}, num_warps=1, num_stages=1)], key=[])
+    else:
+        unique = sorted({shape for class_shapes in shapes.values() for shape in class_shapes})
+        configs = [triton.Config({owned: m, loop: n}, num_warps=w, num_stages=st) for m, n, w, st in unique]
 
-    def prune(configs, named_args, **kwargs):
-        wanted = shapes[_tile_class(kwargs["D"], named_args["q_ptr"].dtype)]
-        return [c for c in configs if (c.kwargs[owned], c.kwargs[loop], c.num_warps, c.num_stages) in wanted]
+        def prune(configs, named_args, **kwargs):
+            wanted = shapes[_tile_class(kwargs["D"], named_args["q_ptr"].dtype)]
+            return [c for c in configs if _config_shape(c, owned, loop) in wanted]
 
-    return triton.autotune(configs=configs, key=["N_Q", "N_KV", "D"], prune_configs_by={"early_config_prune": prune})
+        tune = triton.autotune(configs=configs, key=["N_Q", "N_KV", "D"],
+                               prune_configs_by={"early_config_prune": prune})
+
+    def decorate(fn):
+        tuned = tune(fn)
+        tuned.tile_names, tuned.shapes = (owned, loop), shapes
+        return tuned
+    return decorate
 
 
 # --------------------------------------------------------------------------------------------

@@ -274,6 +274,38 @@ def _stream_tile(ptrs, n, rows_ok, cols, end):
 
 
 @triton.jit
+def _tiles_ahead(ptrs, start, rows_ok, cols, end, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr):
+    """(next, after): the tiles of ``ptrs`` a prefetching loop from pixel ``start`` has in flight
+    before its first iteration, PREFETCH of them (the others are zeros, never read)."""
+    nothing = tl.zeros(ptrs.shape, ptrs.dtype.element_ty)
+    tile_next, tile_after = nothing, nothing
+    if PREFETCH >= 1:
+        tile_next = _stream_tile(ptrs, start, rows_ok, cols, end)
+    if PREFETCH == 2:
+        tile_after = _stream_tile(ptrs, start + BLOCK_N, rows_ok, cols, end)
+    return tile_next, tile_after
+
+
+@triton.jit
+def _tiles_at(ptrs, n, tile_next, tile_after, rows_ok, cols, end, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr):
+    """At pixel offset n of a loop that keeps PREFETCH tiles in flight (_tiles_ahead): (this
+    tile, the one after it, which depth 2 also takes in this iteration, and the tiles now in
+    flight). Without prefetching this tile is loaded here."""
+    if PREFETCH == 2:
+        tile, second = tile_next, tile_after
+        tile_next = _stream_tile(ptrs, n + 2 * BLOCK_N, rows_ok, cols, end)
+        tile_after = _stream_tile(ptrs, n + 3 * BLOCK_N, rows_ok, cols, end)
+    elif PREFETCH == 1:
+        tile = tile_next
+        second = tile
+        tile_next = _stream_tile(ptrs, n + BLOCK_N, rows_ok, cols, end)
+    else:
+        tile = _stream_tile(ptrs, n, rows_ok, cols, end)
+        second = tile
+    return tile, second, tile_next, tile_after
+
+
+@triton.jit
 def _gram_step(x, y, gram, sq_x, sq_y, PRECISION: tl.constexpr, ACC: tl.constexpr):
     """Adds one pair of tiles to the Gram matrix x y^T and to the squares of x and y: kept per
     element (tiles of squares, summed over the row once after the loop, _row_sums) where the
@@ -343,28 +375,14 @@ def _gram_partials_kernel(
     x_ok, y_ok = rows_x < C, rows_y < C
     # Prefetching: the next PREFETCH tiles' loads are in flight while one is multiplied. At
     # depth 2 an iteration takes two tiles (past the end they load nothing and add zeros).
-    if PREFETCH >= 1:
-        x_next = _stream_tile(x_ptrs, start, x_ok, cols, end)
-        y_next = _stream_tile(y_ptrs, start, y_ok, cols, end)
-    if PREFETCH == 2:
-        x_after = _stream_tile(x_ptrs, start + BLOCK_N, x_ok, cols, end)
-        y_after = _stream_tile(y_ptrs, start + BLOCK_N, y_ok, cols, end)
+    x_next, x_after = _tiles_ahead(x_ptrs, start, x_ok, cols, end, BLOCK_N, PREFETCH)
+    y_next, y_after = _tiles_ahead(y_ptrs, start, y_ok, cols, end, BLOCK_N, PREFETCH)
     for n in range(start, end, BLOCK_N * (2 if PREFETCH == 2 else 1)):
+        x, x_second, x_next, x_after = _tiles_at(x_ptrs, n, x_next, x_after, x_ok, cols, end, BLOCK_N, PREFETCH)
+        y, y_second, y_next, y_after = _tiles_at(y_ptrs, n, y_next, y_after, y_ok, cols, end, BLOCK_N, PREFETCH)
         if PREFETCH == 2:
-            x, y, x_second, y_second = x_next, y_next, x_after, y_after
-            x_next = _stream_tile(x_ptrs, n + 2 * BLOCK_N, x_ok, cols, end)
-            y_next = _stream_tile(y_ptrs, n + 2 * BLOCK_N, y_ok, cols, end)
-            x_after = _stream_tile(x_ptrs, n + 3 * BLOCK_N, x_ok, cols, end)
-            y_after = _stream_tile(y_ptrs, n + 3 * BLOCK_N, y_ok, cols, end)
             gram, sq_x, sq_y = _gram_step(x, y, gram, sq_x, sq_y, PRECISION, ACC)
             x, y = x_second, y_second
-        elif PREFETCH == 1:
-            x, y = x_next, y_next
-            x_next = _stream_tile(x_ptrs, n + BLOCK_N, x_ok, cols, end)
-            y_next = _stream_tile(y_ptrs, n + BLOCK_N, y_ok, cols, end)
-        else:
-            x = _stream_tile(x_ptrs, n, x_ok, cols, end)
-            y = _stream_tile(y_ptrs, n, y_ok, cols, end)
         gram, sq_x, sq_y = _gram_step(x, y, gram, sq_x, sq_y, PRECISION, ACC)
 
     slot = partials_ptr + bh.to(tl.int64) * partials_stride_bh + chunk.to(tl.int64) * partials_stride_chunk
@@ -551,39 +569,21 @@ def _channel_mix_kernel(
     end = tl.minimum(start + PIXELS_PER_PROGRAM, N)
     # Prefetching as in the Gram pass: PREFETCH tiles in flight, two tiles an iteration at
     # depth 2 (see _mix_plan for where it is planned).
-    if PREFETCH >= 1:
-        x_next = _stream_tile(x_ptrs, start, ks < C, cols, end)
-        if DUAL:
-            y_next = _stream_tile(y_ptrs, start, ks < C, cols, end)
-    if PREFETCH == 2:
-        x_after = _stream_tile(x_ptrs, start + BLOCK_N, ks < C, cols, end)
-        if DUAL:
-            y_after = _stream_tile(y_ptrs, start + BLOCK_N, ks < C, cols, end)
+    x_next, x_after = _tiles_ahead(x_ptrs, start, ks < C, cols, end, BLOCK_N, PREFETCH)
+    if DUAL:
+        y_next, y_after = _tiles_ahead(y_ptrs, start, ks < C, cols, end, BLOCK_N, PREFETCH)
     for n in range(start, end, BLOCK_N * (2 if PREFETCH == 2 else 1)):
+        x, x_second, x_next, x_after = _tiles_at(x_ptrs, n, x_next, x_after, ks < C, cols, end, BLOCK_N, PREFETCH)
+        if DUAL:
+            y, y_second, y_next, y_after = _tiles_at(y_ptrs, n, y_next, y_after, ks < C, cols, end, BLOCK_N,
+                                                     PREFETCH)
+        else:
+            y, y_second = x, x_second
+        tile = n
         if PREFETCH == 2:
-            x, x_second = x_next, x_after
-            x_next = _stream_tile(x_ptrs, n + 2 * BLOCK_N, ks < C, cols, end)
-            x_after = _stream_tile(x_ptrs, n + 3 * BLOCK_N, ks < C, cols, end)
-            if DUAL:
-                y, y_second = y_next, y_after
-                y_next = _stream_tile(y_ptrs, n + 2 * BLOCK_N, ks < C, cols, end)
-                y_after = _stream_tile(y_ptrs, n + 3 * BLOCK_N, ks < C, cols, end)
-            else:
-                y, y_second = x, x_second
-            _mix_tile(n, x, y, m1, scale1, m2, scale2, diag1, diag2, rows, cols, end, C,
+            _mix_tile(tile, x, y, m1, scale1, m2, scale2, diag1, diag2, rows, cols, end, C,
                       out_ptrs, y_rows_ptrs, out2_ptrs, x_rows_ptrs, DIAG, DUAL, PRECISION, ACC, BLOCK_I, BLOCK_K)
             x, y, tile = x_second, y_second, n + BLOCK_N
-        elif PREFETCH == 1:
-            x = x_next
-            y = y_next if DUAL else x
-            x_next = _stream_tile(x_ptrs, n + BLOCK_N, ks < C, cols, end)
-            if DUAL:
-                y_next = _stream_tile(y_ptrs, n + BLOCK_N, ks < C, cols, end)
-            tile = n
-        else:
-            x = _stream_tile(x_ptrs, n, ks < C, cols, end)
-            y = _stream_tile(y_ptrs, n, ks < C, cols, end) if DUAL else x
-            tile = n
         _mix_tile(tile, x, y, m1, scale1, m2, scale2, diag1, diag2, rows, cols, end, C,
                   out_ptrs, y_rows_ptrs, out2_ptrs, x_rows_ptrs, DIAG, DUAL, PRECISION, ACC, BLOCK_I, BLOCK_K)
 

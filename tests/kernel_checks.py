@@ -120,15 +120,12 @@ def compiled_proxy_configs(head_dims=(96, 384), dtypes=("bf16", "fp32")):
     from sipl_fast.kernels import proxy_attention as kernels
     stats = {"temp_ptr", "rq_ptr", "rk_ptr", "lse_ptr", "delta_ptr", "dtau_ptr"}
     counts = {"NUM_HEADS", "NUM_SPLITS", "BATCHES_PER_KV", "BATCHES_PER_Q"}
-    for (kernel, table, owned, loop), head_dim, dtype in itertools.product(
-            ((kernels._forward_kernel, kernels._FORWARD_SHAPES, "BLOCK_M", "BLOCK_N"),
-             (kernels._backward_dkdv_kernel, kernels._DKDV_SHAPES, "BLOCK_N", "BLOCK_M"),
-             (kernels._backward_dq_kernel, kernels._DQ_SHAPES, "BLOCK_M", "BLOCK_N")),
-            head_dims, dtypes):
-        fn = kernel.fn
+    for kernel, head_dim, dtype in itertools.product(
+            (kernels._forward_kernel, kernels._backward_dkdv_kernel, kernels._backward_dq_kernel), head_dims, dtypes):
+        fn, (owned, loop) = kernel.fn, kernel.tile_names
         torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
         da, db = kernels.head_chunks(head_dim)
-        for shape in table[kernels._tile_class(head_dim, torch_dtype)]:
+        for shape in kernel.shapes[kernels._tile_class(head_dim, torch_dtype)]:
             m, n, warps, stages = shape
             constants = dict(D=head_dim, DA=da, DB=db, DOT_PRECISION=kernels._dot_precision(torch_dtype, False),
                              FULL_Q=True, FULL_KV=True, **{owned: m, loop: n},
@@ -209,22 +206,20 @@ def _loops(code: list[tuple[int, str]]) -> list[tuple[int, int]]:
     return loops
 
 
-def innermost_loops(code: list[tuple[int, str]]) -> list[list[tuple[int, str]]]:
+def innermost_loops(code: list[tuple[int, str]], innermost: bool = True) -> list[list[tuple[int, str]]]:
     """The instructions of each loop in ``sass`` output that contains no other loop: the steady
-    states (an outer loop's body also holds its inner loop's pipeline prologue and epilogue)."""
+    states (an outer loop's body also holds its inner loop's pipeline prologue and epilogue);
+    of every loop without ``innermost``."""
     loops = _loops(code)
-    inner = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
-    return [[entry for entry in code[start:end + 1] if entry[0] >= 0] for start, end in inner]
+    if innermost:
+        loops = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    return [[entry for entry in code[start:end + 1] if entry[0] >= 0] for start, end in loops]
 
 
 def longest_loop(code: list[tuple[int, str]], innermost: bool = False) -> list[tuple[int, str]]:
     """The instructions of the longest loop in ``sass`` output, or []; with ``innermost``, of
     the longest loop that contains no other loop."""
-    if innermost:
-        bodies = innermost_loops(code)
-    else:
-        bodies = [[entry for entry in code[start:end + 1] if entry[0] >= 0] for start, end in _loops(code)]
-    return max(bodies, key=len, default=[])
+    return max(innermost_loops(code, innermost), key=len, default=[])
 
 
 def loop_wgmma(compiled) -> list[tuple[int, int]]:

@@ -201,13 +201,13 @@ def test_every_key_anti_aligned(tau):
 
 
 def anti_aligned_inputs(channels, q_hw, kv_hw, tau, dtype=torch.float32, device="cpu"):
-    """q (batch 2) and k (batch 1) tokens along one direction and against it, random v."""
+    """q (batch 2) and k (batch 1) tokens along one direction and against it, random v, and a
+    float32 temperature."""
     direction = torch.nn.functional.normalize(torch.randn(channels), dim=0).reshape(1, channels, 1, 1)
     q = direction * (torch.rand(2, 1, *q_hw) + 0.5)
     k = -direction * (torch.rand(1, 1, *kv_hw) + 0.5)
     v = torch.randn(1, channels, *kv_hw)
-    temperature = torch.full((1, 1, 1), tau)
-    return [t.to(device=device, dtype=dtype if t is not temperature else torch.float32) for t in (q, k, v, temperature)]
+    return [x.to(device=device, dtype=dtype) for x in (q, k, v)] + [torch.full((1, 1, 1), tau, device=device)]
 
 
 @pytest.mark.parametrize("case, splits", SPLIT_CASES.values(), ids=SPLIT_CASES.keys())
@@ -453,21 +453,16 @@ def test_gpu_real_shapes(shape, dtype):
     assert_within_reference_rule(*inputs, heads, dtype)
 
 
-# Each kernel's autotuner with the names of its (owned, loop) block sizes and its table of
-# (owned, loop, warps, stages) per tile class.
-AUTOTUNED = {
-    "forward": (kernels._forward_kernel, "BLOCK_M", "BLOCK_N", kernels._FORWARD_SHAPES),
-    "dkdv": (kernels._backward_dkdv_kernel, "BLOCK_N", "BLOCK_M", kernels._DKDV_SHAPES),
-    "dq": (kernels._backward_dq_kernel, "BLOCK_M", "BLOCK_N", kernels._DQ_SHAPES),
-}
+AUTOTUNED = {"forward": kernels._forward_kernel, "dkdv": kernels._backward_dkdv_kernel,
+             "dq": kernels._backward_dq_kernel}
 
 
 @contextlib.contextmanager
 def only_config(kernel: str, shape: tuple):
     """Within the block, the autotuned ``kernel`` ("forward", "dkdv", "dq") runs the one config
     ``shape`` = (owned rows, loop rows, warps, stages), whatever its timings would pick."""
-    tuned, owned, loop, _ = AUTOTUNED[kernel]
-    chosen = [c for c in tuned.configs if (c.kwargs[owned], c.kwargs[loop], c.num_warps, c.num_stages) == shape]
+    tuned = AUTOTUNED[kernel]
+    chosen = [c for c in tuned.configs if kernels._config_shape(c, *tuned.tile_names) == shape]
     assert len(chosen) == 1, f"{shape} is not a config of the {kernel} kernel"
     configs, cache = tuned.configs, dict(tuned.cache)
     tuned.configs = chosen
@@ -482,7 +477,7 @@ def only_config(kernel: str, shape: tuple):
 
 def test_only_config_runs_the_chosen_config():
     """The interpreter's one config, forced, still gives the reference; an unknown one is refused."""
-    tuned = AUTOTUNED["dkdv"][0]
+    tuned = AUTOTUNED["dkdv"]
     configs = list(tuned.configs)
     with only_config("dkdv", (16, 16, 1, 1)):
         assert [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"]) for c in tuned.configs] == [(16, 16)]
@@ -496,9 +491,9 @@ def test_only_config_runs_the_chosen_config():
 # one runs depends on the shape and the card: a config that computed wrong results would go
 # unnoticed by the tests above until some user's shape picked it.
 CONFIG_CASES = {f"{kernel}-{dtype_name}-{'x'.join(map(str, shape))}": (kernel, dtype, shape)
-                for kernel, (_, _, _, table) in AUTOTUNED.items()
+                for kernel, tuned in AUTOTUNED.items()
                 for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))
-                for shape in table[kernels._tile_class(96, dtype)]}
+                for shape in tuned.shapes[kernels._tile_class(96, dtype)]}
 
 
 @pytest.mark.gpu
