@@ -4,12 +4,21 @@ Loaded for tests/ and bench/ alike. Without a GPU, Triton kernels run under the 
 before any kernel module is imported, so it is set here, at collection time.
 """
 import os
+import sys
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # The interpreter computes bf16 on bit patterns; tests/interpreter_bf16.py makes it compute
+    # on values, so the bf16 paths of the kernels are checked on the CPU too.
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "tests"))
+    import interpreter_bf16
+
+    interpreter_bf16.install()
 
 # Deterministic CPU numerics and a bounded thread count on the 2-core CI machine.
 torch.set_num_threads(min(2, os.cpu_count() or 1))

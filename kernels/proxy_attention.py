@@ -413,12 +413,15 @@ def _forward_kernel(
             q_a, q_b, rq, k_base, v_base, rk_base, first, last, N_KV, k_st, k_sc, v_st, v_sc, tau_log2e, shift,
             D, DA, DB, DOT_PRECISION, FULL_KV, BLOCK_M, BLOCK_N, RUNNING_MAX=True)
 
+    # A split without key blocks (more splits than blocks) has row sums 0 and accumulators 0:
+    # it writes out 0 and lse -inf, which the combine weighs by 0 (0/0 would poison the sum).
+    lse = lse_ptr + split.to(tl.int64) * lse_ss + (batch * NUM_HEADS + head).to(tl.int64) * N_Q + queries
+    tl.store(lse, row_shift + tl.log2(row_sum), mask=query_mask)
+    row_sum = tl.where(row_sum > 0, row_sum, 1.0)
     out_base = out_ptr + split.to(tl.int64) * out_ss + batch.to(tl.int64) * out_sb + head * D * out_sc
     _store_chunk(out_base, acc_a / row_sum[:, None], queries, query_mask, out_st, out_sc, 0, DA, D)
     if DB > 0:
         _store_chunk(out_base, acc_b / row_sum[:, None], queries, query_mask, out_st, out_sc, DA, DB, D)
-    lse = lse_ptr + split.to(tl.int64) * lse_ss + (batch * NUM_HEADS + head).to(tl.int64) * N_Q + queries
-    tl.store(lse, row_shift + tl.log2(row_sum), mask=query_mask)
 
 
 @triton.jit
@@ -820,8 +823,8 @@ def proxy_attention_forward(q, k, v, temperature, num_heads: int, *, allow_tf32:
     out: (B, C, Hq, Wq) in q's dtype and layout (NCHW or channels-last); lse: (B, heads, Nq)
     fp32 base-2 logsumexp of the logits (times log2 e); q_rnorm (Bq, heads, Nq) and k_rnorm
     (Bk, heads, Nkv): fp32 inverse norms.
-    ``num_splits`` overrides the key-range split count (tests); it must not exceed the number
-    of key blocks.
+    ``num_splits`` overrides the key-range split count (tests); splits beyond the number of key
+    blocks get no keys and weigh nothing.
     """
     batch = max(q.shape[0], k.shape[0])
     _, channels, height_q, width_q = q.shape
