@@ -3,7 +3,7 @@
 On the CPU the kernels run under TRITON_INTERPRET=1 (conftest.py): planes up to 16 x 32 in one
 tile, larger ones in several; the kernel-level tests also force blocks of 2 planes x 4 x 8, so
 that blocks end in masked tails on every axis (planes of two images in one block). Planes of one pixel and one row test the padding alone. Every gradient (x, both weights, both biases) is checked,
-with and without biases, in float64, float32 and float16, on strided inputs (strips, channel
+with and without biases, in float64, float32, float16 and bfloat16, on strided inputs (strips, channel
 slices). Tests marked ``gpu`` run SIPL's shapes on CUDA in float32 and bfloat16.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ def _check(inputs, tol):
     assert_close(names, got, float64_truth(reference.pointwise_depthwise, inputs, cotangent), tol)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(2, 5, 6, 7, 9), (1, 3, 4, 1, 1), (2, 4, 3, 1, 13), (1, 3, 5, 21, 37)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_matches_float64(shape, dtype):

@@ -41,6 +41,46 @@ def test_triton_backend_equals_reference(privileged):
         assert _relative_error(got_grads[name], g) <= 1e-3, name
 
 
+def _gradient_error(grads, exact) -> float:
+    """|g - g64| / |g64| over every parameter gradient at once (one small gradient's rounding
+    would dominate a per-tensor maximum in bf16)."""
+    error = sum(((grads[name].double() - g) ** 2).sum() for name, g in exact.items()) ** 0.5
+    return (error / sum((g ** 2).sum() for g in exact.values()) ** 0.5).item()
+
+
+def test_triton_backend_under_bf16_autocast(monkeypatch):
+    """The privileged pass under bf16 autocast, as training with --amp runs it: the proxy and
+    MDTA kernels take bf16 maps (computed on values by tests/interpreter_bf16.py), and output
+    and gradients stay within 2x the error of the reference backend under the same autocast,
+    both against the float64 model (FlashAttention's rule). This checks the bf16 plumbing (which
+    launchers get which dtypes, the casts around them): at this size bf16 rounding hides even a
+    halved proxy temperature, which the float32 tests above catch; the kernel tests hold the
+    kernels' bf16 math."""
+    from sipl_fast.kernels import proxy_attention, transposed_attention
+    kernel_dtypes = set()
+    for module, name in ((proxy_attention, "proxy_attention_forward"), (proxy_attention, "proxy_attention_backward"),
+                         (transposed_attention, "forward"), (transposed_attention, "backward")):
+        def spy(*args, launcher=getattr(module, name), **kwargs):
+            kernel_dtypes.add(args[0].dtype)
+            return launcher(*args, **kwargs)
+        monkeypatch.setattr(module, name, spy)
+    model = _randomised(SIPLPromptIR(**MICRO))
+    x = torch.rand(2, 3, 16, 24)
+    pf = tuple(t.detach() for t in model.encode(torch.rand(2, 3, 16, 24)))
+    exact_model = _randomised(SIPLPromptIR(**MICRO)).double()
+    exact_model.load_state_dict(model.state_dict())
+    with sipl_fast.use_backend("reference"):
+        exact, exact_grads = _run(exact_model, x.double(), tuple(t.double() for t in pf))
+    errors = {}
+    for backend in ("reference", "triton"):
+        with sipl_fast.use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+            out, grads = _run(model, x, pf)
+        errors[backend] = (_relative_error(out.double(), exact), _gradient_error(grads, exact_grads))
+    assert kernel_dtypes == {torch.bfloat16}
+    for name, ours, reference in zip(("out", "gradients"), errors["triton"], errors["reference"]):
+        assert ours <= 2 * reference + 1e-3, f"{name}: {ours:.2e} vs the reference's {reference:.2e}"
+
+
 @pytest.mark.gpu
 def test_full_model_on_cuda_triton_equals_reference():
     """The authors' configuration on the GPU: default (triton) backend vs reference, fp32."""

@@ -2,7 +2,7 @@
 
 On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py) at small shapes: odd C,
 odd H and W (so pixel blocks end in masked tails), both LayerNorm variants (WithBias,
-BiasFree) and both gates (GDFN, DualGate), float16, float32 and float64 (computed in float64),
+BiasFree) and both gates (GDFN, DualGate), float16, bfloat16, float32 and float64 (computed in float64),
 the output and every gradient.
 Tests marked ``gpu`` run the SIPL shapes on CUDA in float32 and bfloat16.
 """
@@ -71,7 +71,7 @@ def _assert_backward_is_deterministic(shape, dtype):
 
 # ----------------------------------------------------------------------------- LayerNorm2d
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["WithBias", "BiasFree"])
 @pytest.mark.parametrize("shape", [(2, 5, 7, 9), (2, 48, 7, 9), (1, 97, 9, 7), (3, 1, 1, 1)])
 def test_layer_norm2d_matches_float64(shape, with_bias, dtype):
@@ -84,15 +84,16 @@ def test_layer_norm2d_large_mean_is_stable(with_bias):
     _check_layer_norm(_layer_norm_inputs((2, 48, 5, 7), with_bias, torch.float32, offset=300.0, spread=1.0), 1e-4)
 
 
-def test_layer_norm2d_half_input_float_params_keeps_the_input_dtype():
-    """fp16 activations with float32 parameters (autocast) give an fp16 output on the torch and
-    triton backends (no float32 copy of the map); the reference promotes, as the authors' code."""
-    inputs = _layer_norm_inputs((2, 20, 5, 7), True, torch.float16, param_dtype=torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_layer_norm2d_half_input_float_params_keeps_the_input_dtype(dtype):
+    """16-bit activations with float32 parameters (autocast) give a 16-bit output on the torch
+    and triton backends (no float32 copy of the map); the reference promotes, as the authors' code."""
+    inputs = _layer_norm_inputs((2, 20, 5, 7), True, dtype, param_dtype=torch.float32)
     with sipl_fast.use_backend("torch"):
-        assert ops.layer_norm2d(*inputs).dtype == torch.float16
+        assert ops.layer_norm2d(*inputs).dtype == dtype
     with sipl_fast.use_backend("reference"):
         assert ops.layer_norm2d(*inputs).dtype == torch.float32
-    _check_layer_norm(inputs, TOLERANCE[torch.float16])  # dx is float16
+    _check_layer_norm(inputs, TOLERANCE[dtype])  # dx is 16-bit
 
 
 @pytest.mark.parametrize("layout", ["channel_slice", "row_strip", "channels_last"])
@@ -135,7 +136,7 @@ def test_layer_norm2d_custom_ops_pass_opcheck(with_bias):
 
 # ----------------------------------------------------------------------------- gated gelu
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("dual", [False, True], ids=["GDFN", "DualGate"])
 @pytest.mark.parametrize("shape", [(2, 2, 7, 9), (2, 10, 7, 9), (1, 254, 9, 7)])
 def test_gated_gelu_matches_float64(shape, dual, dtype):

@@ -3,8 +3,8 @@
 
 The fused kernel is inference-only: its tests run without autograd, on the CPU under
 TRITON_INTERPRET=1 (conftest.py), with the default tiles and with forced blocks of 2 planes x
-4 x 8 (masked tails on every axis, planes of two images in one block), in float64, float32
-and float16, both gates, with and without biases, on strided inputs (strips, channel slices).
+4 x 8 (masked tails on every axis, planes of two images in one block), in float64, float32,
+float16 and bfloat16, both gates, with and without biases, on strided inputs (strips, channel slices).
 With autograd recording the op runs the torch formulation, whose output and every gradient
 are checked too. Tests marked ``gpu`` run SIPL's shapes on CUDA in float32 and bfloat16.
 """
@@ -43,7 +43,7 @@ def _check_forward(inputs, dual, tol):
 
 
 @pytest.mark.parametrize("dual", [False, True], ids=["gdfn", "dual"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(2, 5, 3, 6, 7), (1, 4, 3, 1, 1), (2, 3, 4, 1, 13), (1, 6, 3, 21, 37)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_matches_float64(shape, dtype, dual):
