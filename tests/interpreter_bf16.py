@@ -103,6 +103,11 @@ def install() -> None:
     builder = interpreter.InterpreterBuilder
     if not hasattr(builder, "get_bf16"):
         builder.get_bf16 = _get_bf16
+    missing = [name for name in _VALUE_METHODS if not hasattr(builder, name)]
+    missing += [f"ReduceOps.{name}" for name in ("sum", "min_max") if not hasattr(interpreter.ReduceOps, name)]
+    if missing:
+        raise RuntimeError(f"tests/interpreter_bf16.py: this Triton's interpreter has no {', '.join(missing)}; "
+                           "the bf16 shim needs updating for it")
     for name in _VALUE_METHODS:
         method = getattr(builder, name)
         if not getattr(method, "bf16_wrapped", False):
