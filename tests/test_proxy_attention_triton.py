@@ -16,6 +16,7 @@ import math
 
 import pytest
 import torch
+import triton
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -477,12 +478,14 @@ AUTOTUNED = {"forward": kernels._forward_kernel, "dkdv": kernels._backward_dkdv_
 @contextlib.contextmanager
 def only_config(kernel: str, shape: tuple):
     """Within the block, the autotuned ``kernel`` ("forward", "dkdv", "dq") runs the one config
-    ``shape`` = (owned rows, loop rows, warps, stages), whatever its timings would pick."""
+    ``shape`` = (owned rows, loop rows, warps, stages) of its shape table, whatever its timings
+    would pick; under the interpreter too, whose one small config it replaces (warps and stages
+    then mean nothing, the block sizes are what run)."""
     tuned = AUTOTUNED[kernel]
-    chosen = [c for c in tuned.configs if kernels._config_shape(c, *tuned.tile_names) == shape]
-    assert len(chosen) == 1, f"{shape} is not a config of the {kernel} kernel"
+    assert any(shape in shapes for shapes in tuned.shapes.values()), f"{shape} is not a config of the {kernel} kernel"
+    owned, loop = tuned.tile_names
     configs, cache = tuned.configs, dict(tuned.cache)
-    tuned.configs = chosen
+    tuned.configs = [triton.Config({owned: shape[0], loop: shape[1]}, num_warps=shape[2], num_stages=shape[3])]
     tuned.cache.clear()
     try:
         yield
@@ -492,25 +495,45 @@ def only_config(kernel: str, shape: tuple):
         tuned.cache.update(cache)
 
 
+def config_cases(head_dims) -> dict:
+    """Every config the autotuner may pick at these head sizes, in bf16 and float32 (by time,
+    so which one runs depends on the shape and the card: a config that computed wrong results
+    would go unnoticed until some user's shape picked it)."""
+    return {f"{kernel}-d{head_dim}-{dtype_name}-{'x'.join(map(str, shape))}": (kernel, head_dim, dtype, shape)
+            for kernel, tuned in AUTOTUNED.items() for head_dim in head_dims
+            for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))
+            for shape in tuned.shapes[kernels._tile_class(head_dim, dtype)]}
+
+
 def test_only_config_runs_the_chosen_config():
-    """The interpreter's one config, forced, still gives the reference; an unknown one is refused."""
+    """A config of the table, forced, runs alone; an unknown one is refused."""
     tuned = AUTOTUNED["dkdv"]
     configs = list(tuned.configs)
-    with only_config("dkdv", (16, 16, 1, 1)):
-        assert [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"]) for c in tuned.configs] == [(16, 16)]
-        assert_matches_reference(*make_inputs(2, 1, 48, (4, 5), (4, 4), 1, 3.0), 1)
+    with only_config("dkdv", (64, 32, 4, 3)):
+        assert [kernels._config_shape(c, *tuned.tile_names) for c in tuned.configs] == [(64, 32, 4, 3)]
     assert tuned.configs == configs
-    with pytest.raises(AssertionError, match="not a config"), only_config("dq", (128, 32, 8, 3)):
+    with pytest.raises(AssertionError, match="not a config"), only_config("dq", (128, 16, 8, 3)):
         pass
 
 
-# At d = 96 (bf16 and float32): every config the autotuner may pick. It picks by time, so which
-# one runs depends on the shape and the card: a config that computed wrong results would go
-# unnoticed by the tests above until some user's shape picked it.
-CONFIG_CASES = {f"{kernel}-{dtype_name}-{'x'.join(map(str, shape))}": (kernel, dtype, shape)
-                for kernel, tuned in AUTOTUNED.items()
-                for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))
-                for shape in tuned.shapes[kernels._tile_class(96, dtype)]}
+@EMPTY_SPLIT_WARNING
+@pytest.mark.parametrize("kernel, head_dim, dtype, shape", config_cases((96, 384)).values(),
+                         ids=config_cases((96, 384)).keys())
+def test_every_gpu_config_in_the_interpreter(kernel, head_dim, dtype, shape):
+    """The GPU's block sizes on the CPU: 135 queries (two query blocks of 128 rows, the second
+    partial) against 77 keys, a batch-1 key side, zero-norm tokens, every pass split in 3
+    (splits of the larger blocks get no blocks at all). The other two kernels run their first
+    config (fewer, larger blocks: faster here)."""
+    with contextlib.ExitStack() as forced:
+        for name, tuned in AUTOTUNED.items():
+            forced.enter_context(only_config(name, shape if name == kernel else
+                                             tuned.shapes[kernels._tile_class(head_dim, dtype)][0]))
+        assert_matches_reference(*make_inputs(2, 1, head_dim, (5, 27), (7, 11), 1, 8.0, dtype), 1, splits=(3, 3, 3))
+
+
+# At d = 96, SIPL's main head size, the same on the GPU, where the configs' warps and
+# pipeline stages also run.
+CONFIG_CASES = {name: (kernel, dtype, shape) for name, (kernel, _, dtype, shape) in config_cases((96,)).items()}
 
 
 @pytest.mark.gpu
