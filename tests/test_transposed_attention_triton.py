@@ -204,10 +204,11 @@ def smallest_probability(q, k, temperature, num_heads) -> float:
 
 @settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(batch=st.integers(1, 2), heads=st.sampled_from([1, 2, 4]), c=st.integers(1, 70),
-       h=st.integers(2, 9), w=st.integers(2, 9), tau=st.floats(0.1, 50.0), seed=st.integers(0, 2**16))
-def test_random_shapes(batch, heads, c, h, w, tau, seed):
+       h=st.integers(2, 9), w=st.integers(2, 9), tau=st.floats(0.1, 50.0), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_random_shapes(batch, heads, c, h, w, tau, seed, dtype):
     torch.manual_seed(seed)
-    q, k, v, temperature = make_inputs(batch, c * heads, (h, w), heads, [tau])
+    q, k, v, temperature = make_inputs(batch, c * heads, (h, w), heads, [tau], dtype=dtype)
     # The float64 oracle's softmax backward loses about 1e-16 / p of a row's gradient to
     # cancellation when a probability p is tiny: keep p > 1e-9 (oracle good to 1e-7);
     # test_saturated_softmax covers smaller p with an exact oracle. N >= 4: with fewer
@@ -216,7 +217,9 @@ def test_random_shapes(batch, heads, c, h, w, tau, seed):
     # from the c x c matrices, not from dq^ itself, so its rounding there differs from the
     # reference's by more than any fixed factor.
     assume(smallest_probability(q, k, temperature, heads) > 1e-9)
-    assert_matches_float64(q, k, v, temperature, heads, bound=FP32_BOUND)
+    # bf16: FlashAttention's rule alone (at N = 4 the cancellation above leaves dq a few bf16
+    # roundings of its size; test_bfloat16_matches_float64_reference holds BF16_BOUND)
+    assert_matches_float64(q, k, v, temperature, heads, bound=FP32_BOUND if dtype == torch.float32 else None)
 
 
 def test_saturated_softmax():
