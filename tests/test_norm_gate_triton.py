@@ -1,6 +1,6 @@
 """The triton backend of layer_norm2d and gated_gelu against the float64 reference.
 
-On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py) at small shapes: odd C,
+On CPU the kernels run under TRITON_INTERPRET=1 (conftest.py) at small shapes: odd C,
 odd H and W (so pixel blocks end in masked tails), both LayerNorm variants (WithBias,
 BiasFree) and both gates (GDFN, DualGate), float16, bfloat16, float32 and float64 (computed in float64),
 the output and every gradient.
