@@ -179,6 +179,8 @@ class SIPLPromptIR(nn.Module):
             raise ValueError(f"SIPLPromptIR expects images of shape (B, {channels}, H, W), got {shape}")
         if not x.is_floating_point():
             raise TypeError(f"SIPLPromptIR expects a floating image tensor, got {x.dtype}")
+        if x.shape[0] == 0:
+            raise ValueError(f"SIPLPromptIR expects at least one image, got shape {tuple(x.shape)}")
         weight = self.patch_embed.proj.weight
         if x.device != weight.device:
             raise ValueError(f"image is on {x.device} but the model is on {weight.device}")

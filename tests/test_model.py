@@ -121,6 +121,8 @@ def test_forward_rejects_bad_inputs_with_one_clear_message():
         model(torch.rand(1, 3, 16, 16, dtype=torch.float64))
     with pytest.raises(TypeError, match="floating"):
         model(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="at least one image"):
+        model(torch.rand(0, 3, 16, 16))
     x = torch.rand(2, 3, 16, 16)
     pf = model.encode(x)
     with pytest.raises(ValueError, match="triple"):

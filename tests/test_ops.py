@@ -190,6 +190,21 @@ def test_bad_inputs_raise_one_clear_error():
         ops.gated_gelu(torch.randn(1, 3, 2, 2))
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_empty_attention_inputs_raise_one_clear_error(backend):
+    """No images, no query pixels or no keys (a softmax over nothing): the same ValueError on
+    every backend, where they used to fail each their own way (a segfault in the interpreter)."""
+    t = torch.ones(1, 1, 1)
+    full, no_batch, no_pixels = torch.randn(1, 8, 2, 2), torch.randn(0, 8, 2, 2), torch.randn(1, 8, 0, 3)
+    with sipl_fast.use_backend(backend):
+        for q, kv in ((no_batch, full), (full, no_batch), (no_pixels, full), (full, no_pixels)):
+            with pytest.raises(ValueError, match="proxy_attention: q, k and v need at least one image"):
+                ops.proxy_attention(q, kv, kv, t, 1)
+        for x in (no_batch, no_pixels):
+            with pytest.raises(ValueError, match="transposed_attention: q, k and v need at least one image"):
+                ops.transposed_attention(x, x, x, t, 1)
+
+
 def test_backend_selection(monkeypatch):
     from sipl_fast.backends import resolve_backend
     cpu = torch.device("cpu")

@@ -162,6 +162,10 @@ def _check_common(op: str, tensors: dict, temperature: torch.Tensor, num_heads: 
                 f"{op}: channel counts differ: "
                 + ", ".join(f"{n}={tuple(x.shape)}" for n, x in tensors.items())
             )
+    if any(t.numel() == 0 for t in tensors.values()):
+        # (the softmax over no keys is undefined; the kernels would launch empty grids)
+        raise ValueError(f"{op}: q, k and v need at least one image, channel and pixel each, got "
+                         + ", ".join(f"{n}={tuple(x.shape)}" for n, x in tensors.items()))
     if channels % num_heads:
         raise ValueError(f"{op}: {channels} channels do not split into {num_heads} heads")
     if not isinstance(temperature, torch.Tensor) or temperature.numel() != num_heads:
