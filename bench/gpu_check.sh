@@ -26,7 +26,10 @@
 # times), the MDTA Gram pass's squares kept per element, bfloat16 mix rows no longer scaled
 # (fewer registers: two programs per SM for the single mix at 96 channels, and the dual mix
 # may keep two tiles in flight at depth 2); the GPU tests gained every d = 96 autotune config
-# forced one at a time and bfloat16 MDTA with zero channels. A second call (about 350 s of device time; a machine
+# forced one at a time and bfloat16 MDTA with zero channels. The twelfth session (no GPU) made
+# the CPU tests run every kernel in bf16 (tests/interpreter_bf16.py) and every proxy autotune
+# config's block sizes in the interpreter; its one kernel change is outside the loops (a
+# forward split with no key blocks writes out 0 instead of 0/0). A second call (about 350 s of device time; a machine
 # idle for 30 s is given back, so it builds again): SECTIONS="device build launch-overhead
 # train-step profile refine" DEADLINE_S=300 (the training step has not been measured since the
 # sixth session), or, if the first call cut them, SECTIONS="device build proxy-fp32 mdta".
