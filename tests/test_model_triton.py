@@ -2,6 +2,8 @@
 reference backend: outputs of both passes and every parameter gradient."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -67,10 +69,8 @@ def test_triton_backend_under_bf16_autocast(monkeypatch):
     model = _randomised(SIPLPromptIR(**MICRO))
     x = torch.rand(2, 3, 16, 24)
     pf = tuple(t.detach() for t in model.encode(torch.rand(2, 3, 16, 24)))
-    exact_model = _randomised(SIPLPromptIR(**MICRO)).double()
-    exact_model.load_state_dict(model.state_dict())
     with sipl_fast.use_backend("reference"):
-        exact, exact_grads = _run(exact_model, x.double(), tuple(t.double() for t in pf))
+        exact, exact_grads = _run(copy.deepcopy(model).double(), x.double(), tuple(t.double() for t in pf))
     errors = {}
     for backend in ("reference", "triton"):
         with sipl_fast.use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -96,6 +96,14 @@ def test_full_model_on_cuda_triton_equals_reference():
     assert worst <= 1e-2, worst
 
 
+def _inference_passes(model, x, pf_image, backend):
+    """The plain and the privileged pass without autograd on ``backend``, in the model's dtype."""
+    dtype = next(model.parameters()).dtype
+    with torch.no_grad(), sipl_fast.use_backend(backend):
+        pf = model.encode(pf_image.to(dtype))
+        return [model(x.to(dtype)), model(x.to(dtype), privileged_features=pf)]
+
+
 def test_triton_inference_equals_reference(monkeypatch):
     """Without autograd every block runs its inference route on the kernels (the fused
     depthwise gate, LayerNorm2d, MDTA, proxy attention) and, with a small strip budget, the
@@ -103,15 +111,28 @@ def test_triton_inference_equals_reference(monkeypatch):
     from sipl_fast import modules
     monkeypatch.setitem(modules.STRIP_ELEMENTS, "cpu", 20000)
     model = _randomised(SIPLPromptIR(**MICRO)).eval()
-    x = torch.rand(2, 3, 16, 24)
-    with torch.no_grad():
-        pf = model.encode(torch.rand(2, 3, 16, 24))
-        with sipl_fast.use_backend("reference"):
-            expected = [model(x), model(x, privileged_features=pf)]
-        with sipl_fast.use_backend("triton"):
-            got = [model(x), model(x, privileged_features=pf)]
-    for g, e in zip(got, expected):
+    x, pf_image = torch.rand(2, 3, 16, 24), torch.rand(2, 3, 16, 24)
+    expected = _inference_passes(model, x, pf_image, "reference")
+    for g, e in zip(_inference_passes(model, x, pf_image, "triton"), expected):
         assert _relative_error(g, e) <= 1e-4
+
+
+def test_triton_inference_of_a_bf16_model(monkeypatch):
+    """The same routes with bf16 weights and maps (the kernels computing bf16 through
+    tests/interpreter_bf16.py): both passes within 2x the reference backend's bf16 error, both
+    against the float64 model."""
+    from sipl_fast import modules
+    monkeypatch.setitem(modules.STRIP_ELEMENTS, "cpu", 20000)
+    model = _randomised(SIPLPromptIR(**MICRO)).eval()
+    x, pf_image = torch.rand(2, 3, 16, 24), torch.rand(2, 3, 16, 24)
+    exact = _inference_passes(copy.deepcopy(model).double(), x, pf_image, "reference")
+    model = model.bfloat16()
+    low = _inference_passes(model, x, pf_image, "reference")
+    got = _inference_passes(model, x, pf_image, "triton")
+    for name, g, l, e in zip(("plain", "privileged"), got, low, exact):
+        assert g.dtype == torch.bfloat16
+        ours, reference = _relative_error(g.double(), e), _relative_error(l.double(), e)
+        assert ours <= 2 * reference + 1e-3, f"{name}: {ours:.2e} vs the reference's {reference:.2e}"
 
 
 @pytest.mark.gpu
