@@ -64,9 +64,10 @@ def _value_method(method):
             return interpreter.TensorHandle(to_bf16_bits(source.data), tl.bfloat16)
         values = [_as_float32(arg) if _is_bf16(arg) else arg for arg in args]
         result = method(self, *values)
-        if result.data.dtype == np.float32 and result.dtype.scalar == tl.float32 and method.__name__ != "create_dot" \
-                and not (method.__name__ == "cast_impl" and target.scalar == tl.float32):
-            # The op's own type was bf16 (its operands'): round as the GPU does.
+        if target is None and method.__name__ != "create_dot" and result.dtype.scalar == tl.float32 \
+                and result.data.dtype == np.float32:
+            # An arithmetic op whose own type was bf16 (its operands'): round as the GPU does.
+            # (A cast from bf16 has its result in its target type; a dot accumulates in its own.)
             return interpreter.TensorHandle(to_bf16_bits(result.data), tl.bfloat16)
         return result
 

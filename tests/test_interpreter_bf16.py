@@ -43,14 +43,15 @@ def test_elementwise_ops_round_like_torch():
 
 
 @triton.jit
-def _cast_kernel(x_ptr, bits_ptr, back_ptr, N: tl.constexpr):
+def _cast_kernel(x_ptr, bits_ptr, back_ptr, half_ptr, N: tl.constexpr):
     i = tl.arange(0, N)
     rounded = tl.load(x_ptr + i).to(tl.bfloat16)
     tl.store(bits_ptr + i, rounded)
     tl.store(back_ptr + i, rounded.to(tl.float32) * 3.0)
+    tl.store(half_ptr + i, rounded.to(tl.float16))
 
 
-def test_float32_to_bf16_rounds_to_nearest_even_and_back_is_exact():
+def test_casts_round_to_nearest_even_and_back_is_exact():
     # Random values, exact ties between two bf16 numbers (even and odd lower neighbours),
     # values that round up into the next binade, subnormals, infinities.
     ties = (torch.arange(N // 4, dtype=torch.int32) << 16 | 0x8000).view(torch.float32)
@@ -58,9 +59,11 @@ def test_float32_to_bf16_rounds_to_nearest_even_and_back_is_exact():
     x = torch.cat([torch.randn(N - N // 4 - edges.numel()), ties + 1.0, edges])
     bits = torch.empty(N, dtype=torch.bfloat16)
     back = torch.empty(N)
-    _cast_kernel[(1,)](x, bits, back, N)
+    half = torch.empty(N, dtype=torch.float16)
+    _cast_kernel[(1,)](x, bits, back, half, N)
     assert torch.equal(bits.view(torch.int16), x.bfloat16().view(torch.int16))
     assert torch.equal(back, x.bfloat16().float() * 3)
+    assert torch.equal(half.view(torch.int16), x.bfloat16().half().view(torch.int16))
 
 
 @triton.jit
