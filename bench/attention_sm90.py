@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import triton  # noqa: E402
 
-from kernel_checks import (compile_mdta_plan, compiled_proxy_configs, innermost_loops,  # noqa: E402
+from kernel_checks import (compile_mdta_plan, compiled_proxy_configs, loop_bodies,  # noqa: E402
                            longest_loop, loop_wgmma, mdta_stream_plans, ptxas_usage, sass)
 
 REGISTERS_PER_SM, SHARED_PER_SM, WARPS_PER_SM = 65536, 228 * 1024, 64
@@ -82,7 +82,7 @@ def proxy_rows():
         owned, loop, warps, _ = shape
         # each innermost loop's instructions per logit (the forward has two: fixed and running
         # softmax shift), and its wgmma products / waits
-        loops = [len(body) * warps * 32 / (owned * loop) for body in innermost_loops(sass(compiled))
+        loops = [len(body) * warps * 32 / (owned * loop) for body in loop_bodies(sass(compiled))
                  if len(body) >= 50]  # (not the short copy loops)
         waits = ", ".join(f"{products}/{count}" for products, count in loop_wgmma(compiled)) or "none"
         yield (f"proxy {name:7} d={head_dim:3d} {dtype} {shape}: {_cell(usage(compiled, warps))}; "

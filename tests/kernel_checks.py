@@ -206,10 +206,10 @@ def _loops(code: list[tuple[int, str]]) -> list[tuple[int, int]]:
     return loops
 
 
-def innermost_loops(code: list[tuple[int, str]], innermost: bool = True) -> list[list[tuple[int, str]]]:
-    """The instructions of each loop in ``sass`` output that contains no other loop: the steady
-    states (an outer loop's body also holds its inner loop's pipeline prologue and epilogue);
-    of every loop without ``innermost``."""
+def loop_bodies(code: list[tuple[int, str]], innermost: bool = True) -> list[list[tuple[int, str]]]:
+    """The instructions of each loop in ``sass`` output; with ``innermost`` only of the loops
+    that contain no other loop: the steady states (an outer loop's body also holds its inner
+    loop's pipeline prologue and epilogue)."""
     loops = _loops(code)
     if innermost:
         loops = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
@@ -219,7 +219,7 @@ def innermost_loops(code: list[tuple[int, str]], innermost: bool = True) -> list
 def longest_loop(code: list[tuple[int, str]], innermost: bool = False) -> list[tuple[int, str]]:
     """The instructions of the longest loop in ``sass`` output, or []; with ``innermost``, of
     the longest loop that contains no other loop."""
-    return max(innermost_loops(code, innermost), key=len, default=[])
+    return max(loop_bodies(code, innermost), key=len, default=[])
 
 
 def loop_wgmma(compiled) -> list[tuple[int, int]]:
@@ -228,7 +228,7 @@ def loop_wgmma(compiled) -> list[tuple[int, int]]:
     many waits as products means each product waits for the one before it, whether ptxas
     serialised them (C7515) or the compiler placed the waits."""
     counts = []
-    for body in innermost_loops(sass(compiled)):
+    for body in loop_bodies(sass(compiled)):
         products = sum(opcode(text) == "HGMMA" for _, text in body)
         if products:
             counts.append((products, sum("WARPGROUP.DEPBAR" in text for _, text in body)))
@@ -263,7 +263,8 @@ def mdta_stream_plans():
             plan = kernels._mix_plan(c_pad, size, streams, precision, depth)
             if plan is not None:
                 cases.append((f"mix{streams}", kernels._channel_mix_kernel, plan,
-                              dict(DIAG=streams == 2, DUAL=streams == 2, SCALE_ROWS=pointer == "*fp16", BLOCK_K=c_pad), streams))
+                              # (bf16 and float32 rows of M go unscaled, as _mix_plan plans them by default)
+                              dict(DIAG=streams == 2, DUAL=streams == 2, SCALE_ROWS=False, BLOCK_K=c_pad), streams))
         for name, kernel, plan, flags, streams in cases:
             key = (name, c_pad, pointer, tuple(sorted(plan.items())))
             if key in seen:

@@ -200,13 +200,16 @@ SPLIT_CASES = {  # a split count above the loop's block count leaves empty backw
 EMPTY_SPLIT_WARNING = pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")
 
 
-@pytest.mark.parametrize("tau", [27.5, 28.0, 60.0, -60.0])
-def test_every_key_anti_aligned(tau):
+@pytest.mark.parametrize("tau, dtype", [(27.5, torch.float32), (28.0, torch.float32), (60.0, torch.float32),
+                                        (-60.0, torch.float32), (27.5, torch.bfloat16), (28.0, torch.bfloat16),
+                                        (-60.0, torch.bfloat16)])
+def test_every_key_anti_aligned(tau, dtype):
     """Every key points against every query (all cosines -1): the logits sit at -tau, for
     tau > 0 the far end of the forward's fixed softmax shift (p = 2^(-2 |tau| log2 e): 2^-79 at
-    27.5, near the largest |tau| it is used for) and beyond it, where the running maximum takes
-    over (at tau = 60 a fixed shift would underflow every p to 0)."""
-    assert_matches_reference(*anti_aligned_inputs(48, (4, 5), (3, 6), tau), 1, splits=(2, 1, 1))
+    27.5, near the largest |tau| it is used for, still a bf16 normal where a float16-like shift
+    would flush it) and beyond it, where the running maximum takes over (at tau = 60 a fixed
+    shift would underflow every p to 0)."""
+    assert_matches_reference(*anti_aligned_inputs(48, (4, 5), (3, 6), tau, dtype), 1, splits=(2, 1, 1))
 
 
 def anti_aligned_inputs(channels, q_hw, kv_hw, tau, dtype=torch.float32, device="cpu"):
@@ -315,13 +318,6 @@ def test_bf16_within_twice_the_reference_formulation_error(case, splits):
     batch_q, batch_kv, head_dim, heads, q_hw, kv_hw, tau = CASES[case]
     inputs = make_inputs(batch_q, batch_kv, head_dim * heads, q_hw, kv_hw, heads, tau, torch.bfloat16)
     assert_matches_reference(*inputs, heads, splits)
-
-
-@pytest.mark.parametrize("tau", [27.5, 28.0, -60.0])
-def test_bf16_every_key_anti_aligned(tau):
-    """p = 2^-79 at tau = 27.5 stays a bf16 normal (a float16-like shift would flush it)."""
-    inputs = anti_aligned_inputs(48, (4, 5), (3, 6), tau, torch.bfloat16)
-    assert_matches_reference(*inputs, 1, splits=(2, 1, 1))
 
 
 def test_fp16_within_twice_the_reference_formulation_error():
@@ -516,9 +512,12 @@ def test_only_config_runs_the_chosen_config():
         pass
 
 
+INTERPRETER_CONFIG_CASES = config_cases((96, 384))
+
+
 @EMPTY_SPLIT_WARNING
-@pytest.mark.parametrize("kernel, head_dim, dtype, shape", config_cases((96, 384)).values(),
-                         ids=config_cases((96, 384)).keys())
+@pytest.mark.parametrize("kernel, head_dim, dtype, shape", INTERPRETER_CONFIG_CASES.values(),
+                         ids=INTERPRETER_CONFIG_CASES.keys())
 def test_every_gpu_config_in_the_interpreter(kernel, head_dim, dtype, shape):
     """The GPU's block sizes on the CPU: 135 queries (two query blocks of 128 rows, the second
     partial) against 77 keys, a batch-1 key side, zero-norm tokens, every pass split in 3
