@@ -63,3 +63,40 @@ def test_the_eager_function_equals_the_custom_op(op, monkeypatch):
             assert len(calls) == (route == "custom op"), route
     for eager, traced in zip(*results.values()):
         assert torch.equal(eager, traced)
+
+
+@pytest.mark.parametrize("route", ["eager", "custom op"])
+@pytest.mark.parametrize("op", ["proxy_attention", "transposed_attention", "layer_norm2d", "gated_gelu"])
+def test_gradients_for_a_penalty_are_first_order_only_and_say_so(op, route, monkeypatch):
+    """create_graph=True (a gradient penalty): the kernels' gradients are the plain ones, and
+    differentiating them again raises one error naming the op. Before, the eager route
+    returned gradients without a graph, so a loss of them plus out.sum() silently lost its
+    second-order terms (torch's once_differentiable catches only incoming gradients that
+    require grad, which out.sum()'s do not)."""
+    _, call, inputs = _cases()[op]
+    module = importlib.import_module(f"sipl_fast.ops.{op}_triton")
+    monkeypatch.setattr(module, "plain_eager", lambda x: route == "eager")
+    with sipl_fast.use_backend("triton"):
+        out = call()
+        plain = torch.autograd.grad(out.sum(), inputs, retain_graph=True)
+        for_penalty = torch.autograd.grad(out.sum(), inputs, create_graph=True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, for_penalty))
+    penalty = sum(g.square().sum() for g in for_penalty) + out.sum()
+    with pytest.raises(RuntimeError, match=f"^{op}: its backward is first-order only"):
+        penalty.backward()
+
+
+def test_the_fused_projection_backward_is_first_order_only_and_say_so():
+    """pointwise_depthwise's fused backward (every backend but the reference) likewise; the
+    reference backend, which the error points to, differentiates twice."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 5, 4, 3, generator=g, dtype=torch.float64).requires_grad_()
+    weights = (torch.randn(6, 5, 1, 1, generator=g, dtype=torch.float64).requires_grad_(), None,
+               torch.randn(6, 1, 3, 3, generator=g, dtype=torch.float64).requires_grad_(), None)
+    with sipl_fast.use_backend("torch"):
+        (grad_x,) = torch.autograd.grad(ops.pointwise_depthwise(x, *weights).sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="^pointwise_depthwise: its backward is first-order only"):
+            grad_x.square().sum().backward()
+    with sipl_fast.use_backend("reference"):
+        assert torch.autograd.gradgradcheck(lambda x, pw, dw: ops.pointwise_depthwise(x, pw, None, dw, None),
+                                            (x, weights[0], weights[2]))

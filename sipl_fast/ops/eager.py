@@ -9,9 +9,47 @@ backward on the H200 machine (992 vs 1345 us, bench/results/h200_2026-11-27f.md)
 """
 from __future__ import annotations
 
-import torch
+import functools
+import re
 
-__all__ = ["kernel_autograd", "plain_eager", "mark_saved_state"]
+import torch
+from torch._C import _functions
+
+__all__ = ["kernel_autograd", "plain_eager", "mark_saved_state", "first_order_only"]
+
+
+def first_order_only(op: str):
+    """Decorates a backward that is not itself differentiable (kernel launches, or a fused
+    backward under no_grad). Under create_graph=True its gradients are correct first
+    derivatives, and differentiating them again raises one error naming ``op`` instead of
+    silently dropping the second-order terms. (torch's once_differentiable raises only when
+    the incoming gradient requires grad: for loss = out.sum() it does not, and a gradient
+    penalty through the op would lose its terms without a word.)"""
+    message = (f"{op}: its backward is first-order only, so gradients taken with "
+               "create_graph=True cannot be differentiated again; run the model under "
+               "sipl_fast.use_backend('reference') for higher derivatives").encode()
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def run(ctx, *grads):
+            if not torch.is_grad_enabled():  # create_graph=False: the common case
+                return backward(ctx, *grads)
+            with torch.no_grad():
+                results = backward(ctx, *grads)
+            single = not isinstance(results, tuple)
+            results = (results,) if single else results
+            tensors = [i for i, g in enumerate(results) if isinstance(g, torch.Tensor)]
+            if not tensors:
+                return results[0] if single else results
+            guarded = _functions.DelayedError(message, len(tensors))(
+                *[results[i].detach().requires_grad_() for i in tensors])
+            guarded = guarded if isinstance(guarded, tuple) else (guarded,)
+            results = list(results)
+            for i, g in zip(tensors, guarded):
+                results[i] = g
+            return results[0] if single else tuple(results)
+        return run
+    return decorate
 
 
 def kernel_autograd(name: str, forward_op, backward_op, forward_launch, backward_launch, save, backward):
@@ -25,12 +63,15 @@ def kernel_autograd(name: str, forward_op, backward_op, forward_launch, backward
     returns out alone: each further output of an autograd node cost ~25 us of host time per
     forward + backward on the CPU machine.
     """
+    op = re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()  # ProxyAttention -> proxy_attention
+
     def setup_context(ctx, inputs, output):
         out, state = _output_and_state(output)
         save(ctx, inputs, out, state)
         if state:
             mark_saved_state(ctx, *state)
 
+    @first_order_only(op)
     def op_backward(ctx, grad_out, *_state_grads):
         return backward(ctx, grad_out, backward_op)
 
@@ -41,6 +82,7 @@ def kernel_autograd(name: str, forward_op, backward_op, forward_launch, backward
         save(ctx, inputs, out, state)
         return out
 
+    @first_order_only(op)
     def eager_backward(ctx, grad_out):
         return backward(ctx, grad_out, backward_launch)
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
+from .eager import first_order_only
 
 # torch.nn.functional.normalize divides by max(||x||, eps) with this eps.
 NORMALIZE_EPS = 1e-12
@@ -250,7 +251,7 @@ class _PointwiseDepthwise(torch.autograd.Function):
         return depthwise_impl.forward(hidden, depthwise, depthwise_bias)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only("pointwise_depthwise")
     def backward(ctx, grad):
         x, pointwise, pointwise_bias, depthwise = ctx.saved_tensors
         dtype, needs = ctx.compute_dtype, ctx.needs_input_grad
