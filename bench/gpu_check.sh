@@ -29,7 +29,9 @@
 # forced one at a time and bfloat16 MDTA with zero channels. The twelfth session (no GPU) made
 # the CPU tests run every kernel in bf16 (tests/interpreter_bf16.py) and every proxy autotune
 # config's block sizes in the interpreter; its one kernel change is outside the loops (a
-# forward split with no key blocks writes out 0 instead of 0/0). A second call (about 350 s of device time; a machine
+# forward split with no key blocks writes out 0 instead of 0/0). The thirteenth (no GPU) changed
+# no kernel: the ops' backwards check grad mode once per call (create_graph=True gradients
+# refuse a second derivative instead of dropping it). A second call (about 350 s of device time; a machine
 # idle for 30 s is given back, so it builds again): SECTIONS="device build launch-overhead
 # train-step profile refine" DEADLINE_S=300 (the training step has not been measured since the
 # sixth session), or, if the first call cut them, SECTIONS="device build proxy-fp32 mdta".
