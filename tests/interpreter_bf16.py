@@ -11,7 +11,7 @@ the float32 values and rounds a bf16 result to nearest even, which is what sm_80
 bf16 elementwise math (each op in fp32, one rounding), and a bf16 ``tl.dot`` multiplies the
 values exactly and sums in fp32, as the tensor cores' bf16 x bf16 -> fp32 products do (up to
 the order of the sum). Loads, stores, selects, reshapes and ``tl.abs`` move bits and were
-already right. ``check()`` is the self-test; tests/test_interpreter_bf16.py runs it per op.
+already right. tests/test_interpreter_bf16.py checks it op by op against torch.
 """
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ The kernels shift each row of dA before the softmax backward (see the kernel) an
 a few 1e-6 there; the float32 CPU cases also hold them to a fixed bound, FP32_BOUND.
 
 On the CPU the kernels run under TRITON_INTERPRET=1 (set by conftest.py, with bf16 computed on
-values by tests/interpreter_bf16.py): tiny shapes, exact float32 dots. q, k, v are always channel chunks of one qkv tensor, as in the model (not
-contiguous as a whole). Tests marked ``gpu`` run SIPL's shapes on CUDA in fp32 and bf16.
+values by tests/interpreter_bf16.py): tiny shapes, exact float32 dots. q, k, v are always
+channel chunks of one qkv tensor, as in the model (not contiguous as a whole). Tests marked ``gpu`` run SIPL's shapes on CUDA in fp32 and bf16.
 """
 from __future__ import annotations
 

@@ -35,19 +35,13 @@ def first_order_only(op: str):
             if not torch.is_grad_enabled():  # create_graph=False: the common case
                 return backward(ctx, *grads)
             with torch.no_grad():
-                results = backward(ctx, *grads)
-            single = not isinstance(results, tuple)
-            results = (results,) if single else results
-            tensors = [i for i, g in enumerate(results) if isinstance(g, torch.Tensor)]
-            if not tensors:
-                return results[0] if single else results
-            guarded = _functions.DelayedError(message, len(tensors))(
-                *[results[i].detach().requires_grad_() for i in tensors])
-            guarded = guarded if isinstance(guarded, tuple) else (guarded,)
-            results = list(results)
-            for i, g in zip(tensors, guarded):
+                results = list(backward(ctx, *grads))  # (a backward here returns a tuple)
+            computed = [i for i, g in enumerate(results) if g is not None]
+            guarded = _functions.DelayedError(message, len(computed))(
+                *[results[i].detach().requires_grad_() for i in computed])
+            for i, g in zip(computed, guarded if isinstance(guarded, tuple) else (guarded,)):
                 results[i] = g
-            return results[0] if single else tuple(results)
+            return tuple(results)
         return run
     return decorate
 
