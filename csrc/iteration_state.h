@@ -1,6 +1,6 @@
 // IterationState: the buffers of one refinement run, kept between steps and between calls.
 //
-// A refinement run (SPEC section 3) feeds each step's output back as the next input. The state
+// A refinement run (docs/design.md, "Refinement engine") feeds each step's output back as the next input. The state
 // owns that image (current), the one before it (previous), per-image deltas, an active mask and
 // any named feature maps the engine wants to keep (encoder features, privileged features). The
 // buffers are allocated once per (batch, shape, dtype, device) and reused by later runs with the

@@ -9,36 +9,27 @@ Three backends compute the same math:
   only runs under ``TRITON_INTERPRET=1``.
 
 Choose with ``sipl_fast.use_backend(name)`` (a context manager, thread-local) or the
-``SIPL_FAST_BACKEND`` environment variable. ``auto`` (the default) picks ``triton``
-for CUDA tensors when Triton is importable, ``torch`` otherwise.
+``SIPL_FAST_BACKEND`` environment variable (read by :mod:`sipl_fast.settings` on each call).
+``auto`` (the default) picks ``triton`` for CUDA tensors when Triton is importable, ``torch``
+otherwise.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
 import threading
 from typing import Iterator
 
 import torch
 
-BACKENDS = ("reference", "torch", "triton")
-_CHOICES = BACKENDS + ("auto",)
+from . import settings
+from .settings import BACKENDS, triton_interpreter  # noqa: F401 - re-exported
+
 _state = threading.local()
-
-
-def _check_name(name: str) -> str:
-    if name not in _CHOICES:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(_CHOICES)}")
-    return name
 
 
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
-
-
-def triton_interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def requested_backend() -> str:
@@ -46,7 +37,7 @@ def requested_backend() -> str:
     stack = getattr(_state, "stack", None)
     if stack:
         return stack[-1]
-    return _check_name(os.environ.get("SIPL_FAST_BACKEND", "auto"))
+    return settings.backend()
 
 
 def resolve_backend(device: torch.device) -> str:
@@ -62,7 +53,7 @@ def resolve_backend(device: torch.device) -> str:
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Run the enclosed code with the given backend (``reference``, ``torch``, ``triton``, ``auto``)."""
-    _check_name(name)
+    settings.check_backend(name, "use_backend")
     stack = getattr(_state, "stack", None)
     if stack is None:
         stack = _state.stack = []

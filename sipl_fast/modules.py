@@ -1,4 +1,4 @@
-"""Building blocks of SIPL-PromptIR (SPEC.md section 1.2), each written once.
+"""Building blocks of SIPL-PromptIR, each written once (docs/faithfulness.md lists them).
 
 Attribute names follow the authors' modules so that state_dict keys are identical and their
 checkpoints load with strict=True. The attention cores, the norm and the feed-forward gate go
@@ -8,7 +8,7 @@ they are computed.
 from __future__ import annotations
 
 import contextlib
-import os
+import threading
 from typing import NamedTuple
 
 import torch
@@ -24,15 +24,30 @@ LAYERNORM_TYPES = ("WithBias", "BiasFree")
 
 # Elements a strip may hold alive at once (its intermediates together) when blocks are
 # ``streaming``: 16 MiB of float32 on the CPU (cache-sized), 192 MiB on a GPU. Smaller strips
-# mean less memory and more, smaller kernels. Swept on an H200 (512x512 refinement, steps=2,
-# graph-replayed, depthwise kernels; bench/results/h200_2026-11-27d.md): 96 / 144 / 192 / 512 MiB
-# ran 1.65x / 1.88x / 2.15x / 2.30x the reference loop's speed with 0.15x / 0.18x / 0.21x /
-# 0.47x its peak memory; eagerly 144 MiB peaked at 0.196x. 192 MiB is the fastest within the
-# issue's 0.25x. bench/results/strip_budget_2026-11-27.md has the CPU and fake-tensor sweeps;
-# SIPL_FAST_STRIP_ELEMENTS sets both.
+# mean less memory and more, smaller kernels; docs/design.md ("Strips") has the sweep that
+# chose these. ``strip_budget`` (``Refiner(strip_elements=...)``) overrides both in a block.
 STRIP_ELEMENTS = {"cpu": 1 << 22, "cuda": 12 << 22}
-if os.environ.get("SIPL_FAST_STRIP_ELEMENTS"):
-    STRIP_ELEMENTS = dict.fromkeys(STRIP_ELEMENTS, int(os.environ["SIPL_FAST_STRIP_ELEMENTS"]))
+_strip_override = threading.local()
+
+
+@contextlib.contextmanager
+def strip_budget(elements: int | None):
+    """Within the block (in this thread), strips hold at most ``elements`` elements alive at
+    once on every device; ``None`` keeps the per-device defaults of STRIP_ELEMENTS."""
+    if elements is not None and (isinstance(elements, bool) or not isinstance(elements, int) or elements < 1):
+        raise ValueError(f"strip_elements must be a positive int or None, got {elements!r}")
+    outer = getattr(_strip_override, "elements", None)
+    _strip_override.elements = elements if elements is not None else outer
+    try:
+        yield
+    finally:
+        _strip_override.elements = outer
+
+
+def strip_elements(device_type: str) -> int:
+    """The strip budget in elements for maps on ``device_type`` (the innermost strip_budget)."""
+    override = getattr(_strip_override, "elements", None)
+    return override if override is not None else STRIP_ELEMENTS.get(device_type, STRIP_ELEMENTS["cuda"])
 
 
 def streaming(x: torch.Tensor) -> bool:
@@ -51,7 +66,7 @@ def strip_rows(x: torch.Tensor, live_channels: int) -> int | None:
     peak (all its intermediates together), or None where x goes whole (not ``streaming``,
     or the image fits in one strip)."""
     b, _, h, w = x.shape
-    rows = STRIP_ELEMENTS.get(x.device.type, STRIP_ELEMENTS["cuda"]) // max(1, b * live_channels * w)
+    rows = strip_elements(x.device.type) // max(1, b * live_channels * w)
     if rows >= h or not streaming(x):
         return None
     return max(rows, 1)
@@ -68,7 +83,7 @@ def strip_bounds(height: int, rows: int):
 def in_strips(fn, x: torch.Tensor, out_channels: int, live_channels: int) -> torch.Tensor:
     """fn(x) for a fn made of pixel-local and 3x3 layers, in horizontal strips when autograd is
     off and its intermediates (live_channels per pixel at its peak) would exceed
-    STRIP_ELEMENTS, so that they never exist for the whole image at once."""
+    the strip budget, so that they never exist for the whole image at once."""
     rows = strip_rows(x, live_channels)
     if rows is None:
         return fn(x)
@@ -89,9 +104,8 @@ def convolution_precision(x: torch.Tensor):
     torch gives float32 convolutions: TF32 where convolutions may use it (convolutions_use_tf32;
     torch's default), whatever torch.backends.cuda.matmul.allow_tf32 says. For GEMMs that stand in
     for 1x1 convolutions (ChannelMix): the authors' project_out is an nn.Conv2d, which cuDNN
-    runs in TF32 by default, while the same product through cuBLAS ran on the CUDA cores in
-    full float32 (about 40 ms of a 512x512 refinement's 300 ms of kernels on an H200). The
-    matmul flag is process-wide: it is set for the block and restored after it."""
+    runs in TF32 by default, while the same product through cuBLAS would run on the CUDA cores
+    in full float32 (docs/design.md, "Precision"). The matmul flag is process-wide: it is set for the block and restored after it."""
     if not (x.is_cuda and x.dtype == torch.float32):
         return contextlib.nullcontext()
     wanted = convolutions_use_tf32()
@@ -430,7 +444,7 @@ class PromptGenBlock(nn.Module):
 
 
 class ProxyAttention(nn.Module):
-    """The spatial cross-attention of a Proxy Fusion block ("XAttn", SPEC 1.2).
+    """The spatial cross-attention of a Proxy Fusion block ("XAttn" in the authors' code).
 
     Split into its query projection, key/value projection and the attention proper, so a
     side that does not change (a dictionary at inference) can be projected once and reused.
@@ -466,7 +480,7 @@ class QuerySide(NamedTuple):
 
 
 class ProxyFusionBlock(nn.Module):
-    """The authors' prompt-interaction block (CrossTransformerRestormer_Block_PIM, SPEC 1.2/1.5).
+    """The authors' prompt-interaction block (CrossTransformerRestormer_Block_PIM).
 
     Both inputs are LayerNorm-ed; the residual is the *normalised* query; attention runs at
     the key/value width (prompt_dim) with channel alignment when the widths differ; then a

@@ -234,8 +234,7 @@ def test_cuda_routes_and_forced_kernels(monkeypatch):
     only the dispatch is asked, about fake tensors that claim CUDA)."""
     from sipl_fast.ops import (layer_norm2d_triton, pointwise_depthwise_triton, torch_impl,
                                transposed_attention_triton)
-    monkeypatch.delenv("SIPL_FAST_ALL_KERNELS", raising=False)
-    monkeypatch.delenv("SIPL_FAST_KERNELS", raising=False)
+    monkeypatch.setenv("SIPL_FAST_KERNELS", "auto")
     with torch._subclasses.fake_tensor.FakeTensorMode():  # 16k and 64k pixels
         small, large = torch.empty(1, 96, 128, 128, device="cuda"), torch.empty(1, 96, 256, 256, device="cuda")
         large_bf16 = large.to(torch.bfloat16)
@@ -261,17 +260,47 @@ def test_cuda_routes_and_forced_kernels(monkeypatch):
         monkeypatch.setenv("SIPL_FAST_KERNELS", "layer_norm2d,pointwise_depthwise")
         assert route("pointwise_depthwise", large) is pointwise_depthwise_triton
         assert route("layer_norm2d", small) is layer_norm2d_triton
+        assert route("gated_gelu", small) is torch_impl
+        monkeypatch.setenv("SIPL_FAST_KERNELS", "all")  # read on every call, not at import
+        assert route("gated_gelu", small).__name__ == "sipl_fast.ops.gated_gelu_triton"
+        monkeypatch.setenv("SIPL_FAST_KERNELS", "auto")
+        with ops.kernels_forced("all"):
+            assert route("gated_gelu", small).__name__ == "sipl_fast.ops.gated_gelu_triton"
+            assert route("pointwise_depthwise_gate", small).__name__ == "sipl_fast.ops.pointwise_depthwise_gate_triton"
+        assert route("gated_gelu", small) is torch_impl
+        monkeypatch.setenv("SIPL_FAST_KERNELS", "layer_norm2d,conv2d")
+        with pytest.raises(ValueError, match="SIPL_FAST_KERNELS='layer_norm2d,conv2d': no kernels for \\['conv2d'\\]"):
+            route("layer_norm2d", small)
     with pytest.raises(ValueError, match="no kernels for \\['conv2d'\\]"):
         with ops.kernels_forced("conv2d"):
             pass
 
 
+def test_backend_variable_is_read_on_each_call_and_checked(monkeypatch):
+    """SIPL_FAST_BACKEND takes effect without a re-import; a bad value is one clear error;
+    use_backend wins inside its block."""
+    x = torch.randn(1, 4, 3, 3)
+    monkeypatch.setenv("SIPL_FAST_BACKEND", "reference")
+    assert ops.backend_module("layer_norm2d", x) is ops.reference
+    monkeypatch.setenv("SIPL_FAST_BACKEND", "torch")
+    assert ops.backend_module("layer_norm2d", x) is ops.torch_impl
+    with sipl_fast.use_backend("reference"):
+        assert ops.backend_module("layer_norm2d", x) is ops.reference
+    monkeypatch.setenv("SIPL_FAST_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="SIPL_FAST_BACKEND: unknown backend 'cuda'; choose one of "
+                                         "reference, torch, triton, auto"):
+        ops.backend_module("layer_norm2d", x)
+    with pytest.raises(ValueError, match="use_backend: unknown backend 'fast'"):
+        with sipl_fast.use_backend("fast"):
+            pass
+
+
 def test_graph_kernels_name_what_a_cuda_graph_records(monkeypatch):
     """Graphs record the depthwise kernels (training and refinement) and LayerNorm2d's kernel on
-    every call (refinement, NCHW maps: its kernel would copy channels-last ones); with
-    SIPL_FAST_GRAPH_KERNELS=0 they record what eager calls run. Forced, they route every call."""
+    every call (refinement, NCHW maps: its kernel would copy channels-last ones). Forced, they
+    route every call."""
     from sipl_fast.ops import layer_norm2d_triton, pointwise_depthwise_gate_triton
-    monkeypatch.delenv("SIPL_FAST_GRAPH_KERNELS", raising=False)
+    monkeypatch.setenv("SIPL_FAST_KERNELS", "auto")
     assert ops.graph_kernels("train") == ops.DEPTHWISE_OPS
     assert ops.graph_kernels("refine") == ops.DEPTHWISE_OPS + ("layer_norm2d",)
     assert ops.graph_kernels("refine", channels_last=True) == ops.DEPTHWISE_OPS
@@ -280,8 +309,6 @@ def test_graph_kernels_name_what_a_cuda_graph_records(monkeypatch):
     with sipl_fast.use_backend("triton"), torch.no_grad(), ops.kernels_forced(*ops.graph_kernels("refine")):
         assert ops.backend_module("layer_norm2d", small) is layer_norm2d_triton
         assert ops.backend_module("pointwise_depthwise_gate", small) is pointwise_depthwise_gate_triton
-    monkeypatch.setenv("SIPL_FAST_GRAPH_KERNELS", "0")
-    assert ops.graph_kernels("refine") == ops.graph_kernels("train") == ()
     with pytest.raises(ValueError, match="site must be 'refine' or 'train'"):
         ops.graph_kernels("eval")
 

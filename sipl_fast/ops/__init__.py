@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import os
 import sys
 from typing import Iterator
 
 import torch
 
+from .. import settings
 from ..backends import resolve_backend, triton_interpreter
 from . import reference, torch_impl
 
@@ -32,43 +32,28 @@ _TRITON_MODULES = {
 }
 
 
-# Measured on an H200 (bench/results/h200_2026-11-27.md): where a kernel lost to the torch
-# formulation, the triton backend runs the torch formulation on CUDA instead (the rules take
-# the op's first input). The feed-forward gates ran at 0.3-0.9x of torch at most SIPL sites.
-# (MDTA's 16-bit kernels, once no faster than cuBLAS, ran fwd+bwd 1.2-3.1x faster than the
-# torch formulation eager and 1.3-3.7x replayed at the enc1/dec1 training and inference shapes
-# once they prefetched their tiles, bench/results/h200_2026-11-27f.md: they run in 16-bit
-# too; bench/decide_defaults.py re-checks this from each MDTA table.) LayerNorm2d's kernel
-# lost forward + backward (its backward is slow), but its forward alone ran 1.7-12x faster
-# than the torch formulation (which transposes NCHW to NHWC and back) on calls of >= 32k
-# pixels, slower on smaller ones (bf16;
-# bench/results/h200_2026-11-27/run2_norm_gate.json): it runs where no gradient is recorded
-# (refinement, the training step's plain pass) and the call is large.
-# SIPL_FAST_ALL_KERNELS=1 runs every kernel anyway (kernel tests, benchmarks);
-# SIPL_FAST_KERNELS=op[,op...] or ``with ops.kernels_forced(op, ...)`` runs the named ops' kernels.
+# Routing on CUDA (docs/design.md, "Routing rules"): where a kernel measured slower than the
+# torch formulation, the triton backend runs the torch formulation instead. The rule of an op
+# takes the call's first input and says whether the torch formulation runs:
+# - the feed-forward gates alone: always (their kernels lost at most SIPL sites);
+# - LayerNorm2d: where a gradient is recorded (its backward kernel lost) or the call has fewer
+#   than LAYER_NORM_KERNEL_MIN_PIXELS pixels (its forward kernel wins only on large calls);
+# - the depthwise projections: always in eager calls; CUDA graphs record their kernels
+#   (graph_kernels), where they win.
+# SIPL_FAST_KERNELS (sipl_fast.settings) or ``with kernels_forced(op, ...)`` run the kernels anyway.
 LAYER_NORM_KERNEL_MIN_PIXELS = 1 << 15
-# The ops whose kernels are depthwise 3x3 convolutions ("+dwk" in the benchmarks).
+# The ops whose kernels are depthwise 3x3 convolutions.
 DEPTHWISE_OPS = ("pointwise_depthwise", "pointwise_depthwise_gate")
-# graph_kernels: the kernels a CUDA graph records (sipl_fast.refine and sipl_fast.train force
-# them around a graph's warm-up and capture). Replayed, the depthwise kernels ran the 512x512
-# refinement 1.27x and the bf16 training step 1.43x faster than ATen's convolutions (fp32
-# 1.23x), and LayerNorm2d's kernel on every call, small ones too, the refinement another 1.17x
-# (H200, bench/results/h200_2026-11-27d.md). The row-streaming depthwise kernels that followed
-# run 2-4x faster than ATen's per call and the eager 512x512 refinement 1.29x faster
-# (bench/results/h200_2026-11-27e.md), but the next run had it 0.85x (403 vs 342 ms,
-# bench/results/h200_2026-11-27f.md; eager is CPU-bound there): eager calls keep ATen's until
-# a run says otherwise (the "+dwk" rows of bench/refine_table.py, bench/decide_defaults.py).
 
 
 def graph_kernels(site: str, channels_last: bool = False) -> tuple[str, ...]:
-    """The ops whose kernels a CUDA graph of ``site`` ("refine" or "train") records;
-    SIPL_FAST_GRAPH_KERNELS=0: none (graphs record what eager calls run)."""
+    """The ops whose kernels a CUDA graph of ``site`` ("refine" or "train") records: the
+    depthwise projections at both sites, and LayerNorm2d's forward in a refinement of NCHW maps
+    (training keeps torch's norm, whose backward won; on channels-last maps the kernel would copy
+    what torch's norm reads in place). ``Refiner(graph_kernels=False)`` and the trainer's
+    ``graph_kernels=False`` record what eager calls run instead."""
     if site not in ("refine", "train"):
         raise ValueError(f"graph_kernels: site must be 'refine' or 'train', got {site!r}")
-    if os.environ.get("SIPL_FAST_GRAPH_KERNELS", "1") == "0":
-        return ()
-    # LayerNorm2d's kernel: forward only measured (training keeps torch's), and it would copy
-    # channels-last maps that torch's layer norm reads in place.
     return DEPTHWISE_OPS + (("layer_norm2d",) if site == "refine" and not channels_last else ())
 
 
@@ -83,17 +68,20 @@ _TORCH_FORMULATION_ON_CUDA = {
 }
 
 
-_FORCED_KERNELS: set[str] = set()
+_FORCED_KERNELS: set[str] = set()  # the ops named by the open kernels_forced blocks
 
 
 @contextlib.contextmanager
 def kernels_forced(*names: str) -> Iterator[None]:
     """Within the block, the triton backend runs the kernels of the named ops on CUDA even where
-    it would run their torch formulation (benchmarks comparing the two inside one process)."""
-    unknown = set(names) - set(_TRITON_MODULES)
+    it would run their torch formulation; ``kernels_forced("all")`` forces every op's kernels
+    (benchmarks comparing the two inside one process, CUDA graph captures)."""
+    wanted = set(_TRITON_MODULES) if "all" in names else set(names)
+    unknown = wanted - set(_TRITON_MODULES)
     if unknown:
-        raise ValueError(f"kernels_forced: no kernels for {sorted(unknown)}; ops with kernels: {sorted(_TRITON_MODULES)}")
-    added = set(names) - _FORCED_KERNELS
+        raise ValueError(f"kernels_forced: no kernels for {sorted(unknown)}; ops with kernels: "
+                         f"{sorted(_TRITON_MODULES)} (or 'all')")
+    added = wanted - _FORCED_KERNELS
     _FORCED_KERNELS.update(added)
     try:
         yield
@@ -103,9 +91,9 @@ def kernels_forced(*names: str) -> Iterator[None]:
 
 def _prefers_torch_on_cuda(op: str, x: torch.Tensor) -> bool:
     rule = _TORCH_FORMULATION_ON_CUDA.get(op)
-    forced = (op in _FORCED_KERNELS or os.environ.get("SIPL_FAST_ALL_KERNELS", "0") == "1"
-              or op in os.environ.get("SIPL_FAST_KERNELS", "").split(","))
-    return rule is not None and not forced and rule(x)
+    if rule is None or op in _FORCED_KERNELS:
+        return False
+    return op not in settings.forced_kernels(_TRITON_MODULES) and rule(x)
 
 
 def backend_module(op: str, x: torch.Tensor):
@@ -181,7 +169,7 @@ def _check_common(op: str, tensors: dict, temperature: torch.Tensor, num_heads: 
 
 def proxy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     temperature: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Spatial cosine cross-attention of the Proxy Fusion blocks (SPEC 1.2, "XAttn").
+    """Spatial cosine cross-attention of the Proxy Fusion blocks .
 
     q: (Bq, C, Hq, Wq); k, v: (Bk, C, Hk, Wk) with Bq and Bk each B or 1 (a batch-1 side is
     broadcast); temperature: (heads, 1, 1). Per head the tokens are pixels, q and k are
@@ -199,7 +187,7 @@ def proxy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def transposed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          temperature: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Restormer's multi-head transposed (channel) attention core (SPEC 1.2, "MDTA").
+    """Restormer's multi-head transposed (channel) attention core.
 
     q, k, v: (B, C, H, W); per head c_h = C/heads channels, each L2-normalised over the H*W
     tokens; A = softmax(temperature * q kᵀ) is c_h x c_h; out = A v. Returns (B, C, H, W).
