@@ -2,17 +2,15 @@
 
 out[b, c, h, w] = bias[c] + sum_{i, j in 0..2} weight[c, i, j] * x[b, c, h + i - 1, w + j - 1]
 (x zero outside the map). Every projection of SIPL-PromptIR ends in one (qkv, kv, q and the
-feed-forward's hidden map); on an H200 ATen's NCHW depthwise kernels moved 0.4-0.8 TB/s of
-a 4.2 TB/s card and took a third of the GPU time of a training step and of a refinement
-(bench/results/h200_2026-11-27_session2.md), so each pass here is one streaming read and
-one write, the nine taps coming from cache.
+feed-forward's hidden map). Each pass here is one streaming read and one write, the nine taps
+coming from registers and cache (see docs/design.md, section "Depthwise convolutions").
 
 - forward: a program streams down BLOCK_R rows of a BLOCK_W-column strip of BLOCK_C
   consecutive (b, c) planes (several only where planes are narrow), keeping three input rows
   in registers: each step loads the next row once at columns c - 1, c and c + 1 (the zero
-  padding is the mask) and writes one output row. Three loads per output instead of nine;
-  see _ROW_STREAMING for why that matters. With GATE the same loop convolves channel c and
-  c + h and writes their gate (depthwise3x3_gate.py).
+  padding is the mask) and writes one output row: three loads per output instead of nine.
+  With GATE the same loop convolves channel c and c + h and writes their gate
+  (depthwise3x3_gate.py).
 - input gradient: the same kernel on dout with the taps mirrored (FLIP): the transpose of a
   stride-1, padding-1 3x3 correlation is the correlation with the kernel rotated by 180 degrees.
 - weight and bias gradients: a program streams its rows the same way, accumulating per
@@ -25,31 +23,23 @@ contiguous NCHW. Arithmetic is float32 (float64 for float64 inputs) whatever the
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .common import INTERPRET, compute_dtype
 from .gated_gelu import _gelu
 
 __all__ = ["depthwise3x3", "depthwise3x3_weight_grad", "convolve_rows", "stream_config", "launch_config", "grid",
-           "compute_dtype", "wide_offsets"]
+           "wide_offsets"]
 
-# Read once, like triton itself: TRITON_INTERPRET must be set before this module is imported.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_UNROLL = tl.constexpr(3)  # the row loops (see _STEP_ELEMENTS)
+_UNROLL = tl.constexpr(3)  # the row loops' unroll factor (see _ROWS)
 
 
-# _ROW_STREAMING. The tile kernel this replaced loaded each of the nine taps of every output
-# from global memory (L1 hits mostly). The taps at columns c - 1 and c + 1 are not 16-byte
-# aligned, so each was a scalar load whose warp-wide access spans four 128-byte lines:
-# compiled for sm_90 (bench/sass_counts.py), 7.4 loads per output on interior tiles, six of
-# them such scalar loads, ~0.84 L1 wavefronts per output and plane, which at one wavefront per
-# SM per clock puts a floor of ~28 ms under the 512x512 refinement's ~4.4 G gated outputs of
-# two planes each (the fused gate took 51 ms on the H200, at 1.0 TB/s). Streaming rows, each
-# input row is loaded once per column shift: 2.25 load instructions and ~0.28 wavefronts per
-# output and plane (bench/results/depthwise_sass_2026-11-27b.md). Not yet timed on a GPU.
+# Row streaming: a program keeps three input rows in registers and loads each new row once per
+# column shift (three loads per output instead of nine). The shifted taps at c - 1 and c + 1
+# are not 16-byte aligned, so loading all nine taps per output costs scalar loads that span
+# several cache lines each (see docs/design.md, section "Depthwise convolutions").
 @triton.jit
 def _row(planes, row, height, stride_h, stride_w, mask_l, mask_c, mask_r, COMPUTE: tl.constexpr,
          WIDE: tl.constexpr):
@@ -226,14 +216,14 @@ def depthwise3x3_wgrad_kernel(
     tl.store(slots + 9, tl.sum(s9, axis=1), mask=slot_mask)
 
 
-# _STEP_ELEMENTS, _ROWS. Rows stream in steps of 512 outputs per program on a GPU (4 per
-# thread of 4 warps: one 16-byte load per thread and column shift), 18 rows per program (two
-# halo rows per 18, read from L2; a multiple of the loop's unroll factor, 3, whose unrolled
-# body rotates the three rows by renaming registers instead of copying them: sm_90 SASS 20.8
-# instead of 28 instructions per output). The interpreter runs one program at a time,
-# vectorised over its block: wider steps, and 8 rows so that tests span several programs.
-_STEP_ELEMENTS = 1024 if _INTERPRET else 512
-_ROWS = 8 if _INTERPRET else 18
+# Rows stream in steps of 512 outputs per program on a GPU (4 per thread of 4 warps: one
+# 16-byte load per thread and column shift), 18 rows per program: two halo rows per 18, and a
+# multiple of the loop's unroll factor 3, whose unrolled body rotates the three rows by
+# renaming registers instead of copying them (docs/design.md, "Depthwise convolutions").
+# The interpreter runs one program at a time, vectorised over its block: wider steps, and 8
+# rows so that tests span several programs.
+_STEP_ELEMENTS = 1024 if INTERPRET else 512
+_ROWS = 8 if INTERPRET else 18
 
 
 def stream_config(height: int, width: int, widest: int | None = None, rows: int | None = None,
@@ -242,10 +232,10 @@ def stream_config(height: int, width: int, widest: int | None = None, rows: int 
     size: strips of up to ``widest`` columns (512; 32 in the interpreter, so tests span
     several), ``rows`` rows (_ROWS), and several planes per program where a row is narrower
     than a step; bench/depthwise_sweep.py passes other strips, rows and warps."""
-    widest = widest or (32 if _INTERPRET else 512)
+    widest = widest or (32 if INTERPRET else 512)
     block_w = min(widest, max(16, triton.next_power_of_2(width)))
     rows = min(rows or _ROWS, height)
-    return max(1, _STEP_ELEMENTS // block_w), rows, block_w, warps or (1 if _INTERPRET else 4)
+    return max(1, _STEP_ELEMENTS // block_w), rows, block_w, warps or (1 if INTERPRET else 4)
 
 
 def launch_config(x: torch.Tensor, tile: tuple[int, ...] | None) -> tuple[int, int, int, int]:
@@ -255,10 +245,6 @@ def launch_config(x: torch.Tensor, tile: tuple[int, ...] | None) -> tuple[int, i
     if not tile:
         return block_c, rows, block_w, num_warps
     return (*tile[:3], tile[3] if len(tile) > 3 else num_warps)
-
-
-def compute_dtype(*tensors: torch.Tensor):
-    return tl.float64 if any(t.dtype == torch.float64 for t in tensors) else tl.float32
 
 
 def wide_offsets(*maps: torch.Tensor) -> bool:

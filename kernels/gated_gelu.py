@@ -18,16 +18,13 @@ inputs) whatever the storage dtype.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["gated_gelu_forward", "gated_gelu_backward", "block_config"]
+from .common import INTERPRET, compute_dtype
 
-# Read once, like triton itself: TRITON_INTERPRET must be set before this module is imported.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+__all__ = ["gated_gelu_forward", "gated_gelu_backward", "block_config"]
 
 _SQRT_HALF = tl.constexpr(0.7071067811865476)  # 1/sqrt(2)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1/sqrt(2*pi)
@@ -94,14 +91,10 @@ def gated_gelu_bwd_kernel(
 
 def block_config() -> tuple[int, int]:
     """(BLOCK, num_warps): elements per program and its warps."""
-    if _INTERPRET:
+    if INTERPRET:
         return 256, 1  # a small block keeps test shapes spanning several programs
     # 1024 elements on 4 warps: 8 per thread, i.e. 16-byte vector loads for 16-bit dtypes.
     return 1024, 4
-
-
-def _compute_dtype(*tensors: torch.Tensor):
-    return tl.float64 if any(t.dtype == torch.float64 for t in tensors) else tl.float32
 
 
 def _check_layout(*tensors: torch.Tensor) -> None:
@@ -130,7 +123,7 @@ def gated_gelu_forward(x: torch.Tensor, dual: bool) -> torch.Tensor:
     grid = _grid(half_numel, block, batch)
     gated_gelu_fwd_kernel[grid](
         x, out, half_numel, x.stride(0), out.stride(0),
-        DUAL=dual, COMPUTE=_compute_dtype(x), BLOCK=block, num_warps=num_warps,
+        DUAL=dual, COMPUTE=compute_dtype(x), BLOCK=block, num_warps=num_warps,
     )
     return out
 
@@ -146,6 +139,6 @@ def gated_gelu_backward(dout: torch.Tensor, x: torch.Tensor, dual: bool) -> torc
     grid = _grid(half_numel, block, x.shape[0])
     gated_gelu_bwd_kernel[grid](
         x, dout, dx, half_numel, x.stride(0), dout.stride(0), dx.stride(0),
-        DUAL=dual, COMPUTE=_compute_dtype(x, dout), BLOCK=block, num_warps=num_warps,
+        DUAL=dual, COMPUTE=compute_dtype(x, dout), BLOCK=block, num_warps=num_warps,
     )
     return dx

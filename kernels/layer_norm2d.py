@@ -24,16 +24,14 @@ Arithmetic is float32 (float64 for float64 inputs) whatever the storage dtype.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .common import INTERPRET, compute_dtype
+
 __all__ = ["layer_norm2d_forward", "layer_norm2d_backward", "tile_config"]
 
-# Read once, like triton itself: TRITON_INTERPRET must be set before this module is imported.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # (elements of one channels x pixels tile, elements per thread): many bytes in flight per
 # program, while the registers (compiled for sm_90 by triton 3.6: 60-75 per thread forward,
@@ -154,7 +152,7 @@ def tile_config(channels: int, pixels: int, tile: tuple[int, int]) -> tuple[int,
     """(BLOCK_C, BLOCK_P, num_warps) for C channels, N pixels per image and FORWARD/BACKWARD_TILE."""
     tile_elements, per_thread = tile
     block_c = triton.next_power_of_2(channels)
-    if _INTERPRET:
+    if INTERPRET:
         # The interpreter runs programs one after another: a small fixed pixel block keeps
         # test shapes spanning several programs (tails masked) at a modest cost.
         return block_c, 32, 1
@@ -162,10 +160,6 @@ def tile_config(channels: int, pixels: int, tile: tuple[int, int]) -> tuple[int,
     block_p = min(block_p, max(_MIN_BLOCK_P, triton.next_power_of_2(pixels)))
     num_warps = max(4, min(16, block_c * block_p // (32 * per_thread)))
     return block_c, block_p, num_warps
-
-
-def _compute_dtype(*tensors: torch.Tensor):
-    return tl.float64 if any(t.dtype == torch.float64 for t in tensors) else tl.float32
 
 
 def _check_planes(*tensors: torch.Tensor) -> None:
@@ -202,7 +196,7 @@ def layer_norm2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         x, weight, bias if bias is not None else weight, y,
         channels, pixels, eps,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-        WITH_BIAS=bias is not None, COMPUTE=_compute_dtype(x, weight),
+        WITH_BIAS=bias is not None, COMPUTE=compute_dtype(x, weight),
         BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
     )
     return y
@@ -220,7 +214,7 @@ def layer_norm2d_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block_c, block_p, num_warps = tile_config(channels, pixels, BACKWARD_TILE)
     grid = _grid(pixels, block_p, batch)
-    compute = _compute_dtype(x, weight, dy)
+    compute = compute_dtype(x, weight, dy)
     # Every program writes its full row, so the buffers need no initialisation.
     partial_shape = (grid[0] * grid[1], channels)
     partial_dtype = torch.float64 if compute == tl.float64 else torch.float32

@@ -9,7 +9,7 @@ Layout. q is (Bq, C, Hq, Wq), k and v are (Bk, C, Hk, Wk), read in place through
 head is the d channel planes h*d .. h*d+d-1, a token is one pixel (H and W merged into one
 token stride). A batch-1 side (the dictionary) gets batch stride 0 and is never repeated.
 Token counts that fill every block (SIPL's: 4096, 65536, ...) run without token masks
-(FULL_Q / FULL_KV): ~11 % fewer instructions per logit in the backward's loops (sm_90 SASS).
+(FULL_Q / FULL_KV): the compiler folds the masks away.
 
 Head tiles. tl.arange and tl.dot need power-of-two sizes of at least 16, and SIPL uses
 d = 96 and 384. Each head tile is held as two channel chunks "a" and "b" of widths DA and DB
@@ -55,28 +55,23 @@ op reads from torch.backends.cuda.matmul.allow_tf32 at call time); see _dot_prec
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from sipl_fast.backends import triton_interpreter
+from .common import INTERPRET, NORMALIZE_EPS, multiprocessors
 
 __all__ = ["proxy_attention_forward", "proxy_attention_backward", "head_chunks", "empty_in_layout_of",
            "NORMALIZE_EPS"]
 
-NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default eps
-# The same, as compile-time constants of the kernels:
+# F.normalize's eps and its consequences, as compile-time constants of the kernels:
 _EPS = tl.constexpr(NORMALIZE_EPS)
 _INVERSE_EPS = tl.constexpr(1e12)           # inverse norm stored for a clamped (near-zero) token
 _LOG2E = tl.constexpr(1.4426950408889634)   # softmax runs in base 2: exp(x) = exp2(x * log2(e))
 
-_INTERPRET = triton_interpreter()
-
 
 # --------------------------------------------------------------------------------------------
-# Small helpers shared by the kernels
+# Small functions shared by the kernels
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
@@ -200,51 +195,32 @@ def _token_dot_kernel(
 # "Owned" is the block a program keeps in registers across its loop (queries in the forward and
 # the dq pass, keys in the dk/dv pass), "loop" the block it streams. The backward owns two fp32
 # accumulators (dk and dv) plus two input tiles, so at d = 96 it needs 8 warps for 128 owned
-# rows; wide heads (d > 128) and fp32 tiles get small blocks and 8 warps. Every entry compiles
-# for sm_90 with triton 3.6 within shared memory (largest: fp32 d=384 dk/dv, 200 KB of 227 KB;
-# tests/test_proxy_attention_triton.py::test_configs_compile_for_sm90 re-checks). ptxas -v:
-# no register spills except a few hundred bytes in the wide 16-bit backward and the fp32
-# d > 128 class, which spills at every tile size tl.dot allows (IEEE fp32 dots on CUDA cores)
-# and only the small p3_cross block meets. The lists are short because each entry costs a
-# compile (1-5 s) per dtype, head size and output kind: the 16-bit d <= 128 class, the SIPL
-# hot path, is autotuned (forward among four shapes, dk/dv and dq three), the float32 class at
-# d <= 128 (the refinement's forward, 37 ms of a replayed 512x512 one on the H200) among three;
-# the others run one (unmeasured) choice. Added in the seventh session, sm_90 SASS only, not yet
-# timed: the 16-bit forward's 128 x 128 tiles (wgmma n128 for the scores and half the loop
-# steps of 128 x 64; 217 registers instead of 162, 123 KB of shared memory, still one program
-# of 8 warps per SM, no spills) and the float32 forward's 128 x 32 (with 64 query rows and 8
-# warps the two warpgroups split the score tile's 32 columns: 112 wgmma instructions in the
-# kernel for 64 rows where 128 x 32 issues 60 for 128 rows; 219 registers instead of 233, no
-# spills). The backward's loop blocks of 64 spilled (255 registers) and stayed at 32.
-# Tenth session (static, sm_90, no GPU; bench/attention_sm90.py): until then ptxas serialised
-# every wgmma of the 16-bit forward (C7515), so the shapes above were timed that way. The
-# forward's loop spends ~8 non-tensor instructions per logit at 128 x 64 (d = 96), 1.5 of them
-# rescaling the 96-wide accumulator; 128 x 128 halves that share (13.4 -> 10.5 instructions
-# per logit in the loop), and a third pipeline stage for it fits (169 KB): added, untimed.
+# rows; wide heads (d > 128) get small blocks and 8 warps. Rules the entries keep:
+# - every entry compiles for sm_90 within the H100's 227 KB of shared memory, without
+#   serialised tensor-core products (ptxas C7515), and spills no registers except in the wide
+#   16-bit backward and the fp32 d > 128 class, which spills at every tile size tl.dot allows
+#   (tests/test_proxy_attention_triton.py::test_configs_compile_for_sm90 re-checks);
+# - each entry costs a compile (1-5 s) per dtype, head size and output kind, so only the
+#   classes SIPL runs (16-bit and float32 at d <= 128) get several candidates; the others one;
+# - float32 (3xTF32) tiles own 64 rows per warpgroup so that the products run as wgmma (in
+#   32 x 32 blocks they ran as mma.sync with split operands in registers, several times the
+#   instructions per logit).
+# The instruction counts per logit behind each candidate are in docs/design.md, section
+# "Proxy attention".
 _FORWARD_SHAPES = {
     "16-bit, d <= 128": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 128, 8, 3)],
     "16-bit, d > 128": [(64, 32, 8, 2)],
     "fp32, d <= 128": [(64, 32, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
     "fp32, d > 128": [(32, 32, 8, 1)],
 }
-# Eleventh session (static, sm_90, no GPU; instructions per logit in the innermost loop, bf16
-# and 3xTF32 at d = 96, Triton 3.8; 3.6 within 5 %). The dk/dv loop steps its batch's offsets
-# instead of dividing the unit index: 22.4 -> 20.2 at 128 x 32; 64-query loop blocks now spill
-# 56 bytes (4 local loads per iteration, L1) for 15.9 and wgmma N = 64 for the logits. The
-# float32 class (3xTF32 dots, SIPL's default training dtype) ran its backward in 32 x 32
-# blocks, where the products are mma.sync with split operands: 991 (dk/dv) and 682 (dq)
-# instructions per logit, with 331 local accesses per dk/dv iteration. One warpgroup of 64
-# owned rows runs them as wgmma: 150 / 112 (64 x 32) or 216 / 162 (64 x 16, fewer spills);
-# the forward's 64 x 32 with 4 warps issues 77 where 8 warps issue 169. All candidates, untimed.
 _DKDV_SHAPES = {
     "16-bit, d <= 128": [(128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3)],
     "16-bit, d > 128": [(32, 32, 8, 2)],
     "fp32, d <= 128": [(32, 32, 8, 2), (64, 32, 4, 3), (64, 16, 4, 3)],
     "fp32, d > 128": [(32, 32, 8, 1)],
 }
-# The dq pass no longer forms q̂ or k̂ in registers (tenth session), which freed the room for
-# loop blocks of 64 keys at 128 owned rows: 228 registers in bf16, no spills, wgmma N = 64 for
-# the logits, 12.7 instead of 16.9 instructions per logit in the inner loop (128 x 32); untimed.
+# The dq pass forms neither q̂ nor k̂ in registers, which leaves room for loop blocks of 64
+# keys at 128 owned rows in 16-bit (no spills, wgmma N = 64 for the logits).
 _DQ_SHAPES = dict(_DKDV_SHAPES, **{"16-bit, d <= 128": [(128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3)]})
 
 
@@ -264,7 +240,7 @@ def _autotune(owned: str, loop: str, shapes: dict):
 
     Under the interpreter: one small config (tl.dot needs 16) and no benchmarking.
     """
-    if _INTERPRET:
+    if INTERPRET:
         tune = triton.autotune(configs=[triton.Config({owned: 16, loop: 16}, num_warps=1, num_stages=1)], key=[])
     else:
         unique = sorted({shape for class_shapes in shapes.values() for shape in class_shapes})
@@ -291,9 +267,9 @@ def _autotune(owned: str, loop: str, shapes: dict):
 # The forward's softmax shift. Its logits are cosines times the temperature, so every base-2
 # logit lies in [-bound, bound] with bound = |tau| log2(e). Shifting by the bound instead of a
 # running maximum, p = 2^(logit - bound) lies in [2^(-2 bound), 1] (1 + rounding): no running
-# maximum, no rescaling of the accumulators, nothing per logit but the exponential (sm_90:
-# ~2 fewer instructions per logit, untimed). At bound <= 40 (|tau| <= 27.7; SIPL's
-# temperatures start at 1) p >= 2^-80, so p and its products with v stay far inside float32's
+# maximum, no rescaling of the accumulators, nothing per logit but the exponential
+# (docs/design.md, "Proxy attention"). At bound <= 40 (|tau| <= 27.7; SIPL's temperatures
+# start at 1) p >= 2^-80, so p and its products with v stay far inside float32's
 # and bfloat16's normal range (2^-126) even in a row whose keys all point away. Beyond, and
 # always in float16 (whose normals end at 2^-14), the running maximum.
 _FIXED_SHIFT_MAX = tl.constexpr(40.0)
@@ -511,7 +487,7 @@ def _backward_dkdv_kernel(
 
     # The units of work are (batch, query block) pairs. The loop carries its batch's base
     # offsets and steps them when the query blocks wrap: computing them from the unit index
-    # (a division by q_blocks, 64-bit products) took ~10 % of the loop's instructions (sm_90).
+    # (a division by q_blocks, 64-bit products) costs instructions in every iteration.
     q_blocks = tl.cdiv(N_Q, BLOCK_M)
     units = BATCHES_PER_KV * q_blocks
     unit_begin = split * units // NUM_SPLITS
@@ -749,11 +725,6 @@ def _target_strides(x: torch.Tensor) -> tuple[int, int, int, int]:
     return (0, *_token_strides(x)[1:])
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _num_splits(programs: int, loop_tokens: int, batches_per_program: int, device: torch.device,
                 wide_head: bool) -> int:
     """How many programs share each loop (over keys, or over queries) so that the GPU is full.
@@ -765,11 +736,11 @@ def _num_splits(programs: int, loop_tokens: int, batches_per_program: int, devic
     gets at least one block; on the GPU a split gets at least 4 blocks so that its fixed cost
     (loading the owned tile, writing an fp32 partial) stays small.
     """
-    if _INTERPRET:
+    if INTERPRET:
         sms, loop_block, min_blocks = 2, 16, 1  # small, so that the tests' tiny shapes split too
     else:
         index = device.index if device.index is not None else torch.cuda.current_device()
-        sms, loop_block, min_blocks = _sm_count(index), (64 if wide_head else 128), 4
+        sms, loop_block, min_blocks = multiprocessors(index), (64 if wide_head else 128), 4
     if programs >= sms:
         return 1
     loop_blocks = batches_per_program * triton.cdiv(loop_tokens, loop_block)
@@ -779,17 +750,17 @@ def _num_splits(programs: int, loop_tokens: int, batches_per_program: int, devic
 def _full_blocks(tokens: int) -> bool:
     """Whether ``tokens`` is a multiple of every block size a config may pick (SIPL's token
     counts are): the kernels then run without token masks."""
-    return tokens % (16 if _INTERPRET else 128) == 0
+    return tokens % (16 if INTERPRET else 128) == 0
 
 
 def _nominal_rows(head_dim: int) -> int:
-    return 16 if _INTERPRET else (64 if head_dim > 128 else 128)
+    return 16 if INTERPRET else (64 if head_dim > 128 else 128)
 
 
 def _dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     """float32 dots: TF32 when allowed, else 3xTF32 (float32-level error on tensor cores; IEEE
-    float32 dots run on the FMA units, measured 3-4x slower than torch's float32 SDPA on an
-    H200). 16-bit operands have no choice to make."""
+    float32 dots run on the FMA units, several times slower: docs/design.md, "Precision").
+    16-bit operands have no choice to make."""
     if dtype != torch.float32:
         return "ieee"
     return "tf32" if allow_tf32 else "tf32x3"
@@ -808,11 +779,11 @@ def _token_dot(a, b, num_heads: int, inverse_norm: bool) -> torch.Tensor:
     batch, channels, height, width = a.shape
     tokens = height * width
     out = torch.empty((batch, num_heads, tokens), device=a.device, dtype=torch.float32)
-    block_t = 16 if _INTERPRET else 128
+    block_t = 16 if INTERPRET else 128
     grid = (triton.cdiv(tokens, block_t), batch * num_heads)
     _token_dot_kernel[grid](a, b, out, tokens, num_heads, a_sb, a_sc, a_st, b_sb, b_sc, b_st,
                             D=channels // num_heads, INVERSE_NORM=inverse_norm, BLOCK_T=block_t,
-                            BLOCK_C=16 if _INTERPRET else 32, num_warps=4)
+                            BLOCK_C=16 if INTERPRET else 32, num_warps=4)
     return out
 
 

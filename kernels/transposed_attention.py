@@ -40,20 +40,16 @@ q, k, v once, and writes dq, dk, dv once. q and k are never normalised into new 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from . import launch_cache
+from .common import INTERPRET, NORMALIZE_EPS, multiprocessors
 
-__all__ = ["forward", "backward", "MAX_HEAD_CHANNELS", "stats_size"]
+__all__ = ["forward", "backward", "MAX_HEAD_CHANNELS", "PREFETCH_DEFAULT", "stats_size"]
 
-NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default eps
 MAX_HEAD_CHANNELS = 256  # beyond this M's rows and the (C_PAD x BLOCK_N) tiles crowd out each other
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _SOFTMAX_TILE = 2048  # elements of one (rows x C_PAD) tile in the small-matrix kernels
 _SUM_BLOCK_L = 256  # matrix entries one sum_chunks program adds up
 _SUM_BLOCK_CHUNKS = 8  # chunk slots it loads at a time (fixed: it fixes the summation order)
@@ -61,35 +57,26 @@ _SUM_BLOCK_CHUNKS = 8  # chunk slots it loads at a time (fixed: it fixes the sum
 
 # ----------------------------------------------------------------------------------------
 # Launch plans. Each streaming kernel gets one configuration derived from its tile sizes
-# (checked by compiling every width and dtype for sm_90: shared memory under the H100's
-# 227 KB, no register spills). Compiling is the expensive part of a first call (seconds
-# per kernel variant), so autotuning, which compiles every candidate, is opt-in:
-# SIPL_FAST_TRITON_AUTOTUNE=1 makes the launchers time the plan against its neighbours.
+# (tests/test_transposed_attention_triton.py compiles every width and dtype for sm_90: shared
+# memory within the H100's 227 KB, no serialised tensor-core products, no extra spills).
 # The interpreter runs programs one after another in numpy: small blocks, few programs.
+#
+# 16-bit streams run without software pipelining (num_stages 1): pipelined, they failed the
+# bf16 accuracy and run-to-run tests on a GPU, as two Triton bugs predict:
+# triton-lang/triton#6691 (a pipelined loop whose loaded tile feeds both tl.dot and a tl.sum,
+# as the Gram kernel's norms do) and #11047 (with more than 4 warps the wgmma wait does not
+# order the other warpgroup's reads of a pipelined buffer before it is refilled). Float32
+# streams escape both: 3xTF32 splits each tile in registers and stores the parts, so no dot
+# reads the pipelined buffer (docs/design.md, "Transposed attention").
+#
+# Instead of a shared-memory pipeline, a program loads the next PREFETCH tiles into registers
+# while it multiplies this one (0: none, 1: the next, 2: the next two); each tile is multiplied
+# as before, so at one tile length the results are bitwise those without prefetching.
+# PREFETCH_DEFAULT is the depth that timed fastest (docs/design.md, "Transposed attention");
+# forward and backward take ``prefetch=`` to choose another.
 # ----------------------------------------------------------------------------------------
-_AUTOTUNE = os.environ.get("SIPL_FAST_TRITON_AUTOTUNE", "0") == "1" and not _INTERPRET
-# 16-bit streams run without software pipelining: with it (num_stages 3) the H200 gave
-# run-to-run differences and 2-15x the reference's bf16 error; with num_stages=1 every bf16
-# GPU test passed (bench/results/). Known Triton bugs match (found in the seventh session, not
-# yet confirmed on a GPU): triton-lang/triton#6691 (open: a pipelined loop whose loaded tile
-# feeds both tl.dot and a tl.sum, as the Gram kernel's norms do, computes wrong results at
-# num_stages >= 2) and #11047 (fixed upstream in 2026-07, after triton 3.6: with more than 4
-# warps the wgmma wait does not order the other warpgroup's reads of a pipelined buffer before
-# it is refilled). Float32 escapes both: 3xTF32 splits each tile in registers and stores the
-# parts, so no dot reads the pipelined buffer. The knob (SIPL_FAST_MDTA_16BIT_STAGES=3) brings
-# pipelining back for experiments.
-_STAGES_16BIT = int(os.environ.get("SIPL_FAST_MDTA_16BIT_STAGES", "1"))
-# Unpipelined, a program waits for each tile's loads before it multiplies, so the H200 ran
-# 16-bit streams at about 40 % of copy bandwidth. Instead a program loads the tiles ahead into
-# registers while it multiplies this one, with no shared-memory ring (the part the bugs above
-# concern): _PREFETCH is how many tiles it keeps in flight (0: none, 1: the next, 2: the next
-# two). Each tile is multiplied as before (at one tile length the results are bitwise those
-# without prefetching). Depth 1 measured 1.05x faster than none (H200); depth 2 is unmeasured
-# (see _prefetched for why it should help). SIPL_FAST_MDTA_PREFETCH=0/1/2 chooses.
 PREFETCH_DEFAULT = 1
-_PREFETCH = int(os.environ.get("SIPL_FAST_MDTA_PREFETCH", PREFETCH_DEFAULT))
-if _PREFETCH not in (0, 1, 2):
-    raise ValueError(f"SIPL_FAST_MDTA_PREFETCH must be 0, 1 or 2, got {_PREFETCH}")
+_STAGES_16BIT = 1  # num_stages of 16-bit streams (see above)
 _STAGE_BYTES = 32 * 1024  # stream tiles loaded per pipeline stage
 _SHARED_MEMORY_BUDGET = 200 * 1024  # H100: 227 KB per block, minus what Triton adds
 _RESIDENT_BYTES = 128 * 1024  # most shared memory M's rows may take in a mix program
@@ -105,37 +92,35 @@ def _operand_copies(precision: str) -> int:
     return 2 if precision == "tf32x3" else 1
 
 
-def _prefetched(plan: dict, prefetch: int | None, deepest: int = 2) -> dict:
-    """The plan with PREFETCH, the tiles kept in flight: ``prefetch`` (None: _PREFETCH), at most
-    ``deepest`` (what the registers allow), 0 where the streams are software-pipelined. With
-    prefetching the tiles are half the planned length: the current and the next tile take the
-    registers (and shared memory) of the one tile planned (full-length tiles spilled registers
-    at 48 channels, sm_90).
+def _prefetched(plan: dict, prefetch: int, deepest: int = 2) -> dict:
+    """The plan with PREFETCH, the tiles kept in flight: ``prefetch``, at most ``deepest``
+    (what the registers allow), 0 where the streams are software-pipelined. With prefetching
+    the tiles are half the planned length: the current and the next tile take the registers
+    (and shared memory) of the one tile planned (full-length tiles spilled registers at 48
+    channels, sm_90).
 
-    Why depth 2: at SIPL's widths a program of these passes mostly has its multiprocessor to
-    itself (its registers; the Gram grid is one wave), so the loads in flight per
-    multiprocessor are its prefetched tiles:
-    at depth 1, 12 KB at SIPL's 48 and 96 channels (bf16, sm_90 plans). By Little's law that
-    sustains ~12 KB per ~1 us of memory latency per SM, ~1.6 TB/s on 132 SMs: the 36-37 % of
-    the H200's copy bandwidth measured (bench/results/h200_2026-11-27f.md). Depth 2 doubles
-    the bytes in flight for one more tile of registers."""
-    depth = _PREFETCH if prefetch is None else int(prefetch)
-    plan["PREFETCH"] = min(depth, deepest) if plan["num_stages"] == 1 else 0
-    if plan["PREFETCH"] and not _INTERPRET:
+    Why depth 2 exists: at SIPL's widths a program of these passes mostly has its
+    multiprocessor to itself (its registers; the Gram grid is one wave), so the loads in
+    flight per multiprocessor are its prefetched tiles, 12 KB at depth 1 at SIPL's 48 and 96
+    channels (bf16, sm_90 plans). By Little's law that sustains ~12 KB per ~1 us of memory
+    latency per multiprocessor, about 1.6 TB/s on 132 of them; depth 2 doubles the bytes in
+    flight for one more tile of registers (docs/design.md, "Transposed attention")."""
+    plan["PREFETCH"] = min(prefetch, deepest) if plan["num_stages"] == 1 else 0
+    if plan["PREFETCH"] and not INTERPRET:
         plan["BLOCK_N"] = max(16, plan["BLOCK_N"] // 2)
     return plan
 
 
-def _gram_plan(c_pad: int, element_size: int, precision: str, prefetch: int | None = None) -> dict:
+def _gram_plan(c_pad: int, element_size: int, precision: str, prefetch: int = PREFETCH_DEFAULT) -> dict:
     """BLOCK_C, PREFETCH (see _prefetched) and the configuration of the Gram kernel: x and y
     tiles of BLOCK_C rows."""
     block_c = min(c_pad, 128)
-    if _INTERPRET:
+    if INTERPRET:
         return _prefetched({"BLOCK_C": block_c, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}, prefetch)
     # below 64 rows tl.dot runs as mma.sync, whose operands take registers: shorter tiles
     longest = _MAX_BLOCK_N if block_c >= 64 else 64
     block_n = min(longest, _pow2_floor(_STAGE_BYTES // (2 * block_c * element_size)))
-    stages = _STAGES_16BIT if _STAGES_16BIT and element_size == 2 else 3
+    stages = _STAGES_16BIT if element_size == 2 else 3
     plan = _prefetched({"BLOCK_C": block_c, "BLOCK_N": max(16, block_n), "num_warps": 4, "num_stages": stages},
                        prefetch)
     # a 128 x 128 float32 accumulator, 3xTF32's split operands, or two tiles in flight (at 64
@@ -153,14 +138,13 @@ def _mix_shared_bytes(c_pad, block_i, block_n, stages, element_size, streams, pr
     return resident + pipelined + streams * block_i * block_n * element_size
 
 
-def _mix_plan(c_pad: int, element_size: int, streams: int, precision: str, prefetch: int | None = None,
+def _mix_plan(c_pad: int, element_size: int, streams: int, precision: str, prefetch: int = PREFETCH_DEFAULT,
               scaled_rows: bool = False):
     """BLOCK_I (output rows per program), PREFETCH (see _prefetched) and the configuration of
     the mix kernel, or None when M's rows cannot stay on chip, or when two streams would leave
     tiles of less than half a single stream's length (the caller then runs one stream per
-    launch: with 3xTF32 at 80-128 channels the dual pass had 16-pixel tiles and took about 4x
-    a single pass on the H200, bench/results/h200_2026-11-27b/profile.json, where two single
-    passes read q and k twice).
+    launch: with 3xTF32 at 80-128 channels the dual pass has 16-pixel tiles, and two single
+    passes, which read q and k twice, are faster; docs/design.md, "Transposed attention").
 
     M's rows are the first tl.dot operand, loaded once per program. 16-bit streams are
     planned as if they scaled them in registers (float16 does, ``scaled_rows``, _mixing_rows;
@@ -187,8 +171,8 @@ def _mix_plan(c_pad: int, element_size: int, streams: int, precision: str, prefe
         accumulator_registers = 64
     # Tiles in flight (sm_90, bf16 / fp16). Beyond 128 channels none: rows scaled in registers
     # (float16) spilled with one (176 channels); unscaled ones (bfloat16) fit it, but halving
-    # the tile for it nearly doubled the loop's instructions per element (3.2 -> 5.9 single,
-    # 5.5 -> 10.4 dual), so the measured plan stays. Up to 128 channels scaled rows gain from two
+    # the tile for it nearly doubles the loop's instructions per element, so the plan keeps
+    # full-length tiles there. Up to 128 channels scaled rows gain from two
     # only in the single stream at 128: at 64 two programs of depth 1 share a multiprocessor
     # (one of depth 2 takes its registers), and the dual pass at 128 spilled twice as much with
     # them. Unscaled rows (bfloat16, and the interpreter's float32) take two without spills (the
@@ -199,7 +183,7 @@ def _mix_plan(c_pad: int, element_size: int, streams: int, precision: str, prefe
         deepest = 2 if c_pad == 128 and streams == 1 else 1
     else:
         deepest = 2
-    if _INTERPRET:
+    if INTERPRET:
         return _prefetched({"BLOCK_I": block_i, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}, prefetch, deepest)
     # mma.sync (fewer than 64 rows) holds its operands in registers: shorter tiles
     longest = _MAX_BLOCK_N if block_i >= 64 else 64
@@ -210,7 +194,7 @@ def _mix_plan(c_pad: int, element_size: int, streams: int, precision: str, prefe
         block_n //= 2
     block_n = max(16, block_n)
     stages = 3 if shared(block_n, 3) <= _SHARED_MEMORY_BUDGET else 2
-    if _STAGES_16BIT and element_size == 2:
+    if element_size == 2:
         stages = _STAGES_16BIT
     plan = _prefetched({"BLOCK_I": block_i, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages},
                        prefetch, deepest)
@@ -218,42 +202,6 @@ def _mix_plan(c_pad: int, element_size: int, streams: int, precision: str, prefe
                                                      scaled_rows)["BLOCK_N"] // 2:
         return None
     return plan
-
-
-def _candidates() -> list:
-    return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
-            for n in (16, 32, 64, 128, 256) for w in (4, 8) for s in (1, 2, 3, 4)]
-
-
-def _near(configs, plan: dict, fits, element_size: int) -> list:
-    """Autotuning candidates: the plan's BLOCK_N, half and double it, no fewer warps than
-    planned (fewer spill registers), whose shared memory fits; 16-bit streams only at the
-    planned pipelining depth (_STAGES_16BIT: deeper pipelines gave wrong, nondeterministic
-    results on the H200)."""
-    lengths = (plan["BLOCK_N"] // 2, plan["BLOCK_N"], plan["BLOCK_N"] * 2)
-    stages_ok = lambda c: element_size != 2 or c.num_stages == plan["num_stages"]  # noqa: E731
-    near = [c for c in configs if c.kwargs["BLOCK_N"] in lengths and c.num_warps >= plan["num_warps"] and fits(c)
-            and stages_ok(c)]
-    planned = [c for c in configs if c.kwargs["BLOCK_N"] == plan["BLOCK_N"]
-               and c.num_warps == plan["num_warps"] and c.num_stages == plan["num_stages"]]
-    return near or planned
-
-
-def _prune_gram(configs, named_args, **kwargs):
-    size, block_c = named_args["x_ptr"].element_size(), kwargs["BLOCK_C"]
-    plan = _gram_plan(block_c, size, kwargs["PRECISION"], kwargs.get("PREFETCH"))  # BLOCK_C = min(C_PAD, 128)
-    return _near(configs, plan,
-                 lambda c: c.num_stages * 2 * block_c * c.kwargs["BLOCK_N"] * size <= _SHARED_MEMORY_BUDGET, size)
-
-
-def _prune_mix(configs, named_args, **kwargs):
-    size = named_args["x_ptr"].element_size()
-    streams = 2 if kwargs["DUAL"] else 1
-    plan = _mix_plan(kwargs["BLOCK_K"], size, streams, kwargs["PRECISION"], kwargs.get("PREFETCH"),
-                     kwargs.get("SCALE_ROWS", False))
-    return _near(configs, plan, lambda c: _mix_shared_bytes(
-        kwargs["BLOCK_K"], kwargs["BLOCK_I"], c.kwargs["BLOCK_N"], c.num_stages, size, streams,
-        kwargs["PRECISION"]) <= _SHARED_MEMORY_BUDGET, size)
 
 
 # ----------------------------------------------------------------------------------------
@@ -330,10 +278,10 @@ def _row_sums(squares):
     return squares
 
 
-@triton.jit(do_not_specialize=["C", "HEADS", "SIZE_CLASS"])
+@triton.jit(do_not_specialize=["C", "HEADS"])
 def _gram_partials_kernel(
     x_ptr, y_ptr, partials_ptr,
-    C, N, HEADS, CHUNK, SIZE_CLASS,
+    C, N, HEADS, CHUNK,
     x_stride_b, x_stride_c, y_stride_b, y_stride_c,
     partials_stride_bh, partials_stride_chunk,
     PRECISION: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -362,7 +310,7 @@ def _gram_partials_kernel(
 
     gram = tl.zeros((BLOCK_C, BLOCK_C), dtype=ACC)
     # 16-bit streams keep their squares per element, which spares each tile a reduction over
-    # its row (a sixth of the Gram loop's instructions at 96 channels, sm_90); float32 ones sum
+    # its row (a large share of the Gram loop's instructions); float32 ones sum
     # them per tile (3xTF32's split operands leave no registers for the tiles: spills).
     if x_ptr.dtype.element_ty.primitive_bitwidth == 16:
         sq_x = tl.zeros((BLOCK_C, BLOCK_N), dtype=ACC)
@@ -519,13 +467,13 @@ def _mixing_rows(m_ptr, stride_i, stride_j, rows, ks, C, DOT_DTYPE: tl.constexpr
     return m.to(DOT_DTYPE), scale
 
 
-@triton.jit(do_not_specialize=["C", "HEADS", "SIZE_CLASS"])
+@triton.jit(do_not_specialize=["C", "HEADS"])
 def _channel_mix_kernel(
     m_ptr, m_stride_bh, m_stride_i, m_stride_j,
     x_ptr, x_stride_b, x_stride_c, out_ptr, out_stride_b, out_stride_c,
     y_ptr, y_stride_b, y_stride_c, out2_ptr, out2_stride_b, out2_stride_c,
     diag1_ptr, diag2_ptr,
-    C, N, HEADS, PIXELS_PER_PROGRAM, SIZE_CLASS,
+    C, N, HEADS, PIXELS_PER_PROGRAM,
     DIAG: tl.constexpr, DUAL: tl.constexpr, SCALE_ROWS: tl.constexpr, PRECISION: tl.constexpr,
     ACC: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     PREFETCH: tl.constexpr,
@@ -613,25 +561,6 @@ def _mix_tile(n, x, y, m1, scale1, m2, scale2, diag1, diag2, rows, cols, end, C,
     tl.store(out_ptrs + n, out.to(out_ptrs.dtype.element_ty), mask=out_mask)
 
 
-# The same kernels behind the autotuner (used when SIPL_FAST_TRITON_AUTOTUNE=1). The key
-# holds the head width and the power-of-two class of N; tensor dtypes are added by Triton.
-_gram_partials_tuned = triton.autotune(
-    configs=_candidates(), key=["C", "SIZE_CLASS", "PRECISION", "PREFETCH"],
-    prune_configs_by={"early_config_prune": _prune_gram})(_gram_partials_kernel)
-_channel_mix_tuned = triton.autotune(
-    configs=_candidates(), key=["C", "SIZE_CLASS", "DIAG", "DUAL", "PRECISION", "PREFETCH"],
-    prune_configs_by={"early_config_prune": _prune_mix})(_channel_mix_kernel)
-
-
-def _launch(kernel, tuned, grid, args, constants: dict, config: dict) -> None:
-    """Run ``kernel`` with the planned ``config``, or ``tuned`` when autotuning is on (which
-    varies tile lengths, warps and stages; ``constants`` hold the rest of the plan)."""
-    if _AUTOTUNE:
-        tuned[grid](*args, **constants)
-    else:
-        launch_cache.launch(kernel, grid, args, {**constants, **config})
-
-
 # ----------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------
@@ -640,34 +569,28 @@ def stats_size(channels: int) -> int:
     return channels * channels + 2 * channels
 
 
-# Host-side arithmetic is plain Python: triton.cdiv and triton.next_power_of_2 are JIT
-# functions whose host calls cost microseconds each, and a forward at 128x128 runs for
-# only tens of microseconds on the GPU. Launch layouts are cached per problem shape.
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
+# Launch layouts are cached per problem shape: a forward at 128x128 runs for only tens of
+# microseconds on the GPU, so the host work per call is kept to the launches themselves.
 def _padded(channels: int) -> int:
     """C_PAD: the next power of two, at least 16 (tl.dot's smallest dimension)."""
     return max(16, 1 << (channels - 1).bit_length())
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device_index: int) -> int:
+def _target_programs(device_index: int) -> int:
     """Streaming passes aim at one wave of programs per multiprocessor (the mix pass at two)."""
-    if _INTERPRET:
+    if INTERPRET:
         return 4  # a few programs: chunk splitting is exercised, the interpreter stays quick
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+    return multiprocessors(device_index)
 
 
 def _split_pixels(n_pixels: int, other_programs: int, target_programs: int, shortest: int = 0):
     """(runs, pixels per run): split N into runs, each a multiple of _MAX_BLOCK_N long (the
     interpreter's block length there) and at least ``shortest``, so that runs times
     other_programs is about the target."""
-    granularity = 32 if _INTERPRET else _MAX_BLOCK_N
-    wanted = max(1, _cdiv(target_programs, max(other_programs, 1)))
-    per_run = max(granularity, _cdiv(max(_cdiv(n_pixels, wanted), shortest), granularity) * granularity)
-    return max(1, _cdiv(n_pixels, per_run)), per_run
+    granularity = 32 if INTERPRET else _MAX_BLOCK_N
+    wanted = max(1, triton.cdiv(target_programs, max(other_programs, 1)))
+    per_run = max(granularity, triton.cdiv(max(triton.cdiv(n_pixels, wanted), shortest), granularity) * granularity)
+    return max(1, triton.cdiv(n_pixels, per_run)), per_run
 
 
 @functools.lru_cache(maxsize=1024)
@@ -677,11 +600,11 @@ def _gram_layout(c: int, n_pixels: int, heads_total: int, element_size: int, pre
     Gram pass."""
     config = _gram_plan(_padded(c), element_size, precision, prefetch)
     block_c, prefetch = config.pop("BLOCK_C"), config.pop("PREFETCH")
-    tiles = _cdiv(c, block_c) ** 2
+    tiles = triton.cdiv(c, block_c) ** 2
     # A chunk's partial sums, (c*c + 2c) floats, are written and read back: keep them under
     # 1/4 of the chunk's 2 * c * length stream bytes (they mostly stay in L2 anyway), but
     # no longer than one wave of programs needs.
-    shortest = 0 if _INTERPRET else 8 * (c + 2) * 4 // (2 * element_size)
+    shortest = 0 if INTERPRET else 8 * (c + 2) * 4 // (2 * element_size)
     chunks, chunk = _split_pixels(n_pixels, tiles * heads_total, target, shortest)
     return block_c, prefetch, tiles, chunks, chunk, config
 
@@ -695,15 +618,10 @@ def _mix_layout(c: int, n_pixels: int, heads_total: int, element_size: int, stre
     if config is None:
         return None
     block_i, prefetch = config.pop("BLOCK_I"), config.pop("PREFETCH")
-    row_tiles = _cdiv(c, block_i)
+    row_tiles = triton.cdiv(c, block_i)
     # two waves: a mix program writes no partial sums, and more, shorter runs even out the tail
     runs, per_run = _split_pixels(n_pixels, row_tiles * heads_total, 2 * target)
     return block_i, prefetch, row_tiles, runs, per_run, config
-
-
-def _size_class(n_pixels: int) -> int:
-    """Autotuning key for N: its power-of-two bucket, so similar sizes share a tuning."""
-    return max(n_pixels, 1).bit_length()
 
 
 def _accumulator(dtype: torch.dtype) -> tuple[torch.dtype, object]:
@@ -712,9 +630,9 @@ def _accumulator(dtype: torch.dtype) -> tuple[torch.dtype, object]:
 
 def _precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: float32 operands always as 3xTF32 (float32-level error at
-    tensor-core speed). Plain TF32, even where torch.backends.cuda.matmul.allow_tf32 allows it,
-    gave 11% error in dq on an H200: dq = P k - diag(T) q cancels, and TF32's 10-bit
-    mantissa does not survive that."""
+    tensor-core speed). Not plain TF32, even where torch.backends.cuda.matmul.allow_tf32 allows
+    it: dq = P k - diag(T) q cancels, and TF32's 10-bit mantissa does not survive that
+    (docs/design.md, "Precision")."""
     return "tf32x3" if dtype == torch.float32 else "ieee"
 
 
@@ -729,7 +647,7 @@ def _pixel_major(x: torch.Tensor) -> torch.Tensor:
 class _Call:
     """What every launch of one forward or backward call shares."""
 
-    def __init__(self, x: torch.Tensor, num_heads: int):
+    def __init__(self, x: torch.Tensor, num_heads: int, prefetch: int | None):
         batch, channels, h, w = x.shape
         self.heads, self.c, self.n_pixels = num_heads, channels // num_heads, h * w
         self.heads_total = batch * num_heads
@@ -737,9 +655,10 @@ class _Call:
         self.precision = _precision(x.dtype)
         self.scaled_rows = x.dtype == torch.float16  # see _mixing_rows
         self.acc_torch, self.acc_tl = _accumulator(x.dtype)
-        self.target = _multiprocessors(x.device.index or 0)
-        self.size_class = _size_class(self.n_pixels)
-        self.prefetch = _PREFETCH  # a key of the cached layouts: they follow the flag
+        self.target = _target_programs(x.device.index or 0)
+        self.prefetch = PREFETCH_DEFAULT if prefetch is None else prefetch
+        if self.prefetch not in (0, 1, 2):
+            raise ValueError(f"transposed attention kernels: prefetch must be 0, 1 or 2, got {prefetch}")
 
     def gram_layout(self):
         return _gram_layout(self.c, self.n_pixels, self.heads_total, self.element_size, self.precision,
@@ -756,14 +675,14 @@ def _gram_sums(call: _Call, x, y) -> torch.Tensor:
     block_c, prefetch, tiles, chunks, chunk, config = call.gram_layout()
     length = stats_size(c)
     partials = torch.empty((heads_total, chunks, length), device=call.device, dtype=call.acc_torch)
-    _launch(_gram_partials_kernel, _gram_partials_tuned, (chunks * tiles, heads_total),
-            (x, y, partials, c, call.n_pixels, call.heads, chunk, call.size_class,
-             x.stride(0), x.stride(1), y.stride(0), y.stride(1), partials.stride(0), partials.stride(1)),
-            dict(PRECISION=call.precision, ACC=call.acc_tl, BLOCK_C=block_c, PREFETCH=prefetch), config)
+    _gram_partials_kernel[(chunks * tiles, heads_total)](
+        x, y, partials, c, call.n_pixels, call.heads, chunk,
+        x.stride(0), x.stride(1), y.stride(0), y.stride(1), partials.stride(0), partials.stride(1),
+        PRECISION=call.precision, ACC=call.acc_tl, BLOCK_C=block_c, PREFETCH=prefetch, **config)
     sums = torch.empty((heads_total, length), device=call.device, dtype=call.acc_torch)
-    launch_cache.launch(_sum_chunks_kernel, (_cdiv(length, _SUM_BLOCK_L), heads_total),
-                        (partials, sums, chunks, length, partials.stride(0), partials.stride(1)),
-                        dict(BLOCK_L=_SUM_BLOCK_L, BLOCK_CHUNKS=_SUM_BLOCK_CHUNKS))
+    _sum_chunks_kernel[(triton.cdiv(length, _SUM_BLOCK_L), heads_total)](
+        partials, sums, chunks, length, partials.stride(0), partials.stride(1),
+        BLOCK_L=_SUM_BLOCK_L, BLOCK_CHUNKS=_SUM_BLOCK_CHUNKS)
     return sums
 
 
@@ -777,14 +696,14 @@ def _channel_mix(call: _Call, layout, matrix, transpose: bool, x, out, diag=None
         stride_i, stride_j = stride_j, stride_i
     diag1, y = diag if diag is not None else (matrix, x)  # unused placeholders without DIAG
     out2, diag2 = second if second is not None else (out, matrix)
-    _launch(_channel_mix_kernel, _channel_mix_tuned, (runs * row_tiles, call.heads_total),
-            (matrix, matrix.stride(0), stride_i, stride_j,
-             x, x.stride(0), x.stride(1), out, out.stride(0), out.stride(1),
-             y, y.stride(0), y.stride(1), out2, out2.stride(0), out2.stride(1),
-             diag1, diag2, call.c, call.n_pixels, call.heads, per_run, call.size_class),
-            dict(DIAG=diag is not None, DUAL=second is not None, SCALE_ROWS=call.scaled_rows,
-                 PRECISION=call.precision, ACC=call.acc_tl, BLOCK_I=block_i, BLOCK_K=_padded(call.c),
-                 PREFETCH=prefetch), config)
+    _channel_mix_kernel[(runs * row_tiles, call.heads_total)](
+        matrix, matrix.stride(0), stride_i, stride_j,
+        x, x.stride(0), x.stride(1), out, out.stride(0), out.stride(1),
+        y, y.stride(0), y.stride(1), out2, out2.stride(0), out2.stride(1),
+        diag1, diag2, call.c, call.n_pixels, call.heads, per_run,
+        DIAG=diag is not None, DUAL=second is not None, SCALE_ROWS=call.scaled_rows,
+        PRECISION=call.precision, ACC=call.acc_tl, BLOCK_I=block_i, BLOCK_K=_padded(call.c),
+        PREFETCH=prefetch, **config)
 
 
 def _mix(call: _Call, matrix, transpose: bool, x) -> torch.Tensor:
@@ -817,12 +736,14 @@ def _softmax_rows(c: int) -> int:
     return max(1, min(_padded(c), _SOFTMAX_TILE // _padded(c)))
 
 
-def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor, num_heads: int):
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor, num_heads: int, *,
+            prefetch: int | None = None):
     """Returns (out, stats, attn): out (B, C, H, W) contiguous; stats (B*heads, c*c + 2c)
     holds q k^T, |q_i|^2 and |k_j|^2 per head; attn (B*heads, c, c) is A. Both small
-    tensors are float32 (float64 for float64 inputs) and are what the backward needs."""
+    tensors are float32 (float64 for float64 inputs) and are what the backward needs.
+    ``prefetch``: stream tiles kept in flight, 0, 1 or 2 (None: PREFETCH_DEFAULT)."""
     q, k, v = (_pixel_major(t) for t in (q, k, v))
-    call = _Call(q, num_heads)
+    call = _Call(q, num_heads, prefetch)
     c = call.c
     if c > MAX_HEAD_CHANNELS:
         raise ValueError(f"transposed attention kernels take at most {MAX_HEAD_CHANNELS} channels "
@@ -830,26 +751,25 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torc
     stats = _gram_sums(call, q, k)
     attn = torch.empty((call.heads_total, c, c), device=call.device, dtype=call.acc_torch)
     rows = _softmax_rows(c)
-    launch_cache.launch(_softmax_forward_kernel, (_cdiv(c, rows), call.heads_total),
-                        (stats, temperature.reshape(-1), attn, c, num_heads, NORMALIZE_EPS),
-                        dict(BLOCK_I=rows, BLOCK_C=_padded(c)))
+    _softmax_forward_kernel[(triton.cdiv(c, rows), call.heads_total)](
+        stats, temperature.reshape(-1), attn, c, num_heads, NORMALIZE_EPS, BLOCK_I=rows, BLOCK_C=_padded(c))
     return _mix(call, attn, False, v), stats, attn
 
 
-def backward(grad_out, q, k, v, temperature, stats, attn, num_heads: int):
-    """Returns (dq, dk, dv, dtemperature) for the forward's (out, stats, attn)."""
+def backward(grad_out, q, k, v, temperature, stats, attn, num_heads: int, *, prefetch: int | None = None):
+    """Returns (dq, dk, dv, dtemperature) for the forward's (out, stats, attn); ``prefetch``
+    as in forward."""
     grad_out, q, k, v = (_pixel_major(t) for t in (grad_out, q, k, v))
-    call = _Call(q, num_heads)
+    call = _Call(q, num_heads, prefetch)
     c, heads_total = call.c, call.heads_total
     grad_attn = _gram_sums(call, grad_out, v)  # dO v^T; the norms that follow it go unused
     p = torch.empty((heads_total, c, c), device=call.device, dtype=call.acc_torch)
     diag_q = torch.empty((heads_total, c), device=call.device, dtype=call.acc_torch)
     diag_k = torch.empty_like(diag_q)
     grad_tau = torch.empty((heads_total,), device=call.device, dtype=call.acc_torch)
-    launch_cache.launch(_softmax_backward_kernel, (heads_total,),
-                        (stats, attn, grad_attn, temperature.reshape(-1), p, diag_q, diag_k, grad_tau,
-                         c, num_heads, NORMALIZE_EPS),
-                        dict(BLOCK_I=_softmax_rows(c), BLOCK_C=_padded(c)))
+    _softmax_backward_kernel[(heads_total,)](
+        stats, attn, grad_attn, temperature.reshape(-1), p, diag_q, diag_k, grad_tau,
+        c, num_heads, NORMALIZE_EPS, BLOCK_I=_softmax_rows(c), BLOCK_C=_padded(c))
     dv = _mix(call, attn, True, grad_out)
     dq, dk = _input_gradients(call, p, diag_q, diag_k, q, k)
     grad_temperature = grad_tau.view(-1, num_heads).sum(0)

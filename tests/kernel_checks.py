@@ -8,6 +8,7 @@ import re
 import torch
 
 import sipl_fast
+from sipl_fast import ops
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-5
@@ -63,16 +64,8 @@ def on_kernels(op):
     """op on the triton backend, kernels forced (on CUDA the dispatch otherwise prefers the
     torch formulation for these ops, see sipl_fast.ops._TORCH_FORMULATION_ON_CUDA)."""
     def run(*args):
-        previous = os.environ.get("SIPL_FAST_ALL_KERNELS")
-        os.environ["SIPL_FAST_ALL_KERNELS"] = "1"
-        try:
-            with sipl_fast.use_backend("triton"):
-                return op(*args)
-        finally:
-            if previous is None:
-                del os.environ["SIPL_FAST_ALL_KERNELS"]
-            else:
-                os.environ["SIPL_FAST_ALL_KERNELS"] = previous
+        with sipl_fast.use_backend("triton"), ops.kernels_forced("all"):
+            return op(*args)
     return run
 
 

@@ -142,7 +142,7 @@ def test_cuda_refinement_on_every_kernel_equals_the_authors_loop(monkeypatch):
     against the authors' loop on the reference backend, in float32 without TF32."""
     from sipl_fast import modules
     from sipl_fast.refine import Refiner, authors_loop
-    monkeypatch.setenv("SIPL_FAST_ALL_KERNELS", "1")
+    monkeypatch.setenv("SIPL_FAST_KERNELS", "all")
     monkeypatch.setitem(modules.STRIP_ELEMENTS, "cuda", 1 << 20)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch.manual_seed(0)

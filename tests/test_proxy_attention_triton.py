@@ -28,7 +28,7 @@ from kernel_checks import compiled_proxy_configs, loop_wgmma, ptxas_usage, run_c
 
 
 # --------------------------------------------------------------------------------------------
-# helpers
+# inputs, runs and error measures
 # --------------------------------------------------------------------------------------------
 
 def make_inputs(batch_q, batch_kv, channels, q_hw, kv_hw, num_heads, tau, dtype=torch.float32,
@@ -406,9 +406,8 @@ SM90_SHARED_BYTES = 232448
 def compile_gpu_configs_for_sm90(head_dims=(96, 384), dtypes=("bf16", "fp32")) -> list[str]:
     """Compiles each attention kernel with each config of its tile class for sm_90 (no GPU
     needed) and returns the failures: compile errors, shared memory over the H100's limit, or
-    tensor-core products that wait for each other: serialised by ptxas (C7515: the forward ran
-    so until the tenth session, its q tile scaled in registers) or with a wait after each in
-    the loop.
+    tensor-core products that wait for each other: serialised by ptxas (C7515: e.g. a forward
+    that scales its q tile in registers) or with a wait after each in the loop.
 
     The interpreter catches none of these (tl.dot shapes, shared memory, register limits). Needs
     TRITON_INTERPRET unset before the kernels are imported, hence its own process.

@@ -9,7 +9,8 @@ a few 1e-6 there; the float32 CPU cases also hold them to a fixed bound, FP32_BO
 
 On the CPU the kernels run under TRITON_INTERPRET=1 (set by conftest.py, with bf16 computed on
 values by tests/interpreter_bf16.py): tiny shapes, exact float32 dots. q, k, v are always
-channel chunks of one qkv tensor, as in the model (not contiguous as a whole). Tests marked ``gpu`` run SIPL's shapes on CUDA in fp32 and bf16.
+channel chunks of one qkv tensor, as in the model (not contiguous as a whole). Tests marked
+``gpu`` run SIPL's shapes on CUDA in fp32 and bf16.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ CUDA = torch.cuda.is_available()
 
 
 # --------------------------------------------------------------------------------------------
-# helpers
+# inputs, runs and error measures
 # --------------------------------------------------------------------------------------------
 
 def make_inputs(batch, channels, hw, num_heads, tau, dtype=torch.float32, device="cpu", scale=1.0):
@@ -57,6 +58,14 @@ def run_triton(q, k, v, temperature, num_heads, grad_out):
     return out.detach(), tuple(x.grad for x in leaves)
 
 
+def run_kernels(q, k, v, temperature, num_heads, grad_out, prefetch):
+    """Output and (dq, dk, dv, dtemperature) of the launchers themselves with ``prefetch``
+    stream tiles in flight."""
+    out, stats, attn = mdta.kernels.forward(q, k, v, temperature, num_heads, prefetch=prefetch)
+    grads = mdta.kernels.backward(grad_out, q, k, v, temperature, stats, attn, num_heads, prefetch=prefetch)
+    return out, grads
+
+
 def channel_relative_error(actual, expected) -> float:
     """max |actual - expected| / (largest |expected| in the same channel plane).
 
@@ -76,11 +85,12 @@ FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-6, torch.b
 FP32_BOUND = 2e-4  # per-channel relative error of the interpreter's float32 results
 
 
-def assert_matches_float64(q, k, v, temperature, num_heads, error=channel_relative_error, bound=None):
-    """The triton backend within twice the same-dtype reference's error, both against float64,
-    and, if given, within ``bound``."""
+def assert_matches_float64(q, k, v, temperature, num_heads, error=channel_relative_error, bound=None,
+                           run=run_triton):
+    """The triton backend (or ``run``, called as run_triton) within twice the same-dtype
+    reference's error, both against float64, and, if given, within ``bound``."""
     grad_out = torch.randn(q.shape, dtype=q.dtype, device=q.device)
-    got = run_triton(q, k, v, temperature, num_heads, grad_out)
+    got = run(q, k, v, temperature, num_heads, grad_out)
     exact = run_reference(q, k, v, temperature, num_heads, grad_out)
     same_dtype = run_reference(q, k, v, temperature, num_heads, grad_out, dtype=q.dtype)
     for name, a, b, c in zip(NAMES, (got[0], *got[1]), (exact[0], *exact[1]), (same_dtype[0], *same_dtype[1])):
@@ -156,8 +166,8 @@ def test_bfloat16_zero_and_near_constant_channels():
     assert_matches_float64(*near_constant_and_zero_channels(96, (8, 9), torch.bfloat16, scale=30.0), 1)
 
 
-def test_prefetched_streams_equal_the_unprefetched_bit_for_bit(monkeypatch):
-    """Loading tiles ahead (kernels._PREFETCH: 1 or 2 tiles in flight, the unpipelined 16-bit
+def test_prefetched_streams_equal_the_unprefetched_bit_for_bit():
+    """Loading tiles ahead (``prefetch=1`` or ``2`` tiles in flight, the unpipelined 16-bit
     streams on a GPU, every stream in the interpreter, whose tile length it keeps) changes no
     product and no order: outputs and gradients equal those without it bit for bit. Runs of
     several tiles, odd and even counts of them (depth 2 takes two an iteration) and a partial
@@ -169,9 +179,8 @@ def test_prefetched_streams_equal_the_unprefetched_bit_for_bit(monkeypatch):
         grad_out = torch.randn(q.shape)
         runs, plans = [], []
         for depth in (0, 1, 2):
-            monkeypatch.setattr(mdta.kernels, "_PREFETCH", depth)  # the cached layouts follow it
-            plans.append(mdta.kernels._gram_plan(128, 4, "ieee")["PREFETCH"])
-            runs.append(run_triton(q, k, v, temperature, heads, grad_out))
+            plans.append(mdta.kernels._gram_plan(128, 4, "ieee", depth)["PREFETCH"])
+            runs.append(run_kernels(q, k, v, temperature, heads, grad_out, depth))
         assert plans == [0, 1, 2]
         (plain_out, plain_grads), *prefetched = runs
         for out, grads in prefetched:
@@ -334,9 +343,8 @@ def test_gpu_results_identical_run_to_run():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("channels,heads", [(48, 1), (96, 1), (704, 4)], ids=["c48", "c96", "c176"])
-def test_gpu_two_tiles_in_flight(channels, heads, monkeypatch):
-    """Prefetch depth 2 (SIPL_FAST_MDTA_PREFETCH=2; its speed waits for bench/mdta_prefetch.py)
-    multiplies the tiles of depth 1 in their order: the same bits, bf16, forward and backward,
+def test_gpu_two_tiles_in_flight(channels, heads):
+    """Prefetch depth 2 multiplies the tiles of depth 1 in their order: the same bits, bf16, forward and backward,
     where both run the same warps (96 and 176 channels). At 48 the Gram pass of depth 2 runs 8
     warps instead of 4, which sums the squared norms in another order: FlashAttention's rule
     against float64 there."""
@@ -344,46 +352,20 @@ def test_gpu_two_tiles_in_flight(channels, heads, monkeypatch):
     q, k, v, temperature = make_inputs(1, channels, (size, size), heads, [2.0] * heads, dtype=torch.bfloat16,
                                        device="cuda")
     if channels == 48:
-        monkeypatch.setattr(mdta.kernels, "_PREFETCH", 2)
-        assert_matches_float64(q, k, v, temperature, heads, error=tensor_relative_error)
+        assert_matches_float64(q, k, v, temperature, heads, error=tensor_relative_error,
+                               run=lambda *inputs: run_kernels(*inputs, prefetch=2))
         return
     grad_out = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
-    runs = []
-    for depth in (1, 2):
-        monkeypatch.setattr(mdta.kernels, "_PREFETCH", depth)  # the cached layouts follow it
-        runs.append(run_triton(q, k, v, temperature, heads, grad_out))
+    runs = [run_kernels(q, k, v, temperature, heads, grad_out, depth) for depth in (1, 2)]
     (out, grads), (deeper_out, deeper_grads) = runs
     assert torch.equal(out, deeper_out)
     assert all(torch.equal(a, b) for a, b in zip(grads, deeper_grads))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_gpu_launch_cache_gives_the_same_bits(dtype, monkeypatch):
-    """With kernels/launch_cache.py on, repeated calls reach the compiled kernels' own
-    launchers (no fallback: this Triton's internals are the expected ones) and give the bits
-    of Triton's launcher, also for q, k, v sliced from one qkv map at an offset that breaks
-    16-byte alignment (the cache keys on it)."""
-    from sipl_fast.kernels import launch_cache
-    qkv = torch.randn(2, 3 * 96 + 1, 24, 40, device="cuda", dtype=dtype)
-    aligned = qkv[:, :288].chunk(3, dim=1)
-    shifted = qkv.flatten()[1:1 + qkv[:, :288].numel()].view(2, 288, 24, 40).chunk(3, dim=1)
-    temperature = torch.tensor([1.5, 3.0], device="cuda").reshape(2, 1, 1)
-    grad_out = torch.randn(2, 96, 24, 40, device="cuda", dtype=dtype)
-    expected = [run_triton(*inputs, temperature, 2, grad_out) for inputs in (aligned, shifted)]
-    monkeypatch.setattr(launch_cache, "_ENABLED", True)
-    monkeypatch.setattr(launch_cache, "stats", dict.fromkeys(launch_cache.stats, 0))
-    for _ in range(2):
-        for inputs, (out, grads) in zip((aligned, shifted), expected):
-            got_out, got_grads = run_triton(*inputs, temperature, 2, grad_out)
-            assert torch.equal(got_out, out) and all(torch.equal(a, b) for a, b in zip(got_grads, grads))
-    assert launch_cache.stats["hits"] >= 9 and launch_cache.stats["fallbacks"] == 0, launch_cache.stats
-
-
-@pytest.mark.gpu
 def test_gpu_float32_ignores_the_tf32_flag():
     """float32 runs as 3xTF32 whatever torch.backends.cuda.matmul.allow_tf32 says: plain TF32
-    gave 11% error in dq on an H200 (cancellation in dq = P k - diag(T) q)."""
+    fails float32 accuracy in dq (cancellation in dq = P k - diag(T) q)."""
     q, k, v, temperature = make_inputs(2, 96, (64, 64), 1, [3.0], device="cuda")
     grad_out = torch.randn(q.shape, device="cuda")
     exact = run_reference(q, k, v, temperature, 1, grad_out)
@@ -423,29 +405,12 @@ def test_gpu_torch_compile_fullgraph():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_autotuning_keeps_16_bit_streams_at_the_planned_pipeline_depth():
-    """SIPL_FAST_TRITON_AUTOTUNE's candidates: 16-bit streams only at the planned num_stages
-    (deeper pipelines gave wrong, nondeterministic bf16 results on the H200), float32 streams
-    at any depth; the planned configuration itself is among the candidates."""
-    from sipl_fast.kernels import transposed_attention as kernels
-    configs = kernels._candidates()
-    for dtype in (torch.bfloat16, torch.float16):
-        named = {"x_ptr": torch.empty(1, dtype=dtype)}
-        gram = kernels._prune_gram(configs, named, BLOCK_C=64, PRECISION="ieee")
-        mix = kernels._prune_mix(configs, named, BLOCK_K=64, BLOCK_I=64, DUAL=False, PRECISION="ieee")
-        plan = kernels._gram_plan(64, 2, "ieee")
-        assert gram and mix and {c.num_stages for c in gram + mix} == {plan["num_stages"]}
-        assert any(c.kwargs["BLOCK_N"] == plan["BLOCK_N"] and c.num_warps == plan["num_warps"] for c in gram)
-    wide = kernels._prune_gram(configs, {"x_ptr": torch.empty(1)}, BLOCK_C=64, PRECISION="tf32x3")
-    assert len({c.num_stages for c in wide}) > 1
-
-
 def test_gpu_plans_split_dq_and_dk_where_a_dual_pass_has_short_tiles(monkeypatch):
     """The GPU plans (pure arithmetic, no GPU needed): float32 heads of 80-128 channels run dq
-    and dk as two passes (a dual pass had 16-pixel tiles, about 4x a single pass on the H200);
+    and dk as two passes (a dual pass would have 16-pixel tiles, slower than two single passes);
     16-bit heads and narrower float32 heads keep the dual pass."""
     from sipl_fast.kernels import transposed_attention as kernels
-    monkeypatch.setattr(kernels, "_INTERPRET", False)
+    monkeypatch.setattr(kernels, "INTERPRET", False)
     assert kernels._mix_plan(128, 4, 2, "tf32x3") is None
     assert kernels._mix_plan(128, 4, 1, "tf32x3")["BLOCK_N"] >= 64
     for c_pad, size, precision in ((128, 2, "ieee"), (64, 4, "tf32x3"), (256, 2, "ieee")):

@@ -3,9 +3,8 @@
 Each op with a backward is a pair of torch.library custom ops (what torch.compile, export and
 fake tensors see) and the same launchers as a torch.autograd.Function, which plain eager calls
 run. A custom op's Python dispatch (its autograd kernel, redispatch, argument checks) is host
-time that small eager calls wait for: the Function route took 26 % less per MDTA forward +
-backward on the H200 machine (992 vs 1345 us, bench/results/h200_2026-11-27f.md), 189 vs
-254 us of host code on this project's CPU machine (launches stubbed, bench/launch_overhead.py).
+time that small eager calls wait for; the Function route skips it (measured in docs/design.md,
+section "Eager calls and custom ops").
 """
 from __future__ import annotations
 

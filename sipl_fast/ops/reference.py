@@ -9,6 +9,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# F.normalize divides by max(|x|, eps) with this eps (its default); the torch formulation and
+# the kernels clamp their norms with it too.
+NORMALIZE_EPS = 1e-12
+
 
 def _heads_tokens_last(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """(B, C, H, W) -> (B, heads, H*W, C/heads): tokens are pixels."""

@@ -9,9 +9,10 @@
 - Both read NCHW and channels-last storage through views and answer in the input's layout
   (channels-last makes oneDNN's CPU convolutions several times faster).
 - The 1x1-then-depthwise projections keep only their input for the backward and recompute
-  the 1x1 output (one GEMM) there; the gate keeps only its input for the backward (autograd of the plain expression also keeps
-  gelu(a), as large as a) and LayerNorm2d normalises 16-bit maps in their own precision, so
-  training under autocast holds no float32 copy of the residual stream.
+  the 1x1 output (one GEMM) there; the gate keeps only its input for the backward
+  (autograd of the plain expression also keeps gelu(a), as large as a) and LayerNorm2d
+  normalises 16-bit maps in their own precision, so training under autocast holds no
+  float32 copy of the residual stream.
 """
 from __future__ import annotations
 
@@ -22,9 +23,7 @@ import torch.nn.functional as F
 
 from . import reference
 from .eager import first_order_only
-
-# torch.nn.functional.normalize divides by max(||x||, eps) with this eps.
-NORMALIZE_EPS = 1e-12
+from .reference import NORMALIZE_EPS
 
 
 def inverse_norm(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -35,7 +34,7 @@ def inverse_norm(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 def row_norms(rows_: torch.Tensor, squared: bool = False) -> torch.Tensor:
     """The L2 norms (or their squares) of the rows (..., N) of a rows() view. On unit-stride
     rows (NCHW) vector_norm reduces in one pass; on channels-last rows (stride C) the CPU's
-    square-then-sum ran 1.1-2.6x faster than vector_norm at SIPL's level sizes. Under autograd
+    square-then-sum is faster than vector_norm at SIPL's level sizes. Under autograd
     the norms are vector_norm's: its gradient at a zero row is 0, sqrt's would be NaN."""
     if rows_.stride(-1) == 1 or (not squared and needs_autograd(rows_)):
         norms = torch.linalg.vector_norm(rows_, dim=-1)
@@ -88,13 +87,10 @@ def proxy_attention(q, k, v, temperature, num_heads: int) -> torch.Tensor:
     return image(out, height, width, channels_last)
 
 
-# Pixels per piece of the Gram product on CUDA (gram). Not yet timed on a GPU at 1024: the
-# H200 profile (bench/results/h200_2026-11-27d.md) ran the 512x512 refinement's Gram products
-# with 4096-pixel pieces as cuBLAS float32 kernels of 32x32 tiles and 2 warps, 264 calls in
-# 21 ms, about 12 TFLOP/s: a ~53k-pixel strip gave 13 pieces x 9 tiles = 117 programs of 2
-# warps for 132 SMs, so half the schedulers idled and nothing hid the loads' latency; 1024
-# gives 468 programs (3.5 per SM). On the CPU one product is faster (MKL, 2 threads: 4.3 vs
-# 5.7 ms at 96 x 53k pixels), so there it stays whole.
+# Pixels per piece of the Gram product on CUDA (gram): a piece of 1024 pixels gives a ~53k-pixel
+# strip at 96 channels 468 programs of cuBLAS's 32 x 32 tiles, a few per multiprocessor, where
+# 4096-pixel pieces left half the schedulers idle (docs/design.md, "Refinement engine"). On the
+# CPU one product is faster (MKL), so there it stays whole.
 GRAM_PIECE_CUDA = 1024
 
 
@@ -104,7 +100,7 @@ def gram(q: torch.Tensor, k: torch.Tensor, piece: int | None = None) -> torch.Te
     for 16-bit inputs, whose pieces would each be rounded to 16 bits before their sum).
 
     One c x c product with n in the tens of thousands gives a GEMM of a few output tiles
-    that leaves most of a GPU idle (98 ms of a 512x512 refinement on an H200); one product
+    that leaves most of a GPU idle; one product
     per piece of the pixels fills it, and the pieces' sum costs a few c x c additions.
     Under autograd the single product is kept: the batched one would save contiguous copies of
     the pieces for the backward (+0.5 GB in a 128x128 batch-8 training step)."""
