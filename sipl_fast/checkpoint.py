@@ -166,13 +166,18 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", conf
 
     state_dict, file_config, metadata = read_weights(path)
     config = config if config is not None else file_config
+    # The configuration is checked on a meta-device network (shapes only, no memory) before the
+    # real one is built: an absurd width fails here instead of allocating gigabytes.
     try:
-        model = SIPLPromptIR.from_config(config) if config is not None else SIPLPromptIR()
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unusable model configuration ({exc})") from None
-    mismatch = _describe_mismatch(model, state_dict)
+        with torch.device("meta"):
+            skeleton = SIPLPromptIR.from_config(config) if config is not None else SIPLPromptIR()
+    except (TypeError, ValueError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: unusable model configuration ({reason})") from None
+    mismatch = _describe_mismatch(skeleton, state_dict)
     if mismatch:
         raise CheckpointError(f"{path}: weights do not match the model configuration: {mismatch}")
+    model = SIPLPromptIR.from_config(skeleton.config)
     dtypes = {t.dtype for t in state_dict.values()}
     if not all(d.is_floating_point for d in dtypes):
         raise CheckpointError(f"{path}: non-floating weights ({', '.join(sorted(map(str, dtypes)))})")

@@ -3,13 +3,15 @@
     sipl-fast demo [--steps N] [--out DIR] [--seed S]
     sipl-fast train --data skimage|DIR|paired:DEG_DIR,CLEAN_DIR --tasks 3task --config tiny|base
                     --steps N --batch B --patch P --out DIR [--resume] [--amp] [--ema 0.999] ...
-    sipl-fast restore INPUT... --checkpoint CKPT --out DIR [--steps 2] [--tile SIZE --overlap PX]
+    sipl-fast restore INPUT... --checkpoint CKPT --out DIR [--steps 2] [--tile SIZE --overlap PX] [--overwrite]
     sipl-fast eval --checkpoint CKPT --data ... --tasks ... [--steps 2]
     sipl-fast info
 
 Problems with the user's files (a corrupted or mismatched checkpoint, an unreadable image,
-missing data) print one ``sipl-fast: error: ...`` line on stderr and exit with status 1,
-without a traceback and before any output file is written.
+missing data, an output folder that cannot be written) and a diverged training run print one
+``sipl-fast: error: ...`` line on stderr and exit with status 1, without a traceback. Inputs,
+options and output paths are checked before the work starts and before any output file is
+written.
 """
 from __future__ import annotations
 
@@ -22,9 +24,9 @@ from pathlib import Path
 from .checkpoint import CheckpointError
 from .data.datasets import DataError
 from .images import ImageReadError
-from .train import OptionsError, available_device
+from .train import OptionsError, TrainingDiverged, available_device, check_output_folder
 
-USER_ERRORS = (CheckpointError, DataError, ImageReadError, OptionsError)
+USER_ERRORS = (CheckpointError, DataError, ImageReadError, OptionsError, TrainingDiverged)
 
 
 class UsageError(ValueError):
@@ -58,7 +60,8 @@ def cmd_train(args) -> None:
                            seed=args.seed, out=args.out, resume=args.resume, overwrite=args.overwrite,
                            save_every=args.save_every, log_every=args.log_every, eval_every=args.eval_every,
                            eval_size=args.eval_size or None, workers=args.workers, device=args.device,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, graph_kernels=args.graph_kernels,
+                           nonfinite_patience=args.nonfinite_patience, check_data=args.check_data)
     trainer = train(options)
     if trainer.dist.is_main:
         print(f"wrote {Path(args.out) / 'checkpoint.safetensors'} (step {trainer.step})")
@@ -87,11 +90,21 @@ def _output_paths(inputs: list[Path], out: Path) -> dict[Path, Path]:
     return targets
 
 
+def _check_restore_targets(targets: dict[Path, Path], overwrite: bool) -> None:
+    """Refuses a target that is a folder, and one that exists unless --overwrite (every target
+    is distinct, so an existing one was not written by this run)."""
+    for path, target in targets.items():
+        if target.is_dir():
+            raise UsageError(f"{target}: the output of {path} would replace a folder; choose another --out")
+        if (target.exists() or target.is_symlink()) and not overwrite:
+            raise UsageError(f"{target} exists; pass --overwrite to replace it, or choose another --out")
+
+
 def cmd_restore(args) -> None:
     from tqdm.auto import tqdm
 
     from .checkpoint import load_model
-    from .images import image_size, read_image, write_png
+    from .images import read_image, write_png
     from .refine import Refiner
 
     if args.tile is not None and (args.tile < 8 or args.tile % 8 or not 0 <= args.overlap < args.tile):
@@ -101,18 +114,32 @@ def cmd_restore(args) -> None:
         raise UsageError("--steps must be >= 0")
     device = _device(args.device, args.cuda_graph)
     inputs = [Path(p) for p in args.inputs]
-    for path in inputs:
-        image_size(path)                         # unreadable or missing input: fail before writing anything
-    targets = _output_paths(inputs, Path(args.out))
+    out = Path(args.out)
+    check_output_folder(out)
+    targets = _output_paths(inputs, out)
+    _check_restore_targets(targets, args.overwrite)
+    # Every input is decoded once before anything is written (decoding is cheap next to
+    # restoring; holding every image in memory would not be).
+    for path in tqdm(inputs, desc="check inputs", disable=len(inputs) < 2 or args.no_progress, leave=False):
+        height, width = read_image(path).size
+        if height < 2 or width < 2:
+            raise UsageError(f"{path}: {height}x{width} is too small to restore (at least 2x2 pixels)")
     model, _ = load_model(args.checkpoint, device=device)
     # One refiner for every file: its iteration state, and with --cuda-graph its captured step,
     # serve each image (or tile) of the same size again.
     refiner = Refiner(model, steps=args.steps, tile=args.tile, overlap=args.overlap, cuda_graph=args.cuda_graph)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from None
     for path in tqdm(inputs, desc="restore", disable=len(inputs) < 2 or args.no_progress):
         image = read_image(path)
         restored = refiner(image.rgb[None].to(device))
-        write_png(targets[path], restored[0].cpu(), image.alpha, image.grayscale, image.bit_depth, image.exif)
+        try:
+            write_png(targets[path], restored[0].cpu(), image.alpha, image.grayscale, image.bit_depth, image.exif,
+                      image.icc_profile)
+        except OSError as exc:
+            raise UsageError(f"{targets[path]}: cannot write ({exc.strerror or exc})") from None
         print(f"{path} -> {targets[path]} ({image.size[1]}x{image.size[0]}, {image.bit_depth}-bit"
               f"{', grayscale' if image.grayscale else ''}{', alpha kept' if image.alpha is not None else ''})")
 
@@ -127,6 +154,18 @@ def cmd_eval(args) -> None:
         tasks = resolve_tasks(args.tasks)
     except ValueError as exc:
         raise UsageError(f"--tasks: {exc}") from None
+    if args.steps < 0:
+        raise UsageError("--steps must be >= 0")
+    if args.size and args.size < 8:
+        raise UsageError(f"--size must be at least 8 (or 0: whole images), got {args.size}")
+    if args.json:   # before the evaluation, not after it
+        report = Path(args.json)
+        if report.is_dir():
+            raise UsageError(f"--json {report}: is a folder")
+        if not report.parent.is_dir():
+            raise UsageError(f"--json {report}: the folder {report.parent} does not exist")
+        if not os.access(report.parent, os.W_OK | os.X_OK):
+            raise UsageError(f"--json {report}: the folder {report.parent} is not writable")
     model, meta = load_model(args.checkpoint, device=_device(args.device, args.cuda_graph))
     samples = open_source(args.data).eval_set(tasks, args.size or None, seed=args.seed)
     evaluation = evaluate(model, samples, steps=args.steps, progress=not args.no_progress, cuda_graph=args.cuda_graph)
@@ -193,15 +232,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     train.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     train.add_argument("--no-progress", action="store_true")
+    train.add_argument("--no-graph-kernels", dest="graph_kernels", action="store_false",
+                       help="a captured training step records the kernels eager steps run (default: the graph "
+                            "kernels, see ops.graph_kernels)")
+    train.add_argument("--nonfinite-patience", type=int, default=0,
+                       help="non-finite steps in a row skipped before training stops (default 0: stop at the first)")
+    train.add_argument("--check-data", action=argparse.BooleanOptionalAction, default=True,
+                       help="read every training image once before the first step (default: on)")
     train.set_defaults(run=cmd_train)
 
     restore = commands.add_parser("restore", help="restore image files of any size")
-    restore.add_argument("inputs", nargs="+", help="PNG / JPEG / 16-bit PNG files (grayscale and RGBA handled)")
+    restore.add_argument("inputs", nargs="+", help="PNG / JPEG / TIFF files, 8 or 16 bits (grayscale, alpha and colour profiles kept)")
     restore.add_argument("--checkpoint", required=True, help="checkpoint.safetensors, its folder, or a BasicSR .pth")
     restore.add_argument("--out", required=True, help="output folder; files are written as <name>.png")
     restore.add_argument("--steps", type=int, default=2, help="self-refinement steps (0: plain pass)")
     restore.add_argument("--tile", type=int, default=None, help="restore in tiles of this size (multiple of 8)")
     restore.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels")
+    restore.add_argument("--overwrite", action="store_true", help="replace existing files in --out")
     restore.add_argument("--device", default=None)
     restore.add_argument("--cuda-graph", action="store_true",
                          help="replay a captured refinement step (CUDA; pays where images or --tile tiles share a size)")
@@ -239,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
         args.run(args)
     except USER_ERRORS + (UsageError,) as exc:
         print(f"sipl-fast: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:   # any other filesystem problem: one line naming the path
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"sipl-fast: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("sipl-fast: interrupted (a training run continues from its last save with --resume)", file=sys.stderr)

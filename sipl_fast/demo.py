@@ -124,7 +124,7 @@ def run_demo(steps: int = DEFAULT_STEPS, out: str | Path = "demo_out", seed: int
     out.mkdir(parents=True, exist_ok=True)
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if load > cores:   # other processes compete for the cores: say so, the timings will show it
-        log(f"note: this machine is busy (load average {load:.1f} on {cores} cores); expect slower timings")
+        log(f"note: the CPU is busy (load average {load:.1f} on {cores} cores); expect slower timings")
     options = TrainOptions(data="skimage", tasks="3task", preset="tiny", steps=steps, batch=DEMO_BATCH,
                            lr=lr, seed=seed, out=str(out), overwrite=True, save_every=0,
                            log_every=max(1, steps // 5), eval_size=eval_size, progress=progress)

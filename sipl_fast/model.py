@@ -1,27 +1,31 @@
-"""SIPL-PromptIR: PromptIR with three Proxy Fusion sites (SPEC.md section 1).
+"""SIPL-PromptIR: PromptIR with three Proxy Fusion sites (after the encoder's levels 1, 2, 3).
 
 The default constructor is the authors' PromptIR_ProxyFusion(decoder=True): 40,028,562
 parameters with their state_dict keys. Widths the authors hard-coded are derived from the
 configuration, so other configurations stay consistent.
 
-Deliberate departures from the released code (SPEC.md section 6):
+Deliberate departures from the authors' released code:
 - ``forward`` always returns the image (their ``return_feature=True`` default is a bug);
   ``encode`` returns the privileged features instead.
 - ``use_random_proxy`` mixes proxies only in training mode.
 - The batch-1 dictionaries are broadcast, never repeated B times.
-- At inference (no autograd), everything that depends only on the dictionaries is computed
-  once and reused until a weight changes (see ``DictionaryCache``).
+- Within one refinement call (no autograd), everything that depends only on the dictionaries
+  is computed once and reused by the call's later passes (see ``DictionaryCache``).
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+import contextlib
+import itertools
+import threading
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
 
 from .backends import resolve_backend
-from .modules import (LAYERNORM_TYPES, OverlapPatchEmbed, Downsample, PromptGenBlock, ProxyFusionBlock,
-                      QuerySide, TransformerBlock, Upsample, conv1x1, conv3x3, streaming, transformer_stack)
+from .modules import (LAYERNORM_TYPES, OverlapPatchEmbed, Downsample, PromptGenBlock, TransformerBlock, Upsample,
+                      conv1x1, conv3x3, streaming, transformer_stack)
+from .proxy_fusion import ProxyFusion
 
 LEVELS = (1, 2, 3)  # Proxy Fusion sites; level k works at 1/2^k resolution with 2^k * dim channels
 
@@ -42,49 +46,149 @@ class Encoded(NamedTuple):
 
     @property
     def privileged(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The privileged-feature triple (enc_level2, enc_level3, latent) of SPEC 1.3."""
+        """The privileged-feature triple (enc_level2, enc_level3, latent) that the privileged pass reads."""
         return self.level2, self.level3, self.latent
 
 
+class _Entry(NamedTuple):
+    signature: tuple
+    value: object
+    compute: Callable[[], object]
+
+
+def _copy_into(target, source) -> None:
+    """Copy the tensors of ``source`` into those of ``target`` (same nesting of tuples)."""
+    if isinstance(target, torch.Tensor):
+        target.copy_(source)
+    elif isinstance(target, (tuple, list)):
+        for t, s in zip(target, source):
+            _copy_into(t, s)
+    elif target is not None:
+        raise TypeError(f"DictionaryCache: cannot refresh a {type(target).__name__} in place")
+
+
 class DictionaryCache:
-    """Dictionary-only computations, kept while no weight they depend on changes.
+    """Dictionary-only computations, shared by the passes of one refinement call.
 
     A Proxy Fusion block's dictionary side (LayerNorm, projections) is the same for every
     input: the key/value side of cross_p{k} in the plain pass and the query side of
-    p{k}_cross in the privileged pass. Entries are keyed by the storage and version counter
-    of every parameter involved (in-place updates by an optimizer or load_state_dict bump the
-    version), the backend, and the autocast state; they are used only where blocks are
-    ``streaming`` (modules.streaming).
+    p{k}_cross in the privileged pass. Values are cached only inside a scope
+    (``with cache.scope():``, which every refinement call opens): the first pass computes
+    them, the later passes and steps of the same call reuse them, and the scope's end forgets
+    them. Every call therefore starts from the weights as they are, however they were changed:
+    an optimizer, ``load_state_dict``, or writes through ``.data``, which change neither a
+    tensor's version counter nor its storage and so cannot be detected cheaply. Inside a scope
+    an entry is also recomputed when a parameter's storage, version or dtype, the backend or the
+    autocast state changes. Entries are cached only where blocks are ``streaming``
+    (modules.streaming).
+
+    Each scope has its own entries, so calls from several threads never read each other's.
+    The cache is runtime state: pickling or deep-copying a model gives it a new, empty cache.
     """
 
-    def __init__(self):
-        self._entries: dict[tuple, tuple[tuple, object]] = {}
-        self.enabled = True  # off: recompute every time, as the authors' code does
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled  # off: recompute every time, as the authors' code does
+        self._entries: dict[tuple[int, tuple], _Entry] = {}
+        self._lock = threading.Lock()
+        self._scope_ids = itertools.count()
+        self._local = threading.local()   # this thread's open scope
+
+    def __reduce__(self):
+        return (type(self), (self.enabled,))
 
     def clear(self) -> None:
-        self._entries.clear()
+        with self._lock:
+            self._entries.clear()
+
+    def new_scope(self) -> int:
+        """A scope id for :meth:`scope`; its entries stay until :meth:`drop` (a captured CUDA graph
+        reads them in place across calls: :meth:`refresh` recomputes them there)."""
+        return next(self._scope_ids)
+
+    @contextlib.contextmanager
+    def scope(self, scope_id: int | None = None) -> Iterator[int]:
+        """Cache dictionary-side values in this thread for the block. A new scope's entries are
+        dropped at its end; a scope_id from :meth:`new_scope` keeps them. A scope opened without
+        an id inside another joins it."""
+        outer = getattr(self._local, "scope", None)
+        if scope_id is None and outer is not None:
+            yield outer
+            return
+        own = scope_id is None
+        scope_id = self.new_scope() if own else scope_id
+        self._local.scope = scope_id
+        try:
+            yield scope_id
+        finally:
+            self._local.scope = outer
+            if own:
+                self.drop(scope_id)
+
+    def drop(self, scope_id: int) -> None:
+        with self._lock:
+            for key in [key for key in self._entries if key[0] == scope_id]:
+                del self._entries[key]
+
+    def refresh(self, scope_id: int) -> None:
+        """Recompute every entry of a kept scope from the current weights, in place (same
+        storage), so that a CUDA graph that reads them sees the new values."""
+        with self._lock:
+            entries = [(key, entry) for key, entry in self._entries.items() if key[0] == scope_id]
+        for _, entry in entries:
+            _copy_into(entry.value, entry.compute())
 
     @staticmethod
     def _signature(params: Sequence[torch.Tensor], device: torch.device) -> tuple:
         autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
         return (tuple((p.data_ptr(), p._version, p.dtype) for p in params), resolve_backend(device), autocast)
 
-    def get(self, name: tuple, params: Sequence[torch.Tensor], compute):
-        # Only where blocks stream: not under autograd, not on the reference backend (the
-        # authors' code caches nothing), not while torch.compile traces (no data-pointer keys).
-        if not self.enabled or not streaming(params[0]):
+    def get(self, name: tuple, params: Sequence[torch.Tensor], compute: Callable[[], object]):
+        # Only inside a scope and where blocks stream: not under autograd, not on the reference
+        # backend (the authors' code caches nothing), not while torch.compile traces (no
+        # data-pointer keys).
+        scope_id = getattr(self._local, "scope", None)
+        if scope_id is None or not self.enabled or not streaming(params[0]):
             return compute()
         signature = self._signature(params, params[0].device)
-        hit = self._entries.get(name)
-        if hit is not None and hit[0] == signature:
-            return hit[1]
+        key = (scope_id, name)
+        with self._lock:
+            hit = self._entries.get(key)
+        if hit is not None and hit.signature == signature:
+            return hit.value
         value = compute()
-        self._entries[name] = (signature, value)
+        with self._lock:
+            self._entries[key] = _Entry(signature, value, compute)
         return value
 
 
+def _is_int(value, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _check_config(*, inp_channels, out_channels, dim, num_blocks, num_refinement_blocks, heads,
+                  ffn_expansion_factor, prompt_len, prompt_dims, train_patch, proxy_ffn_expansion_factor) -> None:
+    """ValueError naming the first value no network can be built from (before any allocation)."""
+    for name, value in (("inp_channels", inp_channels), ("out_channels", out_channels), ("dim", dim),
+                        ("prompt_len", prompt_len), ("train_patch", train_patch)):
+        if not _is_int(value, 1):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    lists = (("num_blocks", num_blocks, 4, 1), ("heads", heads, 4, 1), ("prompt_dims", prompt_dims, 3, 1))
+    for name, values, length, low in lists:
+        if not isinstance(values, (list, tuple)) or len(values) != length \
+                or not all(_is_int(v, low) for v in values):
+            raise ValueError(f"{name} must be {length} positive ints, got {values!r}")
+    if not _is_int(num_refinement_blocks, 0):
+        raise ValueError(f"num_refinement_blocks must be a non-negative int, got {num_refinement_blocks!r}")
+    for name, value in (("ffn_expansion_factor", ffn_expansion_factor),
+                        ("proxy_ffn_expansion_factor", proxy_ffn_expansion_factor)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e3:
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if train_patch % 8:
+        raise ValueError(f"train_patch must be a multiple of 8, got {train_patch}")
+
+
 class SIPLPromptIR(nn.Module):
-    """PromptIR with Proxy Fusion (SIPL). See the module docstring and SPEC.md section 1."""
+    """PromptIR with Proxy Fusion (SIPL). See the module docstring."""
 
     def __init__(self, inp_channels: int = 3, out_channels: int = 3, dim: int = 48,
                  num_blocks: Sequence[int] = (4, 6, 6, 8), num_refinement_blocks: int = 4,
@@ -93,10 +197,10 @@ class SIPLPromptIR(nn.Module):
                  prompt_dims: Sequence[int] = (64, 128, 320), train_patch: int = 128,
                  proxy_ffn_expansion_factor: float = 2.0, use_random_proxy: bool = False):
         super().__init__()
-        if len(num_blocks) != 4 or len(heads) != 4 or len(prompt_dims) != 3:
-            raise ValueError("num_blocks and heads take 4 values (one per level), prompt_dims 3")
-        if train_patch % 8:
-            raise ValueError(f"train_patch must be a multiple of 8, got {train_patch}")
+        _check_config(inp_channels=inp_channels, out_channels=out_channels, dim=dim, num_blocks=num_blocks,
+                      num_refinement_blocks=num_refinement_blocks, heads=heads,
+                      ffn_expansion_factor=ffn_expansion_factor, prompt_len=prompt_len, prompt_dims=prompt_dims,
+                      train_patch=train_patch, proxy_ffn_expansion_factor=proxy_ffn_expansion_factor)
         if layernorm_type not in LAYERNORM_TYPES:
             raise ValueError(f"layernorm_type must be one of {LAYERNORM_TYPES}, got {layernorm_type!r}")
         self.config = dict(inp_channels=inp_channels, out_channels=out_channels, dim=dim,
@@ -110,7 +214,6 @@ class SIPLPromptIR(nn.Module):
         self.dictionary_cache = DictionaryCache()
         width = {k: dim * 2 ** k for k in (0, 1, 2, 3)}  # channels at each encoder level
         stack = dict(ffn_expansion_factor=ffn_expansion_factor, bias=bias, layernorm_type=layernorm_type)
-        fusion = dict(ffn_expansion_factor=proxy_ffn_expansion_factor, bias=bias, layernorm_type=layernorm_type)
 
         # Encoder (untouched PromptIR / Restormer).
         self.patch_embed = OverlapPatchEmbed(inp_channels, dim)
@@ -122,17 +225,16 @@ class SIPLPromptIR(nn.Module):
         self.down3_4 = Downsample(width[2])
         self.latent = transformer_stack(num_blocks[3], width[3], heads[3], **stack)
 
-        # Proxy Fusion: dictionary k has the level-k width and the level-k map size of a
-        # train_patch crop. Absorption block p{k}_cross (heads as the authors: p3 uses
-        # heads[0]) and injection block cross_p{k}.
+        # Proxy Fusion at level k (sipl_fast.proxy_fusion): the level-k width and the level-k map
+        # size of a train_patch crop; heads as the authors (p3_cross uses heads[0]).
         absorb_heads = {1: heads[0], 2: heads[1], 3: heads[0]}
         inject_heads = {1: heads[0], 2: heads[1], 3: heads[2]}
-        for k in LEVELS:
-            side = train_patch // 2 ** k
-            self.register_parameter(f"privileged_dictionary{k}",
-                                    nn.Parameter(torch.zeros(1, width[k], side, side)))
-            setattr(self, f"p{k}_cross", ProxyFusionBlock(width[k], width[k], absorb_heads[k], **fusion))
-            setattr(self, f"cross_p{k}", ProxyFusionBlock(width[k], width[k], inject_heads[k], **fusion))
+        self.proxy_fusions = {
+            k: ProxyFusion.attach(self, k, channels=width[k], dictionary_size=train_patch // 2 ** k,
+                                  absorption_heads=absorb_heads[k], injection_heads=inject_heads[k],
+                                  ffn_expansion_factor=proxy_ffn_expansion_factor, bias=bias,
+                                  layernorm_type=layernorm_type, cache=self.dictionary_cache)
+            for k in LEVELS}
 
         # Decoder. Level k: fuse the proxy, add the prompt, upsample, join the skip, decode.
         # decoder_width[k]: channels where the proxy and prompt join at level k (latent, dec3,
@@ -166,10 +268,6 @@ class SIPLPromptIR(nn.Module):
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
-
-    def train(self, mode: bool = True):
-        self.dictionary_cache.clear()
-        return super().train(mode)
 
     # ------------------------------------------------------------------ checks
     def _check_image(self, x: torch.Tensor) -> None:
@@ -239,6 +337,7 @@ class SIPLPromptIR(nn.Module):
         over its only references frees them as the decoder goes (the refiner's last pass: its
         peak at 512x512 falls below the plain pass's, 45 MiB under the old overall peak on fake
         tensors)."""
+        random_mix = self.use_random_proxy and self.training
         feature = encoded.pop("latent")
         for k in (3, 2, 1):
             if k < 3:
@@ -246,8 +345,7 @@ class SIPLPromptIR(nn.Module):
             pi = None
             if privileged is not None:
                 pi, privileged[k - 1] = privileged[k - 1], None
-            injection = getattr(self, f"cross_p{k}")
-            feature = injection.fuse(injection.prepare_query(feature), self._proxy_keys(k, pi))
+            feature = self.proxy_fusions[k](feature, pi, random_mix)
             del pi
             feature = torch.cat([feature, getattr(self, f"prompt{k}")(feature)], dim=1)
             feature = getattr(self, f"reduce_noise_level{k}")(getattr(self, f"noise_level{k}")(feature, inplace=True))
@@ -258,30 +356,14 @@ class SIPLPromptIR(nn.Module):
         feature = self.refinement(feature, inplace=True)
         return self.output(feature) + x
 
-    # ------------------------------------------------------------------ proxies
-    def _proxy_keys(self, k: int, privileged: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values that cross_p{k} reads: from D_k, or from the proxy p{k}_cross(D_k, PI_k)."""
-        dictionary = getattr(self, f"privileged_dictionary{k}")
-        injection = getattr(self, f"cross_p{k}")
-        if privileged is None:
-            return self.dictionary_cache.get(("keys", k), [dictionary, *injection.parameters()],
-                                             lambda: injection.prepare_keys(dictionary))
-        absorption = getattr(self, f"p{k}_cross")
-        query: QuerySide = self.dictionary_cache.get(("query", k), [dictionary, *absorption.parameters()],
-                                                     lambda: absorption.prepare_query(dictionary))
-        proxy = absorption.fuse(query, absorption.prepare_keys(privileged))
-        if self.use_random_proxy and self.training:
-            w = torch.rand(proxy.shape[0], 1, 1, 1, device=proxy.device, dtype=proxy.dtype)
-            proxy = (1 - w) * proxy + w * dictionary
-        return injection.prepare_keys(proxy)
-
     # ------------------------------------------------------------------ refinement
     def refine(self, x: torch.Tensor, steps: int = 2, **options):
-        """The authors' self-refinement loop (SPEC section 3) for images of any size.
+        """The authors' self-refinement loop for images of any size.
 
         Each step: plain pass y0 = f(x); PI = encode(y0); y = f(x, PI); x <- y. steps=0
         returns the plain pass. Options are those of :class:`sipl_fast.refine.Refiner`
-        (return_deltas, tol, tile, overlap, pad_to, ...).
+        (return_deltas, tol, tile, overlap, pad_to, strip_elements, graph_kernels, ...).
+        Safe to call from several threads at once on one model.
         """
         from .refine import Refiner
 

@@ -1,4 +1,4 @@
-"""Test-time self-refinement (SPEC.md section 3) at close to the unavoidable cost.
+"""Test-time self-refinement at close to the unavoidable cost.
 
 The authors' loop, per step t: y0 = f(x); PI = encode(y0); y = f(x, PI); x <- y. It runs the
 encoder of x twice (once in each pass) and rebuilds the dictionary projections every pass.
@@ -7,19 +7,24 @@ encoder of x twice (once in each pass) and rebuilds the dictionary projections e
 - running the encoder of x once per step and sharing it between both passes;
 - reusing the dictionary-only projections (SIPLPromptIR's DictionaryCache);
 - running without autograd, with the image state in an ``IterationState`` of the C++
-  extension (allocated once per shape, reused across steps and calls), so memory does not
-  grow with the number of steps;
+  extension (one per model, device and thread, allocated once per shape and reused across
+  steps and calls), so memory does not grow with the number of steps and calls from several
+  threads never share buffers;
 - optionally stopping images whose per-step change falls below ``tol`` (the batch is
   compacted so finished images cost nothing), tiling large images, and capturing a step in a
   CUDA graph.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+import weakref
 
 import torch
 import torch.nn.functional as F
 
 from . import ops
+from .modules import strip_budget
 from .ops import extension
 
 
@@ -38,21 +43,17 @@ def authors_loop(model, x: torch.Tensor, steps: int = 2, pad_to: int = 8) -> tor
 
     The baseline of benchmarks and tests (pair it with ``use_backend("reference")`` for the
     authors' arithmetic too). steps=0 returns the plain pass; otherwise no pass runs beyond
-    the steps' own (SPEC section 3: 2 forwards and 1 encoder pass per step).
+    the steps' own (per step: 2 full forwards and 1 encoder pass of the plain output). Nothing
+    is cached: the dictionary cache works only inside a refinement call's scope.
     """
     h, w = x.shape[-2:]
-    cache_was = model.dictionary_cache.enabled
-    model.dictionary_cache.enabled = False
-    try:
-        with torch.no_grad():
-            current = pad_to_multiple(x, pad_to)
-            output = model(current) if steps == 0 else None
-            for _ in range(steps):
-                initial = model(current)
-                output = model(current, privileged_features=model.encode(initial))
-                current = output
-    finally:
-        model.dictionary_cache.enabled = cache_was
+    with torch.no_grad():
+        current = pad_to_multiple(x, pad_to)
+        output = model(current) if steps == 0 else None
+        for _ in range(steps):
+            initial = model(current)
+            output = model(current, privileged_features=model.encode(initial))
+            current = output
     return output[..., :h, :w]
 
 
@@ -80,6 +81,9 @@ class Refiner:
     """Multi-step self-refinement of a SIPLPromptIR. ``Refiner(model, steps=2)(x)``.
 
     Inference only: it runs under torch.inference_mode (train with the model's forward).
+    Several threads may refine with one model (or one Refiner) at once: each thread works in
+    its own IterationState and dictionary-cache scope; calls through one Refiner with
+    ``cuda_graph=True`` take turns (they replay one graph).
 
     Args:
         steps: refinement steps T (0 returns the plain pass).
@@ -94,12 +98,18 @@ class Refiner:
             Refiner object to replay the graph on later calls of the same shape.
         channels_last: run the network on channels-last activations (None: on the CPU, where
             oneDNN's convolutions and the torch backend's norms are 1.5-2x faster so).
+        strip_elements: the most elements a block's row strips hold alive at once (None: the
+            per-device default of ``sipl_fast.modules.STRIP_ELEMENTS``); see
+            ``sipl_fast.modules.strip_budget``.
+        graph_kernels: a CUDA graph records the kernels of ``ops.graph_kernels("refine")``
+            (False: the graph records what eager calls run).
+        state: an IterationState to work in (None: the model's own for this thread and device).
     """
 
     def __init__(self, model, steps: int = 2, *, tol: float | None = None, blend: float = 0.0,
                  return_deltas: bool = False, tile: int | None = None, overlap: int = 32,
                  pad_to: int = 8, cuda_graph: bool = False, channels_last: bool | None = None,
-                 state=None):
+                 strip_elements: int | None = None, graph_kernels: bool = True, state=None):
         if not isinstance(steps, int) or steps < 0:
             raise ValueError(f"steps must be a non-negative int, got {steps!r}")
         if pad_to < 8 or pad_to % 8:
@@ -109,13 +119,19 @@ class Refiner:
                              f"tile={tile}, overlap={overlap}")
         if cuda_graph and tol is not None:
             raise ValueError("cuda_graph needs fixed shapes: it cannot be combined with tol")
+        with strip_budget(strip_elements):  # checks the value now rather than at the first call
+            pass
         self.model = model
         self.steps, self.tol, self.blend = steps, tol, float(blend)
         self.return_deltas, self.tile, self.overlap, self.pad_to = return_deltas, tile, overlap, pad_to
         self.cuda_graph = cuda_graph
         self.channels_last = channels_last
+        self.strip_elements, self.graph_kernels = strip_elements, graph_kernels
         self._state = state
         self._graph = None
+        self._graph_lock = threading.Lock()   # one captured graph: its callers take turns
+        self._graph_scope = None              # the dictionary-cache scope the graph reads
+        self._refreshed = False               # its values were recomputed in this call
 
     def _channels_last(self, device: torch.device) -> bool:
         return self.channels_last if self.channels_last is not None else device.type == "cpu"
@@ -129,18 +145,28 @@ class Refiner:
         if x.shape[-2] < 2 or x.shape[-1] < 2:
             raise ValueError(f"refine needs images of at least 2x2 pixels, got {tuple(x.shape[-2:])}")
         h, w = x.shape[-2:]
-        with torch.inference_mode():
+        graphed = self.cuda_graph and x.is_cuda
+        with torch.inference_mode(), strip_budget(self.strip_elements):
             padded = pad_to_multiple(x, self.pad_to)
-            if self.tile is None:
-                output, deltas = self._refine_batch(padded)
+            if graphed:
+                with self._graph_lock:
+                    self._refreshed = False   # the graph's dictionary values: once per call
+                    output, deltas = self._refine(padded)
+                    output = output[..., :h, :w].clone()
             else:
-                output, deltas = self._refine_tiled(padded)
-            output = output[..., :h, :w].clone()
+                cache = getattr(self.model, "dictionary_cache", None)   # stand-in models have none
+                with cache.scope() if cache is not None else contextlib.nullcontext():
+                    output, deltas = self._refine(padded)
+                    output = output[..., :h, :w].clone()
         return (output, deltas) if self.return_deltas else output
 
+    def _refine(self, padded: torch.Tensor):
+        return self._refine_batch(padded) if self.tile is None else self._refine_tiled(padded)
+
     def state(self, device: torch.device):
-        """The IterationState this refiner works in: the one given, else the model's own."""
-        return self._state if self._state is not None else _shared_state(self.model, device)
+        """The IterationState this refiner works in: the one given, else the model's own for
+        this thread and device type."""
+        return self._state if self._state is not None else thread_state(self.model, device)
 
     # ------------------------------------------------------------------ one batch
     def _step(self, current: torch.Tensor) -> torch.Tensor:
@@ -185,23 +211,34 @@ class Refiner:
 
     def _refine_graphed(self, state, x: torch.Tensor):
         """Replay one captured step (static buffers of the state) ``steps`` times."""
-        # The graph reads the weights in place, but dictionary-side values cached before the
-        # capture are baked in: a weight update (new version) must re-capture.
-        weights = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+        # The graph reads the weights in place, and the dictionary-side values of its own cache
+        # scope, which are recomputed in place before every call's replays (a weight change of
+        # any kind, .data writes included, is seen). New storage for a weight re-captures.
+        cache = self.model.dictionary_cache
+        if self._graph_scope is None:
+            self._graph_scope = cache.new_scope()
+            weakref.finalize(self, cache.drop, self._graph_scope)
+        weights = tuple(p.data_ptr() for p in self.model.parameters())
         key = (tuple(x.shape), x.dtype, state.current().data_ptr(), self.blend, weights)
-        if self._graph is None or self._graph[0] != key:
-            current = state.current()
-            with ops.kernels_forced(*ops.graph_kernels("refine", self._channels_last(x.device))):
-                warm = torch.cuda.Stream()
-                warm.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(warm):  # compilation, autotuning and allocations happen before capture
-                    self._step(current.clone())
-                torch.cuda.current_stream().wait_stream(warm)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    state.step(self._step(current), self.blend)
-            self._graph = (key, graph)
-            state.current().copy_(x)
+        with cache.scope(self._graph_scope):
+            if self._graph is None or self._graph[0] != key:
+                self._graph = None
+                current = state.current()
+                forced = ops.graph_kernels("refine", self._channels_last(x.device)) if self.graph_kernels else ()
+                with ops.kernels_forced(*forced):
+                    warm = torch.cuda.Stream()
+                    warm.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(warm):  # compilation, autotuning and allocations happen before capture
+                        self._step(current.clone())
+                    torch.cuda.current_stream().wait_stream(warm)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        state.step(self._step(current), self.blend)
+                self._graph = (key, graph)
+                state.current().copy_(x)
+            elif not self._refreshed:
+                cache.refresh(self._graph_scope)
+            self._refreshed = True
         history = []
         for _ in range(self.steps):
             self._graph[1].replay()
@@ -233,10 +270,27 @@ class Refiner:
         return output / weight_sum, [total / tiles for total in delta_sums]
 
 
-def _shared_state(model, device: torch.device):
-    """One IterationState per model and device type, created on first use and kept, so that
-    later calls with the same shape reuse its buffers."""
-    states = model.__dict__.setdefault("_iteration_states", {})  # not a submodule, not in state_dict
-    if device.type not in states:
-        states[device.type] = extension.IterationState(device)
-    return states[device.type]
+class ThreadStates:
+    """A model's IterationStates: one per thread and device type, created on first use and kept
+    while the thread lives, so that later calls of one thread with the same shape reuse its
+    buffers and concurrent calls never share them. Runtime state: a pickled or deep-copied model
+    gets a new, empty one."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def __reduce__(self):
+        return (type(self), ())
+
+    def get(self, device: torch.device):
+        states = self._local.__dict__.setdefault("by_device", {})
+        if device.type not in states:
+            states[device.type] = extension.IterationState(device)
+        return states[device.type]
+
+
+def thread_state(model, device: torch.device):
+    """This thread's IterationState of ``model`` on ``device``'s type."""
+    # dict.setdefault is atomic: two threads cannot install two holders. Not a submodule,
+    # not in the state_dict.
+    return model.__dict__.setdefault("_iteration_states", ThreadStates()).get(device)

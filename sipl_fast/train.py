@@ -1,4 +1,4 @@
-"""Training and validation of SIPL-PromptIR (SPEC.md section 2), on CPU, one GPU or torchrun.
+"""Training and validation of SIPL-PromptIR, on CPU, one GPU or torchrun.
 
 One training step, as the authors' ``optimize_parameters``:
 
@@ -8,7 +8,7 @@ One training step, as the authors' ``optimize_parameters``:
 3. L1 loss against the clean image; AdamW; gradient-norm clipping; linear warm-up then
    cosine decay of the learning rate; optional EMA of the weights (used for evaluation).
 
-Note (SPEC 2.6): the dictionaries start at zero, so the first step's gradient norm is huge
+Note: the dictionaries start at zero, so the first step's gradient norm is huge
 (~1e9 on the tiny preset). AdamW's update does not scale with the gradient, so this is
 harmless; with clipping on, that first step moves the dictionaries almost alone.
 
@@ -20,6 +20,13 @@ Resuming is exact: the batch of step s is a pure function of (seed, s) (see
 ``sipl_fast.data.datasets``), and the resume state holds the weights, EMA, optimizer,
 scheduler, step and every rank's RNG state, so an interrupted run continued with
 ``--resume`` reaches bit-identical weights on the CPU.
+
+Divergence guard: a step whose loss or gradient norm is not finite updates nothing; after
+``nonfinite_patience`` such steps in a row (0: the first) training stops with
+``TrainingDiverged`` naming the step, and nothing is saved from then on, so the last
+checkpoint written stays as it was. Weights are checked for finite values before every save.
+A step replayed from a CUDA graph has already updated the weights when its loss is read (one
+step later, so that replays stay asynchronous): there the first non-finite step stops.
 
 Validation (``evaluate``) reports PSNR/SSIM per task and per refinement step: step 0 is the
 plain pass, step t the output of t iterations of the authors' self-refinement loop.
@@ -44,13 +51,17 @@ from tqdm.auto import tqdm
 from . import ops
 from .checkpoint import (FORMAT, RESUME_NAME, WEIGHTS_NAME, CheckpointError, load_resume_state, save_resume_state,
                          save_weights)
-from .data.datasets import EvalSample, open_source
+from .data.datasets import DataError, EvalSample, open_source
 from .data.degradations import resolve_tasks
 from .metrics import psnr, ssim
 
 
 class OptionsError(ValueError):
     """Training options that cannot work together; the message says which and why."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss, a gradient or the weights became non-finite; the message names the step."""
 
 
 @dataclass
@@ -87,10 +98,54 @@ class TrainOptions:
     workers: int = 0                # DataLoader worker processes
     device: str | None = None       # default: cuda:LOCAL_RANK when CUDA is available, else cpu
     progress: bool = True           # tqdm progress bar (rank 0)
+    graph_kernels: bool = True      # a captured step records ops.graph_kernels("train") (False: what
+                                    # eager steps run)
+    nonfinite_patience: int = 0     # non-finite steps in a row that are skipped before training stops
+    check_data: bool = True         # read every training image once before the first step
 
     # Options that change the trajectory: a resumed run must use the same values.
     TRAJECTORY = ("data", "tasks", "preset", "steps", "batch", "patch", "lr", "warmup", "weight_decay",
                   "clip", "ema", "amp", "random_proxy", "seed")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_options(opts: TrainOptions) -> None:
+    """OptionsError for the first option no run can use, before anything is built or read."""
+    if not (_is_number(opts.lr) and opts.lr > 0):
+        raise OptionsError(f"--lr must be a positive finite number, got {opts.lr}")
+    if not (_is_number(opts.ema) and 0 <= opts.ema < 1):
+        raise OptionsError(f"--ema must be in [0, 1) (e.g. 0.999; 0 turns EMA off), got {opts.ema}")
+    for flag, value in (("--weight-decay", opts.weight_decay), ("--clip", opts.clip)):
+        if not (_is_number(value) and value >= 0):
+            raise OptionsError(f"{flag} must be a finite number >= 0, got {value}")
+    if opts.steps < 1 or opts.batch < 1:
+        raise OptionsError(f"--steps and --batch must be positive, got {opts.steps} and {opts.batch}")
+    counts = (("--warmup", opts.warmup), ("--save-every", opts.save_every), ("--log-every", opts.log_every),
+              ("--eval-every", opts.eval_every), ("--eval-steps", opts.eval_steps), ("--workers", opts.workers),
+              ("--nonfinite-patience", opts.nonfinite_patience))
+    for flag, value in counts:
+        if value is not None and value < 0:
+            raise OptionsError(f"{flag} must be >= 0, got {value}")
+    if opts.patch and (opts.patch < 8 or opts.patch % 8):
+        raise OptionsError(f"--patch must be a positive multiple of 8, got {opts.patch}")
+    if opts.eval_size is not None and opts.eval_size < 8:
+        raise OptionsError(f"--eval-size must be at least 8 (or 0: whole images), got {opts.eval_size}")
+
+
+def check_output_folder(folder: Path, flag: str = "--out") -> None:
+    """OptionsError unless ``folder`` is, or can be created as, a writable folder (creates nothing)."""
+    if folder.exists() and not folder.is_dir():
+        raise OptionsError(f"{flag} {folder}: exists and is not a folder")
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OptionsError(f"{flag} {folder}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OptionsError(f"{flag} {folder}: {existing} is not writable")
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -148,10 +203,10 @@ def pick_device(option: str | None) -> torch.device:
 
 
 def available_device(option: str | None) -> torch.device:
-    """pick_device's device, which this machine must have (one error where it has no CUDA)."""
+    """pick_device's device, which must exist (one error where CUDA is absent)."""
     device = pick_device(option)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise OptionsError(f"--device {option}: CUDA is not available on this machine")
+        raise OptionsError(f"--device {option}: CUDA is not available")
     return device
 
 
@@ -171,22 +226,18 @@ class CapturedStep:
         self.lq, self.gt = lq.clone(), gt.clone()
         self.graph = torch.cuda.CUDAGraph()
         trainer.optimizer.zero_grad(set_to_none=True)  # gradients are allocated inside the graph
-        cache = trainer.model.dictionary_cache
-        enabled, cache.enabled = cache.enabled, False  # a value cached outside would never update
-        try:
-            with ops.kernels_forced(*ops.graph_kernels("train")), torch.cuda.graph(self.graph):
-                self.loss = trainer._optimizer_step(self.lq, self.gt)
-        finally:
-            cache.enabled = enabled
+        # (the dictionary cache works only inside refinement calls: the graph recomputes everything)
+        with ops.kernels_forced(*trainer.graph_kernels()), torch.cuda.graph(self.graph):
+            self.loss, self.finite = trainer._optimizer_step(self.lq, self.gt, guard=False)
 
     def matches(self, lq: torch.Tensor, gt: torch.Tensor) -> bool:
         return lq.shape == self.lq.shape and gt.shape == self.gt.shape
 
-    def replay(self, lq: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    def replay(self, lq: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.lq.copy_(lq, non_blocking=True)
         self.gt.copy_(gt, non_blocking=True)
         self.graph.replay()
-        return self.loss.clone()
+        return self.loss.clone(), self.finite.clone()
 
 
 @dataclass
@@ -216,6 +267,7 @@ class Trainer:
         from .model import SIPLPromptIR
 
         self.options = opts = copy.deepcopy(options)
+        validate_options(opts)
         self.device = available_device(opts.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)   # NCCL collectives use the current device
@@ -230,8 +282,8 @@ class Trainer:
             self.tasks = resolve_tasks(opts.tasks)
         except ValueError as exc:
             raise OptionsError(f"--tasks: {exc}") from None
-        if opts.steps < 1 or opts.batch < 1:
-            raise OptionsError(f"--steps and --batch must be positive, got {opts.steps} and {opts.batch}")
+        if self.dist.is_main:
+            check_output_folder(self.out)
         self.use_amp = opts.amp and self.device.type == "cuda"
         if opts.amp and not self.use_amp:
             self.log("--amp ignored: bf16 autocast is used on CUDA only")
@@ -254,6 +306,8 @@ class Trainer:
 
         self.source = open_source(opts.data)
         self.dataset = self.source.training_set(self.tasks, self.patch, opts.seed)
+        if opts.check_data:   # a corrupt file fails now, not when first sampled hours later
+            self.dataset.check(progress=opts.progress and self.dist.is_main)
         self.sampler = DistributedSampler(self.dataset, num_replicas=self.dist.world_size, rank=self.dist.rank,
                                           shuffle=True, seed=opts.seed, drop_last=True)
         self.batches_per_epoch = len(self.sampler) // opts.batch
@@ -271,6 +325,8 @@ class Trainer:
         self.ema = ({k: v.detach().clone().float() for k, v in self.model.state_dict().items()}
                     if opts.ema > 0 else None)
         self.step = 0
+        self.saved_step: int | None = None   # the step of the last checkpoint this run wrote
+        self._nonfinite_steps = 0            # non-finite steps in a row
         self.history: list[LogEntry] = []
 
         if opts.resume:
@@ -292,33 +348,56 @@ class Trainer:
         # A CUDA graph cannot keep autocast's cache of casted weights across replays.
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.use_amp, cache_enabled=not self.cuda_graph)
 
+    def graph_kernels(self) -> tuple[str, ...]:
+        """The ops whose kernels a captured step records (options.graph_kernels)."""
+        return ops.graph_kernels("train") if self.options.graph_kernels else ()
+
     def train_step(self, lq: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-        """One optimizer step on a batch; returns the (detached) L1 loss."""
+        """One optimizer step on a batch; returns the (detached) L1 loss. An eager step whose
+        loss or gradient norm is not finite updates nothing (see the module docstring)."""
+        return self._train_step(lq, gt)[0]
+
+    def _train_step(self, lq: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """train_step's loss and a bool tensor: loss and gradient norm were finite."""
         self.model.train()
         lq, gt = (t.contiguous(memory_format=self.memory_format) for t in (lq, gt))  # the layout propagates
-        loss = self._graphed_step(lq, gt) if self.cuda_graph else self._optimizer_step(lq, gt)
+        loss, finite = self._graphed_step(lq, gt) if self.cuda_graph else self._optimizer_step(lq, gt)
         self.scheduler.step()
         if self.ema is not None:
             current = self.model.state_dict()
             with torch.no_grad():
                 torch._foreach_lerp_(list(self.ema.values()), [current[k].float() for k in self.ema],
                                      1.0 - self.options.ema)
-        return loss
+        return loss, finite
 
-    def _optimizer_step(self, lq: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-        """Forward, backward, clipping and the AdamW update: everything a CUDA graph captures."""
+    def _optimizer_step(self, lq: torch.Tensor, gt: torch.Tensor,
+                        guard: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward, backward, clipping and the AdamW update: everything a CUDA graph captures.
+        Returns the loss and whether it and the gradient norm are finite; ``guard`` (eager
+        steps) skips the update when they are not (one device sync)."""
         with torch.no_grad(), self._autocast():
-            # SPEC 2.1: PI from the model's own plain pass on the clean image (stop-gradient).
+            # PI from the model's own plain pass on the clean image (stop-gradient).
             privileged = self.model.encode(self.model(gt))
         with self._autocast():
             restored = self.network(lq, privileged_features=privileged)
         loss = F.l1_loss(restored.float(), gt)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        gradients = [p.grad for p in self.model.parameters() if p.grad is not None]
         if self.options.clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.options.clip)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.options.clip)
+        else:
+            norm = torch.nn.utils.get_total_norm(gradients)
+        finite = torch.isfinite(loss.detach()) & torch.isfinite(norm)
+        if guard and self.dist.enabled:   # every rank skips, or none does
+            agreed = finite.to(torch.float32)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+            finite = agreed.bool()
+        if guard and not bool(finite):
+            self.optimizer.zero_grad(set_to_none=True)
+            return loss.detach(), finite
         self.optimizer.step()
-        return loss.detach()
+        return loss.detach(), finite
 
     def _graphed_step(self, lq: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
         """The step replayed from a CUDA graph: the first GRAPH_WARMUP_STEPS run eagerly on a
@@ -333,11 +412,11 @@ class Trainer:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(main)
         # the kernels the capture records compile and autotune here
-        with torch.cuda.stream(side), ops.kernels_forced(*ops.graph_kernels("train")):
-            loss = self._optimizer_step(lq, gt)
+        with torch.cuda.stream(side), ops.kernels_forced(*self.graph_kernels()):
+            result = self._optimizer_step(lq, gt)
         main.wait_stream(side)
         self._warm_steps += 1
-        return loss
+        return result
 
     # ------------------------------------------------------------------ data
     def _batches(self, start_step: int):
@@ -379,10 +458,18 @@ class Trainer:
                    desc="train", dynamic_ncols=True, leave=False)
         start = tick = time.perf_counter()
         loss_sum, loss_count = torch.zeros((), device=self.device), 0
+        pending = None  # a replayed step's (step, loss, finite), read one step later
         for batch in self._batches(self.step):
-            loss = self.train_step(batch["lq"].to(self.device, non_blocking=True),
-                                   batch["gt"].to(self.device, non_blocking=True))
+            loss, finite = self._train_step(batch["lq"].to(self.device, non_blocking=True),
+                                            batch["gt"].to(self.device, non_blocking=True))
             self.step += 1
+            if self.cuda_graph:   # reading the flag now would wait for the replay
+                pending, previous = (self.step, loss, finite), pending
+                if previous is not None:
+                    self._check_finite(*previous)
+            elif not self._check_finite(self.step, loss, finite):
+                loss = torch.zeros_like(loss)   # a skipped step adds nothing to the logged mean
+                loss_count -= 1
             loss_sum += loss
             loss_count += 1
             bar.update(1)
@@ -390,8 +477,11 @@ class Trainer:
                 on_step(self.step, loss)
             out_of_time = time_limit is not None and time.perf_counter() - start >= time_limit
             stop = self.step == until or out_of_time
+            if pending is not None and (stop or self._saves_or_evaluates(self.step)):
+                self._check_finite(*pending)
+                pending = None
             if self.step % max(1, opts.log_every) == 0 or stop:
-                mean = self._mean_over_ranks(loss_sum / loss_count)
+                mean = self._mean_over_ranks(loss_sum / max(1, loss_count))
                 entry = LogEntry(self.step, mean, float(self.scheduler.get_last_lr()[0]),
                                  time.perf_counter() - tick)
                 self.history.append(entry)
@@ -409,6 +499,30 @@ class Trainer:
                 self.save()
         bar.close()
         self.save()
+
+    def _saves_or_evaluates(self, step: int) -> bool:
+        opts = self.options
+        return bool((opts.save_every and step % opts.save_every == 0)
+                    or (opts.eval_every and step % opts.eval_every == 0))
+
+    def _check_finite(self, step: int, loss: torch.Tensor, finite: torch.Tensor) -> bool:
+        """Whether step ``step`` was finite; TrainingDiverged once the patience is used up (at
+        once for replayed steps, whose update cannot be skipped). Under DDP every rank holds
+        the same flag (``_optimizer_step`` agrees on it)."""
+        if bool(finite):
+            self._nonfinite_steps = 0
+            return True
+        self._nonfinite_steps += 1
+        if self.cuda_graph or self._nonfinite_steps > self.options.nonfinite_patience:
+            kept = (f"the checkpoint of step {self.saved_step} in {self.out} is kept"
+                    if self.saved_step is not None else "nothing was saved")
+            raise TrainingDiverged(f"training diverged at step {step}: the loss ({float(loss):.4g}) or a gradient "
+                                   f"is not finite; stopped ({kept}); try a lower --lr"
+                                   + ("" if self.cuda_graph else " or a --nonfinite-patience above "
+                                      f"{self.options.nonfinite_patience}"))
+        self.log(f"step {step}: the loss or a gradient is not finite; update skipped "
+                 f"({self._nonfinite_steps} of {self.options.nonfinite_patience} in a row)")
+        return False
 
     def _mean_over_ranks(self, value: torch.Tensor) -> float:
         if self.dist.enabled:
@@ -449,6 +563,14 @@ class Trainer:
 
     def save(self) -> None:
         """Write checkpoint.safetensors and resume.pt (rank 0; every rank takes part in the gather)."""
+        # every rank checks (the weights are the same everywhere), so that all ranks stop together
+        for label, weights in (("weights", self.model.state_dict()), ("EMA weights", self.ema or {})):
+            bad = [name for name, value in weights.items() if not torch.isfinite(value).all()]
+            if bad:
+                kept = (f"the checkpoint of step {self.saved_step} is kept" if self.saved_step is not None
+                        else "nothing was saved")
+                raise TrainingDiverged(f"training diverged by step {self.step}: the {label} are not finite "
+                                       f"({len(bad)} tensors, e.g. {bad[0]}); not saved ({kept}); try a lower --lr")
         rng = self._rng_states()
         if not self.dist.is_main:
             return
@@ -469,6 +591,7 @@ class Trainer:
         weights = self.ema if self.ema is not None else self.model.state_dict()
         save_weights(self.out / WEIGHTS_NAME, weights, self.model.config, step=self.step,
                      weights="ema" if self.ema is not None else "raw", tasks=list(self.tasks))
+        self.saved_step = self.step
 
     def _this_runs_optimizer_settings(self, saved: dict) -> dict:
         """The saved optimizer state with this run's learning-rate type and capturable flag, so
@@ -579,6 +702,10 @@ def evaluate(model, samples: Sequence[EvalSample], steps: int = 2, keep_outputs:
     """
     from .refine import Refiner
 
+    for sample in samples:   # before any work: metrics need equal sizes
+        if sample.lq.shape != sample.gt.shape:
+            raise DataError(f"{sample.name}: the degraded image is {tuple(sample.lq.shape[1:])}, the clean one "
+                            f"{tuple(sample.gt.shape[1:])}; evaluation needs equal sizes")
     device = next(model.parameters()).device
     refine_step = Refiner(model, steps=1, cuda_graph=cuda_graph)
     was_training = model.training
@@ -586,20 +713,23 @@ def evaluate(model, samples: Sequence[EvalSample], steps: int = 2, keep_outputs:
     per_task: dict[str, list[list[tuple[float, float]]]] = {}
     inputs: dict[str, list[tuple[float, float]]] = {}
     outputs = {}
-    for sample in tqdm(samples, desc="eval", disable=not progress, leave=False):
-        lq, gt = sample.lq[None].to(device), sample.gt[None].to(device)
-        with torch.inference_mode():
-            results = [model(lq)]
-            current = lq
-            for _ in range(steps):
-                current = refine_step(current)
-                results.append(current)
-        results = [r.clamp(0, 1) for r in results]
-        per_task.setdefault(sample.task, []).append(
-            [(float(psnr(r, gt)), float(ssim(r, gt))) for r in results])
-        inputs.setdefault(sample.task, []).append((float(psnr(lq, gt)), float(ssim(lq, gt))))
-        if keep_outputs:
-            outputs[(sample.task, sample.name)] = [r[0].cpu() for r in results]
+    # One cache scope for the whole evaluation: the weights stay as they are, so every step of
+    # every sample reuses the dictionary-side values.
+    with model.dictionary_cache.scope():
+        for sample in tqdm(samples, desc="eval", disable=not progress, leave=False):
+            lq, gt = sample.lq[None].to(device), sample.gt[None].to(device)
+            with torch.inference_mode():
+                results = [model(lq)]
+                current = lq
+                for _ in range(steps):
+                    current = refine_step(current)
+                    results.append(current)
+            results = [r.clamp(0, 1) for r in results]
+            per_task.setdefault(sample.task, []).append(
+                [(float(psnr(r, gt)), float(ssim(r, gt))) for r in results])
+            inputs.setdefault(sample.task, []).append((float(psnr(lq, gt)), float(ssim(lq, gt))))
+            if keep_outputs:
+                outputs[(sample.task, sample.name)] = [r[0].cpu() for r in results]
     model.train(was_training)
     scores = []
     for task, runs in per_task.items():

@@ -144,7 +144,7 @@ def test_encode_shapes_and_batch_one_dictionary_is_broadcast():
     assert y.shape == x.shape
     # The proxy keys of the plain pass are computed once at batch 1 and broadcast.
     with torch.no_grad():
-        keys, values = model._proxy_keys(1, None)
+        keys, values = model.proxy_fusions[1].keys()
     assert keys.shape[0] == 1 and values.shape[0] == 1
 
 
@@ -163,24 +163,27 @@ def test_random_proxy_only_in_training_mode():
 
 def test_dictionary_cache_follows_weight_changes():
     model = SIPLPromptIR.from_preset("tiny").eval()
+    cache = model.dictionary_cache
     x = torch.rand(1, 3, 16, 16)
-    with torch.no_grad():
+    with torch.no_grad(), cache.scope():
         first = model(x)
+        assert cache._entries, "a scope caches the dictionary side"
         assert torch.equal(model(x), first)
         model.privileged_dictionary1.add_(torch.randn_like(model.privileged_dictionary1))
         changed = model(x)
+    assert not cache._entries, "a scope's entries end with it"
     assert not torch.equal(changed, first)
-    model.dictionary_cache.enabled = False
-    with torch.no_grad():
+    cache.enabled = False
+    with torch.no_grad(), cache.scope():
         assert torch.equal(model(x), changed)
-    model.dictionary_cache.enabled = True
-    model.dictionary_cache.clear()
-    with torch.no_grad(), sipl_fast.use_backend("reference"):  # the authors' code caches nothing
+        assert not cache._entries
+    cache.enabled = True
+    with torch.no_grad(), sipl_fast.use_backend("reference"), cache.scope():  # the authors' code caches nothing
         model(x)
-    assert not model.dictionary_cache._entries
+        assert not cache._entries
     with torch.no_grad():
         model(x)
-    assert model.dictionary_cache._entries
+    assert not cache._entries, "nothing is cached outside a scope"
 
 
 def test_state_dict_round_trip_and_strict_load():

@@ -44,7 +44,7 @@ def test_step_uses_the_models_own_plain_pass_on_the_clean_image(tmp_path):
     batch = next(trainer._batches(0))
     lq, gt = batch["lq"], batch["gt"]
     with torch.no_grad():
-        expected = model.encode(model(gt))          # SPEC 2.1, with the weights before the step
+        expected = model.encode(model(gt))          # the model's own plain pass, weights before the step
     seen = {}
     original_forward = model.forward
 

@@ -14,8 +14,10 @@ from a generator seeded with (seed, e, i), so a sample does not depend on the wo
 loads it or on what was loaded before it: restarts and any number of DataLoader workers or
 DDP ranks see the same data.
 
-Problems with the data (an empty folder, an unreadable file, a missing partner, an image
-smaller than the patch) raise ``DataError`` naming the file.
+Problems with the data (an empty folder, an unreadable file, a missing partner, partners of
+different sizes, an image smaller than the patch) raise ``DataError`` naming the file. Sizes
+are checked from the file headers when a dataset is built; ``check()`` reads every file once
+(training runs it before the first step), so a corrupt file cannot stop a run hours in.
 """
 from __future__ import annotations
 
@@ -78,13 +80,33 @@ def _load(path: Path) -> torch.Tensor:
         raise DataError(str(exc)) from None
 
 
-def _check_size(path: Path, patch: int) -> None:
+def _header_size(path: Path) -> tuple[int, int]:
     try:
-        height, width = image_size(path)
+        return image_size(path)
     except ImageReadError as exc:
         raise DataError(str(exc)) from None
+
+
+def _check_size(path: Path, patch: int) -> tuple[int, int]:
+    height, width = _header_size(path)
     if min(height, width) < patch:
         raise DataError(f"{path}: {height}x{width} is smaller than the training patch {patch}")
+    return height, width
+
+
+def _check_partners(degraded: Path, clean: Path, degraded_size: tuple[int, int],
+                    clean_size: tuple[int, int]) -> None:
+    if degraded_size != clean_size:
+        raise DataError(f"{degraded}: size {degraded_size[0]}x{degraded_size[1]} differs from its partner "
+                        f"{clean} ({clean_size[0]}x{clean_size[1]})")
+
+
+def read_every_file(paths: Sequence[Path], progress: bool = False) -> None:
+    """Decode every file once (DataError naming the first that fails), with a progress bar."""
+    from tqdm.auto import tqdm
+
+    for path in tqdm(paths, desc="check data", disable=not progress or not paths, leave=False):
+        _load(path)
 
 
 def paired_files(degraded_dir: str | os.PathLike, clean_dir: str | os.PathLike) -> list[tuple[Path, Path]]:
@@ -159,6 +181,10 @@ class DegradedCrops(_VirtualEpochs):
                 raise DataError(f"an image of {tuple(image.shape[-2:])} is smaller than the training patch {patch}")
         super().__init__(len(self.images), length)
 
+    def check(self, progress: bool = False) -> None:
+        """Read every image file once (in-memory images need nothing)."""
+        read_every_file([image for image in self.images if isinstance(image, Path)], progress)
+
     def __getitem__(self, index: int) -> dict:
         g = sample_generator(self.seed, self.epoch, index)
         source = self.images[index % len(self.images)]
@@ -176,10 +202,13 @@ class PairedCrops(_VirtualEpochs):
     def __init__(self, pairs: Sequence[tuple[Path, Path]], patch: int, seed: int = 0, length: int | None = None):
         self.pairs, self.patch, self.seed = list(pairs), patch, seed
         for degraded, clean in self.pairs:
-            _check_size(degraded, patch)
-            _check_size(clean, patch)
+            _check_partners(degraded, clean, _check_size(degraded, patch), _check_size(clean, patch))
         self.tasks = ("paired",)
         super().__init__(len(self.pairs), length)
+
+    def check(self, progress: bool = False) -> None:
+        """Read every file of every pair once."""
+        read_every_file([path for pair in self.pairs for path in pair], progress)
 
     def __getitem__(self, index: int) -> dict:
         g = sample_generator(self.seed, self.epoch, index)
@@ -248,6 +277,8 @@ class DataSource:
     def eval_set(self, tasks: Sequence[str], size: int | None, seed: int = 1234) -> list[EvalSample]:
         """Held-out samples: synthetic degradations of held-out photos, or the pairs themselves."""
         if self.kind == "paired":
+            for d, c in self.pairs:   # every pair before the first is read
+                _check_partners(d, c, _header_size(d), _header_size(c))
             return [EvalSample("paired", d.name, _crop_for_eval(_load(d), size), _crop_for_eval(_load(c), size))
                     for d, c in self.pairs]
         images = self.eval_images

@@ -49,7 +49,7 @@ from PIL import Image
 Degradation = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
-# --------------------------------------------------------------------------- random helpers
+# --------------------------------------------------------------------------- random draws
 def _uniform(g: torch.Generator, batch: int, low: float, high: float) -> torch.Tensor:
     """(B, 1, 1, 1) values drawn uniformly in [low, high) on the CPU."""
     return low + (high - low) * torch.rand(batch, 1, 1, 1, generator=g)
