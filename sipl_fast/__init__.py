@@ -46,7 +46,10 @@ def __getattr__(name):
     if name == "SIPLPromptIR":
         from .model import SIPLPromptIR
         return SIPLPromptIR
+    if name == "SIPLAdaIR":
+        from .adair import SIPLAdaIR
+        return SIPLAdaIR
     raise AttributeError(f"module 'sipl_fast' has no attribute {name!r}")
 
 
-__all__ = ["SIPLPromptIR", "use_backend", "info", "step_delta", "BACKENDS", "HAS_EXT"]
+__all__ = ["SIPLPromptIR", "SIPLAdaIR", "use_backend", "info", "step_delta", "BACKENDS", "HAS_EXT"]
