@@ -276,6 +276,49 @@ def test_cuda_routes_and_forced_kernels(monkeypatch):
             pass
 
 
+def test_proxy_attention_routes_by_the_measured_table(monkeypatch):
+    """On CUDA, 16-bit proxy attention runs the kernel or the torch formulation (normalise + SDPA)
+    per PROXY_ATTENTION_KERNEL_WINS: without autograd the kernel takes the dictionary side (few
+    queries, many keys) and head dim 384, with autograd the many-query and square calls; float32
+    always runs the kernel; SIPL_FAST_KERNELS and kernels_forced override the table."""
+    from sipl_fast.ops import proxy_attention_triton, torch_impl
+    monkeypatch.setenv("SIPL_FAST_KERNELS", "auto")
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        dictionary = torch.empty(1, 96, 64, 64, device="cuda", dtype=torch.bfloat16)   # 4096 tokens
+        level1 = torch.empty(1, 96, 256, 256, device="cuda", dtype=torch.bfloat16)     # 65536 tokens
+        wide_q = torch.empty(1, 384, 16, 16, device="cuda", dtype=torch.float16)
+        wide_k = torch.empty(1, 384, 64, 64, device="cuda", dtype=torch.float16)
+        level1_fp32 = level1.float()
+
+    def route(q, k, heads):
+        return ops.backend_module("proxy_attention", q, k, heads)
+
+    assert ops.proxy_attention_shape(dictionary, level1, 1) == "keys"
+    assert ops.proxy_attention_shape(level1, dictionary, 1) == "queries"
+    assert ops.proxy_attention_shape(dictionary, dictionary, 1) == "square"
+    assert ops.proxy_attention_shape(wide_q, wide_k, 1) == "wide"
+    assert ops.proxy_attention_shape(wide_q, wide_k, 4) == "keys"  # 96 per head
+    with sipl_fast.use_backend("triton"):
+        with torch.no_grad():
+            assert route(dictionary, level1, 1) is proxy_attention_triton
+            assert route(level1, dictionary, 1) is torch_impl
+            assert route(dictionary, dictionary, 1) is torch_impl
+            assert route(wide_q, wide_k, 1) is proxy_attention_triton
+            assert route(level1_fp32, dictionary, 1) is proxy_attention_triton
+        assert route(dictionary, level1, 1) is torch_impl
+        assert route(level1, dictionary, 1) is proxy_attention_triton
+        assert route(dictionary, dictionary, 1) is proxy_attention_triton
+        assert route(wide_q, wide_k, 1) is torch_impl
+        assert route(dictionary, level1_fp32.bfloat16(), 1) is torch_impl
+        assert route(level1_fp32, level1_fp32, 1) is proxy_attention_triton
+        with ops.kernels_forced("proxy_attention"):
+            assert route(dictionary, level1, 1) is proxy_attention_triton
+        monkeypatch.setenv("SIPL_FAST_KERNELS", "proxy_attention")
+        assert route(wide_q, wide_k, 1) is proxy_attention_triton
+    assert set(ops.PROXY_ATTENTION_KERNEL_WINS) == {(grad, shape) for grad in (False, True)
+                                                    for shape in ("keys", "queries", "square", "wide")}
+
+
 def test_backend_variable_is_read_on_each_call_and_checked(monkeypatch):
     """SIPL_FAST_BACKEND takes effect without a re-import; a bad value is one clear error;
     use_backend wins inside its block."""

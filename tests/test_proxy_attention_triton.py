@@ -27,6 +27,13 @@ from sipl_fast.ops import reference
 from kernel_checks import compiled_proxy_configs, loop_wgmma, ptxas_usage, run_compiled
 
 
+@pytest.fixture(autouse=True)
+def _kernel_on_every_route(monkeypatch):
+    """These tests hold the kernel to the reference: on CUDA the triton backend would route some
+    16-bit calls to the torch formulation (ops.PROXY_ATTENTION_KERNEL_WINS)."""
+    monkeypatch.setenv("SIPL_FAST_KERNELS", "proxy_attention")
+
+
 # --------------------------------------------------------------------------------------------
 # inputs, runs and error measures
 # --------------------------------------------------------------------------------------------

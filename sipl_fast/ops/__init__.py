@@ -34,7 +34,9 @@ _TRITON_MODULES = {
 
 # Routing on CUDA (docs/design.md, "Routing rules"): where a kernel measured slower than the
 # torch formulation, the triton backend runs the torch formulation instead. The rule of an op
-# takes the call's first input and says whether the torch formulation runs:
+# takes the call's first input (and, for the proxy attention, k and the heads) and says whether
+# the torch formulation runs:
+# - the proxy attention in 16 bits: by PROXY_ATTENTION_KERNEL_WINS below;
 # - the feed-forward gates alone: always (their kernels lost at most SIPL sites);
 # - LayerNorm2d: where a gradient is recorded (its backward kernel lost) or the call has fewer
 #   than LAYER_NORM_KERNEL_MIN_PIXELS pixels (its forward kernel wins only on large calls);
@@ -61,7 +63,35 @@ def _pixels(x: torch.Tensor) -> int:
     return x.numel() // max(1, x.shape[1])
 
 
+# The proxy attention's route on CUDA for 16-bit inputs, by whether autograd records the call
+# and by the shape of the attention (docs/design.md, "Proxy attention route": each entry is the
+# faster of the kernel and the torch formulation, normalise + SDPA, in one measured table).
+# "keys": fewer queries than keys (the dictionary side, where SDPA underfills the card and the
+# kernel splits the keys); "queries": more queries than keys; "square": as many; "wide": a head
+# dimension above 256 (p3_cross's 384, beyond SDPA's flash kernels). float32 runs the kernel
+# (3xTF32 on tensor cores) everywhere: SDPA has no float32 flash path.
+PROXY_ATTENTION_KERNEL_WINS = {
+    (False, "keys"): True, (False, "queries"): False, (False, "square"): False, (False, "wide"): True,
+    (True, "keys"): False, (True, "queries"): True, (True, "square"): True, (True, "wide"): False,
+}
+
+
+def proxy_attention_shape(q: torch.Tensor, k: torch.Tensor, num_heads: int) -> str:
+    """The shape class of a proxy attention call in PROXY_ATTENTION_KERNEL_WINS."""
+    if q.shape[1] // num_heads > 256:
+        return "wide"
+    queries, keys = q.shape[-2] * q.shape[-1], k.shape[-2] * k.shape[-1]
+    return "keys" if queries < keys else "queries" if queries > keys else "square"
+
+
+def _proxy_attention_prefers_torch(q: torch.Tensor, k: torch.Tensor, num_heads: int) -> bool:
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return not PROXY_ATTENTION_KERNEL_WINS[(torch.is_grad_enabled(), proxy_attention_shape(q, k, num_heads))]
+
+
 _TORCH_FORMULATION_ON_CUDA = {
+    "proxy_attention": _proxy_attention_prefers_torch,
     "layer_norm2d": lambda x: torch.is_grad_enabled() or _pixels(x) < LAYER_NORM_KERNEL_MIN_PIXELS,
     "gated_gelu": lambda x: True,
     **dict.fromkeys(DEPTHWISE_OPS, lambda x: True),
@@ -89,21 +119,22 @@ def kernels_forced(*names: str) -> Iterator[None]:
         _FORCED_KERNELS.difference_update(added)
 
 
-def _prefers_torch_on_cuda(op: str, x: torch.Tensor) -> bool:
+def _prefers_torch_on_cuda(op: str, x: torch.Tensor, call: tuple) -> bool:
     rule = _TORCH_FORMULATION_ON_CUDA.get(op)
     if rule is None or op in _FORCED_KERNELS:
         return False
-    return op not in settings.forced_kernels(_TRITON_MODULES) and rule(x)
+    return op not in settings.forced_kernels(_TRITON_MODULES) and rule(x, *call)
 
 
-def backend_module(op: str, x: torch.Tensor):
+def backend_module(op: str, x: torch.Tensor, *call):
     """The module whose function ``op`` computes ``op`` with the active backend, for the call
-    whose first input is x (its device; on CUDA its dtype and size may choose the route)."""
+    whose first input is x (its device; on CUDA its dtype and size, and the rest of the call
+    where a route needs it, may choose the route)."""
     device = x.device
     backend = resolve_backend(device)
     if backend == "reference":
         return reference
-    if backend == "torch" or (device.type == "cuda" and _prefers_torch_on_cuda(op, x)):
+    if backend == "torch" or (device.type == "cuda" and _prefers_torch_on_cuda(op, x, call)):
         return torch_impl
     if device.type != "cuda" and not triton_interpreter():
         raise RuntimeError(
@@ -182,7 +213,7 @@ def proxy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     bq, bk = q.shape[0], k.shape[0]
     if bq != bk and 1 not in (bq, bk):
         raise ValueError(f"proxy_attention: batch sizes {bq} (q) and {bk} (k, v) must match or one must be 1")
-    return backend_module("proxy_attention", q).proxy_attention(q, k, v, temperature, num_heads)
+    return backend_module("proxy_attention", q, k, num_heads).proxy_attention(q, k, v, temperature, num_heads)
 
 
 def transposed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
