@@ -5,10 +5,13 @@
 
 Refinement of one image with steps=2: ``authors`` is the authors' loop as released
 (``sipl_fast.refine.authors_loop``: 2 forward passes and 1 encoder pass per step over whole
-maps) on the reference backend, the baseline; ``eager`` is ``model.refine(x, steps=2)``;
-``graph`` (CUDA) is one ``Refiner(model, steps=2, cuda_graph=True)`` kept, its first call
-capturing a step and later calls replaying it. The full (base) model in eval mode with
-random dictionaries (trained ones are not zeros).
+maps) on the reference backend in float32, the baseline; ``eager`` is
+``model.refine(x, steps=2, cuda_graph=False)``; ``graph`` (CUDA) is one
+``Refiner(model, steps=2, cuda_graph=True)`` kept, its first call capturing a step and later
+calls replaying it. ``eager`` and ``graph`` run in fp32 (the model's dtype) and in bf16
+(``dtype=torch.bfloat16``: the network on the model's cast copy, the image state float32; the
+copy is made before the measured calls, as the model itself is). The full (base) model in eval
+mode with random dictionaries (trained ones are not zeros).
 
 Training step (``Trainer.train_step``: the no-grad plain pass and encoder on the clean batch,
 the privileged pass, L1, backward, clipping, AdamW): ``reference`` is the reference backend in
@@ -23,7 +26,7 @@ import torch
 
 import sipl_fast
 from sipl_fast import SIPLPromptIR
-from sipl_fast.refine import Refiner, authors_loop
+from sipl_fast.refine import Refiner, authors_loop, cast_model
 from sipl_fast.train import GRAPH_WARMUP_STEPS, TrainOptions, Trainer
 
 import shapes
@@ -31,7 +34,10 @@ from measure import assert_finite, record_end_to_end
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-REFINE_IMPLS = ("authors", "eager", "graph") if CUDA else ("authors", "eager")
+# (impl, dtype) of the refinement cases; the authors' loop is the fp32 baseline only.
+REFINE_RUNS = [("authors", "fp32"), ("eager", "fp32"), ("eager", "bf16")] + (
+    [("graph", "fp32"), ("graph", "bf16")] if CUDA else [])
+REFINE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 TRAIN_IMPLS = ("reference", "eager", "graph") if CUDA else ("reference", "eager")
 TRAIN_DTYPES = ("fp32", "bf16") if CUDA else ("fp32",)
 
@@ -57,29 +63,32 @@ def make_model(preset: str) -> SIPLPromptIR:
     return model
 
 
-def refine_call(model, x: torch.Tensor, impl: str):
-    """A zero-argument refinement of x with steps=2 as ``impl`` does (module docstring)."""
+def refine_call(model, x: torch.Tensor, impl: str, dtype: str = "fp32"):
+    """A zero-argument refinement of x with steps=2 as ``impl`` does in ``dtype`` (module docstring)."""
     if impl == "authors":
         def run():
             with sipl_fast.use_backend("reference"):
                 return authors_loop(model, x, steps=2)
         return run
+    precision = REFINE_DTYPES[dtype]
+    if precision is not None:
+        cast_model(model, precision)   # the cast copy exists before the measured calls
     if impl == "graph":
-        return lambda refiner=Refiner(model, steps=2, cuda_graph=True): refiner(x)
-    return lambda: model.refine(x, steps=2)
+        return lambda refiner=Refiner(model, steps=2, cuda_graph=True, dtype=precision): refiner(x)
+    return lambda: model.refine(x, steps=2, cuda_graph=False, dtype=precision)
 
 
-@pytest.mark.parametrize("impl", REFINE_IMPLS)
+@pytest.mark.parametrize("impl,dtype", REFINE_RUNS, ids=[f"{impl}-{dtype}" for impl, dtype in REFINE_RUNS])
 @pytest.mark.parametrize("preset,size", _refine_cases())
-def test_refine(benchmark, preset, size, impl):
+def test_refine(benchmark, preset, size, impl, dtype):
     model = make_model(preset)
     x = torch.rand(1, 3, *size, device=DEVICE)
     label = f"{size[1]}x{size[0]}"
     benchmark.group = f"refine steps=2 {preset} {label}"
     slow = not CUDA and preset == "base"
-    result = record_end_to_end(benchmark, lambda: refine_call(model, x, impl), DEVICE, warmup_calls=1,
+    result = record_end_to_end(benchmark, lambda: refine_call(model, x, impl, dtype), DEVICE, warmup_calls=1,
                                rounds=2 if slow else 3 if not CUDA else 5, table="refine",
-                               case=f"{label} {preset}", dtype="fp32", mode="steps=2", impl=impl,
+                               case=f"{label} {preset}", dtype=dtype, mode="steps=2", impl=impl,
                                baseline="authors")
     assert_finite(result)
 
