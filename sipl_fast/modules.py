@@ -65,11 +65,11 @@ def strip_rows(x: torch.Tensor, live_channels: int) -> int | None:
     """Rows per strip for a strip-local fn that holds live_channels per pixel alive at its
     peak (all its intermediates together), or None where x goes whole (not ``streaming``,
     or the image fits in one strip)."""
+    if not streaming(x):  # first: on symbolic sizes (torch.export) the comparison below would add a guard
+        return None
     b, _, h, w = x.shape
     rows = strip_elements(x.device.type) // max(1, b * live_channels * w)
-    if rows >= h or not streaming(x):
-        return None
-    return max(rows, 1)
+    return None if rows >= h else max(rows, 1)
 
 
 def strip_bounds(height: int, rows: int):
