@@ -3,6 +3,8 @@
     from sipl_fast import SIPLPromptIR
     model = SIPLPromptIR()                    # the authors' configuration
     restored = model.refine(degraded, steps=2)
+
+Also ``SIPLAdaIR`` (AdaIR with Proxy Fusion) and ``PromptIR`` (the plain baseline, no refinement).
 """
 from __future__ import annotations
 
@@ -49,7 +51,10 @@ def __getattr__(name):
     if name == "SIPLAdaIR":
         from .adair import SIPLAdaIR
         return SIPLAdaIR
+    if name == "PromptIR":
+        from .model import PromptIR
+        return PromptIR
     raise AttributeError(f"module 'sipl_fast' has no attribute {name!r}")
 
 
-__all__ = ["SIPLPromptIR", "SIPLAdaIR", "use_backend", "info", "step_delta", "BACKENDS", "HAS_EXT"]
+__all__ = ["SIPLPromptIR", "SIPLAdaIR", "PromptIR", "use_backend", "info", "step_delta", "BACKENDS", "HAS_EXT"]

@@ -4,14 +4,19 @@ Files a training run writes into its output folder, both atomically (temporary f
 ``os.replace``, see :func:`sipl_fast.images.atomic_write_bytes`):
 
 - ``checkpoint.safetensors``: the weights to use for inference (the EMA weights when EMA is
-  on), with the model configuration as JSON in the metadata, so ``load_model`` rebuilds the
-  right network without any other file.
+  on), with the architecture (``arch``: a name of ``sipl_fast.model.ARCHITECTURES``) and the
+  model configuration as JSON in the metadata, so ``load_model`` rebuilds the right network
+  without any other file.
 - ``resume.pt``: everything ``--resume`` needs to continue bit for bit: raw weights, EMA
   weights, optimizer and scheduler state, step, RNG states and the training options. Only
   tensors, numbers, strings, lists and dicts, so it loads with ``torch.load(weights_only=True)``.
 
 ``load_model`` also reads the authors' BasicSR ``.pth`` files (weights under ``params_ema`` or
-``params``; the authors' configuration is assumed) and our ``resume.pt``. Nothing is ever
+``params``; the authors' configuration is assumed, of SIPL-PromptIR unless the caller names
+another architecture), the official PromptIR Lightning ``.ckpt`` (``state_dict``, keys under
+``net.``; architecture ``promptir``) and our ``resume.pt``. Files that record no architecture
+(BasicSR files, and ours written before ``arch`` was recorded) hold the caller's, else
+SIPL-PromptIR; a file that records one refuses a caller that names another. Nothing is ever
 unpickled beyond plain data (``weights_only=True`` everywhere). Any unreadable, corrupted or
 mismatched file raises ``CheckpointError`` with a one-line message.
 """
@@ -94,9 +99,11 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
 
 
 def _strip_prefix(state_dict: dict) -> dict:
-    """Remove the ``module.`` prefix that DataParallel/DDP checkpoints carry."""
-    if state_dict and all(k.startswith("module.") for k in state_dict):
-        return {k[len("module."):]: v for k, v in state_dict.items()}
+    """Remove the ``module.`` prefix that DataParallel/DDP checkpoints carry, and the ``net.``
+    of the official PromptIR's Lightning module (its network is the attribute ``net``)."""
+    for prefix in ("module.", "net."):
+        if state_dict and all(k.startswith(prefix) for k in state_dict):
+            state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
     return state_dict
 
 
@@ -134,7 +141,7 @@ def read_weights(path: str | os.PathLike) -> tuple[dict, dict | None, dict]:
         raise CheckpointError(f"{path}: expected a dict of tensors, got {type(loaded).__name__}")
     if loaded.get("format") == FORMAT and "model" in loaded:          # our resume state
         weights = loaded["ema"] if loaded.get("ema") is not None else loaded["model"]
-        return weights, loaded.get("config"), {"step": loaded.get("step")}
+        return weights, loaded.get("config"), {"step": loaded.get("step"), "arch": loaded.get("arch")}
     for key in ("params_ema", "params", "state_dict"):                # BasicSR and Lightning layouts
         if isinstance(loaded.get(key), dict):
             return _strip_prefix(loaded[key]), None, {"source": f"{path.name}[{key}]"}
@@ -156,28 +163,41 @@ def _describe_mismatch(model: torch.nn.Module, state_dict: dict) -> str | None:
     return "; ".join(problems) or None
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", config: dict | None = None):
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", config: dict | None = None,
+               arch: str | None = None):
     """Rebuild the model a checkpoint describes and load its weights (strictly).
 
-    ``config`` overrides the file's configuration; without either, the authors' configuration
-    is used (the case of their BasicSR files). Returns (model in eval mode, metadata).
+    The architecture is the file's (its ``arch`` metadata); ``arch`` names it for files that
+    record none (else SIPL-PromptIR) and must agree with a file that records one. ``config``
+    overrides the file's configuration; without either, the architecture's default
+    configuration is used (the case of the authors' BasicSR files). Returns (model in eval
+    mode, metadata, with ``arch`` and ``config``).
     """
-    from .model import SIPLPromptIR
+    from .model import DEFAULT_ARCH, architecture
 
     state_dict, file_config, metadata = read_weights(path)
+    recorded = metadata.get("arch")
+    if recorded is not None and arch is not None and recorded != arch:
+        raise CheckpointError(f"{path}: holds a {recorded} network, not {arch} (the checkpoint names its "
+                              "architecture: leave --arch out)")
+    name = recorded or arch or DEFAULT_ARCH
+    try:
+        network = architecture(name)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     config = config if config is not None else file_config
     # The configuration is checked on a meta-device network (shapes only, no memory) before the
     # real one is built: an absurd width fails here instead of allocating gigabytes.
     try:
         with torch.device("meta"):
-            skeleton = SIPLPromptIR.from_config(config) if config is not None else SIPLPromptIR()
+            skeleton = network.from_config(config) if config is not None else network()
     except (TypeError, ValueError, RuntimeError) as exc:
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: unusable model configuration ({reason})") from None
+        raise CheckpointError(f"{path}: unusable model configuration ({name}: {reason})") from None
     mismatch = _describe_mismatch(skeleton, state_dict)
     if mismatch:
-        raise CheckpointError(f"{path}: weights do not match the model configuration: {mismatch}")
-    model = SIPLPromptIR.from_config(skeleton.config)
+        raise CheckpointError(f"{path}: weights do not match the model configuration ({name}): {mismatch}")
+    model = network.from_config(skeleton.config)
     dtypes = {t.dtype for t in state_dict.values()}
     if not all(d.is_floating_point for d in dtypes):
         raise CheckpointError(f"{path}: non-floating weights ({', '.join(sorted(map(str, dtypes)))})")
@@ -185,5 +205,5 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", conf
     bad = [k for k, v in model.state_dict().items() if not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"{path}: non-finite values in {len(bad)} tensors (e.g. {bad[0]})")
-    metadata = {**metadata, "config": model.config}
+    metadata = {**metadata, "arch": name, "config": model.config}
     return model.to(device).eval(), metadata

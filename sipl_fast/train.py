@@ -1,12 +1,16 @@
-"""Training and validation of SIPL-PromptIR, on CPU, one GPU or torchrun.
+"""Training and validation of the networks of ``sipl_fast.model.ARCHITECTURES`` (``arch``:
+SIPL-PromptIR by default, SIPL-AdaIR, or the plain PromptIR baseline), on CPU, one GPU or torchrun.
 
-One training step, as the authors' ``optimize_parameters``:
+One training step of a SIPL network, as the authors' ``optimize_parameters``:
 
 1. under no_grad (stop-gradient), the model's own plain pass on the CLEAN image, then the
    privileged features of that output: ``pi = encode(model(gt))`` (same weights, no teacher);
 2. the privileged pass on the degraded input: ``out = model(lq, privileged_features=pi)``;
 3. L1 loss against the clean image; AdamW; gradient-norm clipping; linear warm-up then
    cosine decay of the learning rate; optional EMA of the weights (used for evaluation).
+
+A network without Proxy Fusion (``promptir``) trains with PromptIR's step: the L1 loss of
+``model(lq)`` against the clean image, no privileged pass; everything else is the same.
 
 Note: the dictionaries start at zero, so the first step's gradient norm is huge
 (~1e9 on the tiny preset). AdamW's update does not scale with the gradient, so this is
@@ -70,6 +74,7 @@ class TrainOptions:
 
     data: str = "skimage"           # skimage | DIR | paired:DEG_DIR,CLEAN_DIR
     tasks: str = "3task"            # 3task | 5task | cdd11 | comma list of degradations
+    arch: str = "sipl-promptir"     # a name of sipl_fast.model.ARCHITECTURES
     preset: str = "tiny"            # tiny | base (the authors' configuration)
     steps: int = 1000
     batch: int = 8                  # per process
@@ -104,7 +109,7 @@ class TrainOptions:
     check_data: bool = True         # read every training image once before the first step
 
     # Options that change the trajectory: a resumed run must use the same values.
-    TRAJECTORY = ("data", "tasks", "preset", "steps", "batch", "patch", "lr", "warmup", "weight_decay",
+    TRAJECTORY = ("arch", "data", "tasks", "preset", "steps", "batch", "patch", "lr", "warmup", "weight_decay",
                   "clip", "ema", "amp", "random_proxy", "seed")
 
 
@@ -114,6 +119,16 @@ def _is_number(value) -> bool:
 
 def validate_options(opts: TrainOptions) -> None:
     """OptionsError for the first option no run can use, before anything is built or read."""
+    from .model import architecture
+
+    try:
+        network = architecture(opts.arch)
+    except ValueError as exc:
+        raise OptionsError(f"--arch: {exc}") from None
+    if opts.preset not in network.PRESETS:
+        raise OptionsError(f"--config {opts.preset!r}: {opts.arch} has the presets {', '.join(network.PRESETS)}")
+    if not network.proxy_fusion and opts.random_proxy:
+        raise OptionsError(f"--random-proxy needs Proxy Fusion; {opts.arch} has none")
     if not (_is_number(opts.lr) and opts.lr > 0):
         raise OptionsError(f"--lr must be a positive finite number, got {opts.lr}")
     if not (_is_number(opts.ema) and 0 <= opts.ema < 1):
@@ -264,7 +279,7 @@ class Trainer:
     """Builds the model, data, optimizer and schedule from ``TrainOptions`` and runs training."""
 
     def __init__(self, options: TrainOptions, log: Callable[[str], None] | None = None):
-        from .model import SIPLPromptIR
+        from .model import architecture
 
         self.options = opts = copy.deepcopy(options)
         validate_options(opts)
@@ -289,7 +304,9 @@ class Trainer:
             self.log("--amp ignored: bf16 autocast is used on CUDA only")
 
         torch.manual_seed(opts.seed)              # identical initial weights on every rank
-        self.model = SIPLPromptIR.from_preset(opts.preset, use_random_proxy=opts.random_proxy).to(self.device)
+        network = architecture(opts.arch)
+        proxy_options = dict(use_random_proxy=opts.random_proxy) if network.proxy_fusion else {}
+        self.model = network.from_preset(opts.preset, **proxy_options).to(self.device)
         channels_last = opts.channels_last if opts.channels_last is not None else self.device.type == "cpu"
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         for parameter in self.model.parameters():  # the convolution weights follow the activations
@@ -375,11 +392,15 @@ class Trainer:
         """Forward, backward, clipping and the AdamW update: everything a CUDA graph captures.
         Returns the loss and whether it and the gradient norm are finite; ``guard`` (eager
         steps) skips the update when they are not (one device sync)."""
-        with torch.no_grad(), self._autocast():
-            # PI from the model's own plain pass on the clean image (stop-gradient).
-            privileged = self.model.encode(self.model(gt))
-        with self._autocast():
-            restored = self.network(lq, privileged_features=privileged)
+        if self.model.proxy_fusion:
+            with torch.no_grad(), self._autocast():
+                # PI from the model's own plain pass on the clean image (stop-gradient).
+                privileged = self.model.encode(self.model(gt))
+            with self._autocast():
+                restored = self.network(lq, privileged_features=privileged)
+        else:   # PromptIR's step: the plain pass only
+            with self._autocast():
+                restored = self.network(lq)
         loss = F.l1_loss(restored.float(), gt)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -443,7 +464,7 @@ class Trainer:
 
         ``on_step(step, loss)`` is called after every step (e.g. to record the loss curve).
         ``time_limit`` (seconds, single process only) stops earlier once training has taken
-        that long: the demo uses it to finish in its time budget on a slow machine.
+        that long (the number of steps then depends on the machine's speed).
         """
         opts = self.options
         until = opts.steps if until is None else min(until, opts.steps)
@@ -451,7 +472,8 @@ class Trainer:
             raise OptionsError("time_limit would stop DDP ranks at different steps; use it in one process only")
         if self.step >= until:
             return
-        self.log(f"training {opts.preset} ({sum(p.numel() for p in self.model.parameters()):,} parameters) on "
+        parameters = sum(p.numel() for p in self.model.parameters())
+        self.log(f"training {opts.arch} {opts.preset} ({parameters:,} parameters) on "
                  f"{opts.data} [{', '.join(self.tasks)}]: steps {self.step}->{until}, batch {opts.batch} x "
                  f"{self.dist.world_size} process(es), patch {self.patch}, device {self.device}")
         bar = tqdm(total=until, initial=self.step, disable=not (opts.progress and self.dist.is_main),
@@ -490,7 +512,8 @@ class Trainer:
                          f"{loss_count / entry.seconds:.2f} steps/s")
                 loss_sum, loss_count, tick = torch.zeros((), device=self.device), 0, time.perf_counter()
             if opts.eval_every and self.step % opts.eval_every == 0 and self.dist.is_main:
-                self.log(format_table(evaluate(self.eval_model(), self.eval_samples(), opts.eval_steps)))
+                steps = opts.eval_steps if self.model.proxy_fusion else 0   # PromptIR: the plain pass only
+                self.log(format_table(evaluate(self.eval_model(), self.eval_samples(), steps)))
             if out_of_time and self.step < until:
                 self.log(f"time limit of {time_limit:.0f} s reached: stopping at step {self.step} of {until}")
             if stop:
@@ -577,6 +600,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         state = {
             "format": FORMAT,
+            "arch": self.options.arch,
             "step": self.step,
             "config": self.model.config,
             "options": self._trajectory(),
@@ -589,7 +613,7 @@ class Trainer:
         }
         save_resume_state(self.out / RESUME_NAME, state)
         weights = self.ema if self.ema is not None else self.model.state_dict()
-        save_weights(self.out / WEIGHTS_NAME, weights, self.model.config, step=self.step,
+        save_weights(self.out / WEIGHTS_NAME, weights, self.model.config, arch=self.options.arch, step=self.step,
                      weights="ema" if self.ema is not None else "raw", tasks=list(self.tasks))
         self.saved_step = self.step
 
@@ -620,7 +644,8 @@ class Trainer:
         if not path.exists():
             raise CheckpointError(f"{path}: no resume state to continue from (train without --resume first)")
         state = load_resume_state(path)
-        saved, now = state.get("options", {}), self._trajectory()
+        # a run saved before the architecture was recorded trained SIPL-PromptIR
+        saved, now = {"arch": "sipl-promptir", **state.get("options", {})}, self._trajectory()
         changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in now.items() if saved.get(k) != v]
         if changed:
             raise CheckpointError(f"{path}: --resume needs the options of the interrupted run; changed: "
@@ -698,9 +723,12 @@ def evaluate(model, samples: Sequence[EvalSample], steps: int = 2, keep_outputs:
 
     Step 0 is the plain pass; step t applies the authors' loop t times (x_t = y_t), which is
     what ``model.refine(x, steps=t)`` returns (sample sides are multiples of 8, so no padding).
-    ``cuda_graph``: one captured step replayed for every sample of a size (CUDA).
+    ``cuda_graph``: one captured step replayed for every sample of a size (CUDA). A network
+    without Proxy Fusion (PromptIR) has step 0 only: steps > 0 raise ValueError.
     """
     from .refine import Refiner
+
+    model.require_proxy_fusion(steps)
 
     for sample in samples:   # before any work: metrics need equal sizes
         if sample.lq.shape != sample.gt.shape:

@@ -26,3 +26,27 @@ def test_demo_smoke(tmp_path, capsys):
         with Image.open(out / name) as image:
             assert image.format == "PNG" and min(image.size) > 100
     assert (out / "checkpoint.safetensors").exists()
+
+
+def test_demo_compare_smoke(tmp_path, capsys):
+    out = tmp_path / "compare"
+    assert main(["demo", "--compare", "--steps", "2", "--eval-size", "64", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "PromptIR" in printed and "SIPL step 0" in printed and "SIPL step 2" in printed
+    for task in list(TASK_SETS["3task"]) + ["average"]:
+        assert task in printed
+
+    results = json.loads((out / "compare.json").read_text())
+    assert results["steps"] == 2
+    assert len(results["promptir"]["average"]["psnr"]) == 1          # the plain pass only
+    assert len(results["sipl-promptir"]["average"]["psnr"]) == 3     # plain pass, step 1, step 2
+    assert results["parameters"]["promptir"] < results["parameters"]["sipl-promptir"]
+    with Image.open(out / "compare_grid.png") as image:
+        assert image.format == "PNG" and min(image.size) > 100
+    for arch in ("promptir", "sipl-promptir"):
+        assert (out / arch / "checkpoint.safetensors").exists()
+
+
+def test_demo_compare_refuses_an_arch(tmp_path, capsys):
+    assert main(["demo", "--compare", "--arch", "promptir", "--out", str(tmp_path / "c")]) == 1
+    assert "leave --arch out" in capsys.readouterr().err
