@@ -1,11 +1,19 @@
 """The ``sipl-fast`` command line (also ``python -m sipl_fast``).
 
-    sipl-fast demo [--steps N] [--out DIR] [--seed S]
-    sipl-fast train --data skimage|DIR|paired:DEG_DIR,CLEAN_DIR --tasks 3task --config tiny|base
+    sipl-fast demo [--compare] [--arch ARCH] [--steps N] [--out DIR] [--seed S]
+    sipl-fast train [--arch ARCH] --data skimage|DIR|paired:DEG_DIR,CLEAN_DIR --tasks 3task --config tiny|base
                     --steps N --batch B --patch P --out DIR [--resume] [--amp] [--ema 0.999] ...
-    sipl-fast restore INPUT... --checkpoint CKPT --out DIR [--steps 2] [--tile SIZE --overlap PX] [--overwrite]
+    sipl-fast restore FILE|DIR|GLOB... --checkpoint CKPT --out DIR [--recursive] [--steps 2] [--tol T]
+                      [--save-steps] [--format png|tiff|same] [--precision fp32|bf16|fp16] [--tile SIZE]
+                      [--overwrite | --skip-existing]
     sipl-fast eval --checkpoint CKPT --data ... --tasks ... [--steps 2]
+    sipl-fast export --checkpoint CKPT --format onnx|torch-export [--refine-steps T] --out FILE
     sipl-fast info
+
+ARCH is sipl-promptir (default), sipl-adair or promptir (sipl_fast.model.ARCHITECTURES). ``eval``
+and ``restore`` take the architecture from the checkpoint (``--arch`` only names it for files
+that record none, such as the authors' BasicSR files); on a plain PromptIR they run the plain
+pass (refinement steps need Proxy Fusion).
 
 Problems with the user's files (a corrupted or mismatched checkpoint, an unreadable image,
 missing data, an output folder that cannot be written) and a diverged training run print one
@@ -17,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -24,6 +33,7 @@ from pathlib import Path
 from .checkpoint import CheckpointError
 from .data.datasets import DataError
 from .images import ImageReadError
+from .model import ARCHITECTURES, DEFAULT_ARCH, NO_PROXY_FUSION
 from .train import OptionsError, TrainingDiverged, available_device, check_output_folder
 
 USER_ERRORS = (CheckpointError, DataError, ImageReadError, OptionsError, TrainingDiverged)
@@ -44,15 +54,36 @@ def _device(option: str | None, cuda_graph: bool = False):
 
 # --------------------------------------------------------------------------- commands
 def cmd_demo(args) -> None:
-    from .demo import run_demo
+    from .demo import run_compare, run_demo
 
-    run_demo(steps=args.steps, out=args.out, seed=args.seed, eval_size=args.eval_size, progress=not args.no_progress)
+    if args.compare:
+        if args.arch is not None:
+            raise UsageError("--compare trains sipl-promptir and promptir; leave --arch out")
+        run_compare(steps=args.steps, out=args.out, seed=args.seed, eval_size=args.eval_size,
+                    progress=not args.no_progress)
+    else:
+        run_demo(steps=args.steps, out=args.out, seed=args.seed, eval_size=args.eval_size,
+                 progress=not args.no_progress, arch=args.arch or DEFAULT_ARCH)
+
+
+def _load(args, device):
+    """The checkpoint's model and metadata (architecture from the file, --arch for files that
+    record none), and the refinement steps: --steps, by default 2 where the network has Proxy
+    Fusion and 0 where it has none; steps > 0 on a network without Proxy Fusion are refused."""
+    from .checkpoint import load_model
+
+    model, meta = load_model(args.checkpoint, device=device, arch=args.arch)
+    steps = args.steps if args.steps is not None else (2 if model.proxy_fusion else 0)
+    if steps and not model.proxy_fusion:
+        raise UsageError(f"{args.checkpoint}: {NO_PROXY_FUSION} (--steps {steps}; use --steps 0)")
+    return model, meta, steps
 
 
 def cmd_train(args) -> None:
     from .train import TrainOptions, train
 
-    options = TrainOptions(data=args.data, tasks=args.tasks, preset=args.config, steps=args.steps, batch=args.batch,
+    options = TrainOptions(arch=args.arch, data=args.data, tasks=args.tasks, preset=args.config, steps=args.steps,
+                           batch=args.batch,
                            patch=args.patch, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
                            clip=args.clip, ema=args.ema, amp=args.amp, cuda_graph=args.cuda_graph,
                            channels_last=args.channels_last,
@@ -75,77 +106,69 @@ def cmd_train(args) -> None:
         os._exit(0)
 
 
-def _output_paths(inputs: list[Path], out: Path) -> dict[Path, Path]:
-    """input -> out/<stem>.png; refuses collisions and any output that is an input file."""
-    targets: dict[Path, Path] = {}
-    for path in inputs:
-        target = out / f"{path.stem}.png"
-        # samefile also catches symlinks and hard links to an input.
-        if target.exists() and any(os.path.samefile(target, p) for p in inputs):
-            raise UsageError(f"{path}: its output {target} would overwrite an input; choose another --out")
-        if target in targets.values():
-            other = next(p for p, t in targets.items() if t == target)
-            raise UsageError(f"{path} and {other} would both be written to {target}; restore them separately")
-        targets[path] = target
-    return targets
-
-
-def _check_restore_targets(targets: dict[Path, Path], overwrite: bool) -> None:
-    """Refuses a target that is a folder, and one that exists unless --overwrite (every target
-    is distinct, so an existing one was not written by this run)."""
-    for path, target in targets.items():
-        if target.is_dir():
-            raise UsageError(f"{target}: the output of {path} would replace a folder; choose another --out")
-        if (target.exists() or target.is_symlink()) and not overwrite:
-            raise UsageError(f"{target} exists; pass --overwrite to replace it, or choose another --out")
+PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def cmd_restore(args) -> None:
+    import functools
+
+    import torch
     from tqdm.auto import tqdm
 
-    from .checkpoint import load_model
-    from .images import read_image, write_png
+    from .images import read_image
     from .refine import Refiner
+    from .restore import RestoreError, check_targets, collect_inputs, plan, run
 
     if args.tile is not None and (args.tile < 8 or args.tile % 8 or not 0 <= args.overlap < args.tile):
         raise UsageError(f"--tile must be a multiple of 8 and 0 <= --overlap < --tile "
                          f"(got {args.tile}, {args.overlap})")
-    if args.steps < 0:
+    if args.steps is not None and args.steps < 0:
         raise UsageError("--steps must be >= 0")
+    if args.tol is not None and not (args.tol >= 0 and math.isfinite(args.tol)):
+        raise UsageError(f"--tol must be a finite number >= 0, got {args.tol}")
+    if args.tol is not None and (args.save_steps or args.cuda_graph):
+        raise UsageError("--tol stops images early: it cannot be combined with --save-steps or --cuda-graph")
     device = _device(args.device, args.cuda_graph)
-    inputs = [Path(p) for p in args.inputs]
+    dtype = getattr(torch, PRECISIONS[args.precision])
+    if dtype == torch.float16 and device.type != "cuda":
+        raise UsageError("--precision fp16 needs a CUDA device; use bf16 on the CPU")
     out = Path(args.out)
     check_output_folder(out)
-    targets = _output_paths(inputs, out)
-    _check_restore_targets(targets, args.overwrite)
+    try:
+        inputs = collect_inputs(args.inputs, args.recursive)
+        plan(inputs, out, args.format)  # names and formats checked before the model loads
+        model, _, steps = _load(args, device)
+        jobs = plan(inputs, out, args.format, save_steps=steps if args.save_steps else None)
+        todo = check_targets(jobs, args.overwrite, args.skip_existing)
+    except RestoreError as exc:
+        raise UsageError(str(exc)) from None
     # Every input is decoded once before anything is written (decoding is cheap next to
     # restoring; holding every image in memory would not be).
-    for path in tqdm(inputs, desc="check inputs", disable=len(inputs) < 2 or args.no_progress, leave=False):
-        height, width = read_image(path).size
+    for job in tqdm(todo, desc="check inputs", disable=len(todo) < 2 or args.no_progress, leave=False):
+        height, width = read_image(job.source).size
         if height < 2 or width < 2:
-            raise UsageError(f"{path}: {height}x{width} is too small to restore (at least 2x2 pixels)")
-    model, _ = load_model(args.checkpoint, device=device)
-    # One refiner for every file: its iteration state, and with --cuda-graph its captured step,
-    # serve each image (or tile) of the same size again.
-    refiner = Refiner(model, steps=args.steps, tile=args.tile, overlap=args.overlap, cuda_graph=args.cuda_graph)
+            raise UsageError(f"{job.source}: {height}x{width} is too small to restore (at least 2x2 pixels)")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from None
-    for path in tqdm(inputs, desc="restore", disable=len(inputs) < 2 or args.no_progress):
-        image = read_image(path)
-        restored = refiner(image.rgb[None].to(device))
-        try:
-            write_png(targets[path], restored[0].cpu(), image.alpha, image.grayscale, image.bit_depth, image.exif,
-                      image.icc_profile)
-        except OSError as exc:
-            raise UsageError(f"{targets[path]}: cannot write ({exc.strerror or exc})") from None
-        print(f"{path} -> {targets[path]} ({image.size[1]}x{image.size[0]}, {image.bit_depth}-bit"
-              f"{', grayscale' if image.grayscale else ''}{', alpha kept' if image.alpha is not None else ''})")
+
+    # One refiner per step count for every file: its iteration state, and with --cuda-graph its
+    # captured step, serve each image (or tile) of the same size again.
+    @functools.lru_cache(maxsize=None)
+    def make_refiner(step_count: int):
+        return Refiner(model, steps=step_count, tile=args.tile, overlap=args.overlap, tol=args.tol,
+                       cuda_graph=args.cuda_graph, dtype=None if dtype == torch.float32 else dtype)
+
+    try:
+        summary = run(todo, make_refiner, device, steps, save_steps=args.save_steps, tiled=args.tile is not None,
+                      progress=not args.no_progress, skipped=len(jobs) - len(todo))
+    except RestoreError as exc:
+        raise UsageError(str(exc)) from None
+    print(summary.line())
 
 
 def cmd_eval(args) -> None:
-    from .checkpoint import load_model
     from .data.datasets import open_source
     from .data.degradations import resolve_tasks
     from .train import evaluate, format_table
@@ -154,7 +177,7 @@ def cmd_eval(args) -> None:
         tasks = resolve_tasks(args.tasks)
     except ValueError as exc:
         raise UsageError(f"--tasks: {exc}") from None
-    if args.steps < 0:
+    if args.steps is not None and args.steps < 0:
         raise UsageError("--steps must be >= 0")
     if args.size and args.size < 8:
         raise UsageError(f"--size must be at least 8 (or 0: whole images), got {args.size}")
@@ -166,15 +189,41 @@ def cmd_eval(args) -> None:
             raise UsageError(f"--json {report}: the folder {report.parent} does not exist")
         if not os.access(report.parent, os.W_OK | os.X_OK):
             raise UsageError(f"--json {report}: the folder {report.parent} is not writable")
-    model, meta = load_model(args.checkpoint, device=_device(args.device, args.cuda_graph))
+    model, meta, steps = _load(args, _device(args.device, args.cuda_graph))
     samples = open_source(args.data).eval_set(tasks, args.size or None, seed=args.seed)
-    evaluation = evaluate(model, samples, steps=args.steps, progress=not args.no_progress, cuda_graph=args.cuda_graph)
-    print(f"PSNR (dB) / SSIM, {args.checkpoint} on {args.data}:")
+    evaluation = evaluate(model, samples, steps=steps, progress=not args.no_progress, cuda_graph=args.cuda_graph)
+    print(f"PSNR (dB) / SSIM, {args.checkpoint} ({meta['arch']}) on {args.data}:")
     print(format_table(evaluation))
     if args.json:
         from .images import atomic_write_bytes
 
         atomic_write_bytes(args.json, json.dumps(evaluation.to_dict(), indent=2).encode())
+
+
+def cmd_export(args) -> None:
+    from .checkpoint import load_model
+    from .export import FORMATS, ExportError, export
+
+    if args.format not in FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {args.format!r}")
+    if args.refine_steps is not None and args.refine_steps < 0:
+        raise UsageError(f"--refine-steps must be >= 0, got {args.refine_steps}")
+    checkpoint, out = Path(args.checkpoint), Path(args.out)
+    if not checkpoint.exists():
+        raise UsageError(f"--checkpoint {checkpoint}: no such file or folder")
+    if out.is_dir():
+        raise UsageError(f"--out {out}: is a folder; name the file to write")
+    if (out.exists() or out.is_symlink()) and not args.overwrite:
+        raise UsageError(f"--out {out} exists; pass --overwrite to replace it, or choose another --out")
+    model, meta = load_model(checkpoint, device="cpu", arch=args.arch)
+    steps = args.refine_steps if args.refine_steps is not None else (2 if model.proxy_fusion else 0)
+    if steps and not model.proxy_fusion:
+        raise UsageError(f"{checkpoint}: {NO_PROXY_FUSION} (--refine-steps {steps}; use --refine-steps 0)")
+    try:
+        written = export(model, out, args.format, refine_steps=steps)
+    except ExportError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"wrote {written} ({args.format}, {meta['arch']}, {steps} refinement steps)")
 
 
 def cmd_info(args) -> None:
@@ -190,10 +239,16 @@ def cmd_info(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .data.degradations import TASK_SETS
 
+    arch_names = list(ARCHITECTURES)
+    file_arch = (f"{' | '.join(arch_names)}: names the architecture of a checkpoint that records none (e.g. the "
+                 f"authors' BasicSR .pth; default {DEFAULT_ARCH}); must agree with one that records it")
     parser = argparse.ArgumentParser(prog="sipl-fast", description="SIPL-PromptIR: train, restore, evaluate.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="train the tiny model on bundled photos and show refinement (main job)")
+    demo.add_argument("--compare", action="store_true",
+                      help="train sipl-promptir and plain promptir alike and compare them side by side")
+    demo.add_argument("--arch", choices=arch_names, default=None, help=f"network to train (default {DEFAULT_ARCH})")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's budget)")
     demo.add_argument("--out", default="demo_out", help="output folder (default: ./demo_out)")
     demo.add_argument("--seed", type=int, default=0)
@@ -202,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=cmd_demo)
 
     train = commands.add_parser("train", help="train a model (runs under torchrun for DDP)")
+    train.add_argument("--arch", choices=arch_names, default=DEFAULT_ARCH,
+                       help=f"network (default {DEFAULT_ARCH}; promptir: the plain baseline, no refinement)")
     train.add_argument("--data", default="skimage", help="skimage | DIR | paired:DEG_DIR,CLEAN_DIR")
     train.add_argument("--tasks", default="3task", help=f"{' | '.join(TASK_SETS)} | comma list of degradations")
     train.add_argument("--config", default="tiny", choices=("tiny", "base"), help="model preset")
@@ -241,11 +298,27 @@ def build_parser() -> argparse.ArgumentParser:
                        help="read every training image once before the first step (default: on)")
     train.set_defaults(run=cmd_train)
 
-    restore = commands.add_parser("restore", help="restore image files of any size")
-    restore.add_argument("inputs", nargs="+", help="PNG / JPEG / TIFF files, 8 or 16 bits (grayscale, alpha and colour profiles kept)")
+    restore = commands.add_parser("restore", help="restore images of any size: files, folders, patterns")
+    restore.add_argument("inputs", nargs="+",
+                         help="image files (PNG, JPEG, TIFF, 8 or 16 bits; grayscale, alpha and colour profiles "
+                              "kept), folders of them, or glob patterns ('scans/**/*.tif')")
+    restore.add_argument("--recursive", action="store_true", help="also restore the images in subfolders of folders")
     restore.add_argument("--checkpoint", required=True, help="checkpoint.safetensors, its folder, or a BasicSR .pth")
-    restore.add_argument("--out", required=True, help="output folder; files are written as <name>.png")
-    restore.add_argument("--steps", type=int, default=2, help="self-refinement steps (0: plain pass)")
+    restore.add_argument("--out", required=True,
+                         help="output folder; each output keeps its input's path relative to the inputs' common folder")
+    restore.add_argument("--format", choices=("png", "tiff", "same"), default="png",
+                         help="output format (16-bit inputs stay 16-bit in png and tiff; same: the input's format)")
+    restore.add_argument("--save-steps", action="store_true",
+                         help="also write each refinement step's image (NAME_step0 is the plain pass)")
+    restore.add_argument("--tol", type=float, default=None,
+                         help="stop refining an image once its mean change per step is <= TOL")
+    restore.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
+                         help="compute precision (bf16: CPU and CUDA; fp16: CUDA); outputs are float32")
+    restore.add_argument("--skip-existing", action="store_true",
+                         help="skip inputs whose outputs exist already (instead of refusing)")
+    restore.add_argument("--arch", choices=arch_names, default=None, help=file_arch)
+    restore.add_argument("--steps", type=int, default=None,
+                         help="self-refinement steps (0: plain pass; default 2, 0 for promptir)")
     restore.add_argument("--tile", type=int, default=None, help="restore in tiles of this size (multiple of 8)")
     restore.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels")
     restore.add_argument("--overwrite", action="store_true", help="replace existing files in --out")
@@ -260,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", default="skimage",
                           help="skimage (held-out photos) | DIR | paired:DEG_DIR,CLEAN_DIR")
     evaluate.add_argument("--tasks", default="3task", help="degradations for clean data (ignored for paired data)")
-    evaluate.add_argument("--steps", type=int, default=2)
+    evaluate.add_argument("--arch", choices=arch_names, default=None, help=file_arch)
+    evaluate.add_argument("--steps", type=int, default=None,
+                          help="refinement steps reported after step 0 (default 2, 0 for promptir)")
     evaluate.add_argument("--size", type=int, default=256, help="centre crop size (0: whole images)")
     evaluate.add_argument("--seed", type=int, default=1234, help="seed of the synthetic degradations")
     evaluate.add_argument("--json", default=None, help="also write the scores to this JSON file")
@@ -270,6 +345,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(run=cmd_eval)
 
+    exporter = commands.add_parser("export", help="write the whole refinement as one ONNX or torch.export file")
+    exporter.add_argument("--checkpoint", required=True, help="checkpoint.safetensors, its folder, or a BasicSR .pth")
+    exporter.add_argument("--arch", choices=arch_names, default=None, help=file_arch)
+    exporter.add_argument("--format", required=True, help="onnx | torch-export")
+    exporter.add_argument("--refine-steps", type=int, default=None,
+                          help="refinement steps unrolled in the graph (default: 2; 0 without Proxy Fusion)")
+    exporter.add_argument("--out", required=True, help="the file to write (.onnx or .pt2)")
+    exporter.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    exporter.set_defaults(run=cmd_export)
+
     info = commands.add_parser("info", help="build and backend report")
     info.set_defaults(run=cmd_info)
     return parser
@@ -278,9 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":   # the demo's defaults live in sipl_fast.demo
-        from .demo import DEFAULT_STEPS, EVAL_SIZE
+        from .demo import COMPARE_STEPS, DEFAULT_STEPS, EVAL_SIZE
 
-        args.steps = DEFAULT_STEPS if args.steps is None else args.steps
+        default_steps = COMPARE_STEPS if args.compare else DEFAULT_STEPS
+        args.steps = default_steps if args.steps is None else args.steps
         args.eval_size = EVAL_SIZE if args.eval_size is None else args.eval_size
     try:
         args.run(args)

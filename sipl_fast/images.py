@@ -313,30 +313,68 @@ def encode_png16(pixels: np.ndarray, icc_profile: bytes | None = None, exif: byt
     return PNG_SIGNATURE + b"".join(chunks)
 
 
-def encode_image(rgb: torch.Tensor, alpha: torch.Tensor | None = None, grayscale: bool = False,
-                 bit_depth: int = 8, exif: bytes | None = None, icc_profile: bytes | None = None) -> bytes:
-    """PNG bytes of a (3, H, W) [0, 1] image (values outside are clamped)."""
+def _planes(rgb: torch.Tensor, alpha: torch.Tensor | None, grayscale: bool) -> np.ndarray:
+    """(H, W, C) float array in [0, 1]: luma or RGB, then alpha."""
     if rgb.dim() != 3 or rgb.shape[0] != 3:
         raise ValueError(f"encode_image: expected a (3, H, W) tensor, got {tuple(rgb.shape)}")
     planes = [to_luma(rgb) if grayscale else rgb]
     if alpha is not None:
         planes.append(alpha.to(rgb.dtype))
-    values = torch.cat(planes).detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+    return torch.cat(planes).detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+
+
+IMAGE_FORMATS = ("png", "tiff", "jpeg")
+
+
+def encode_image(rgb: torch.Tensor, alpha: torch.Tensor | None = None, grayscale: bool = False,
+                 bit_depth: int = 8, exif: bytes | None = None, icc_profile: bytes | None = None,
+                 format: str = "png") -> bytes:
+    """The bytes of a (3, H, W) [0, 1] image (values outside are clamped) as a PNG or TIFF of 8 or
+    16 bits per channel, or a JPEG (8 bits, quality 95), with its colour profile and EXIF block."""
+    if format not in IMAGE_FORMATS:
+        raise ValueError(f"encode_image: format must be one of {', '.join(IMAGE_FORMATS)}, got {format!r}")
+    if bit_depth not in (8, 16):
+        raise ValueError(f"encode_image: bit_depth must be 8 or 16, got {bit_depth}")
+    values = _planes(rgb, alpha, grayscale)
+    if format == "jpeg":
+        values = values[..., :-1] if alpha is not None else values  # JPEG has no alpha
+        bit_depth = 8
+    if format == "tiff":
+        import tifffile
+
+        dtype, scale = (np.uint16, 65535.0) if bit_depth == 16 else (np.uint8, 255.0)
+        array = np.round(values * scale).astype(dtype)
+        buffer = io.BytesIO()
+        colour = "minisblack" if array.shape[2] <= 2 else "rgb"
+        tifffile.imwrite(buffer, array[..., 0] if array.shape[2] == 1 else array, photometric=colour,
+                         extrasamples=["unassalpha"] if alpha is not None else None,
+                         compression="zlib", iccprofile=icc_profile or None)
+        return buffer.getvalue()
     if bit_depth == 16:
         return encode_png16(np.round(values * 65535.0).astype(np.uint16), icc_profile, exif)
     array = np.round(values * 255.0).astype(np.uint8)
     mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[array.shape[2]]
     buffer = io.BytesIO()
     metadata = {**({"exif": exif} if exif else {}), **({"icc_profile": icc_profile} if icc_profile else {})}
-    Image.fromarray(array[..., 0] if mode == "L" else array, mode).save(buffer, format="PNG", **metadata)
+    if format == "jpeg":
+        metadata["quality"] = 95
+    Image.fromarray(array[..., 0] if mode == "L" else array, mode).save(
+        buffer, format="JPEG" if format == "jpeg" else "PNG", **metadata)
     return buffer.getvalue()
+
+
+def write_image(path: str | os.PathLike, rgb: torch.Tensor, alpha: torch.Tensor | None = None,
+                grayscale: bool = False, bit_depth: int = 8, exif: bytes | None = None,
+                icc_profile: bytes | None = None, format: str = "png") -> None:
+    """Atomically write a (3, H, W) [0, 1] tensor as ``format`` (see encode_image)."""
+    atomic_write_bytes(path, encode_image(rgb, alpha, grayscale, bit_depth, exif, icc_profile, format))
 
 
 def write_png(path: str | os.PathLike, rgb: torch.Tensor, alpha: torch.Tensor | None = None,
               grayscale: bool = False, bit_depth: int = 8, exif: bytes | None = None,
               icc_profile: bytes | None = None) -> None:
     """Atomically write a (3, H, W) [0, 1] tensor as a PNG (8 or 16 bits per channel)."""
-    atomic_write_bytes(path, encode_image(rgb, alpha, grayscale, bit_depth, exif, icc_profile))
+    write_image(path, rgb, alpha, grayscale, bit_depth, exif, icc_profile, "png")
 
 
 def tensor_from_uint8(array: np.ndarray) -> torch.Tensor:

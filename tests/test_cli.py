@@ -161,12 +161,30 @@ def test_restore_refuses_to_overwrite_an_input(inputs, checkpoint, capsys):
     assert _digest(inputs / "gray.png") == before
 
 
-def test_restore_refuses_two_inputs_with_one_output_name(inputs, checkpoint, tmp_path, capsys):
+def test_restore_gives_inputs_sharing_a_name_their_own_outputs(inputs, checkpoint, tmp_path, capsys):
+    """photo.jpg and photo.png side by side keep their suffixes in the output names; a folder
+    restored recursively keeps its tree, in the input's format with --format same; every step
+    with --save-steps; a rerun with --skip-existing writes nothing and says so."""
     Image.open(inputs / "photo.jpg").save(inputs / "photo.png")
+    out = tmp_path / "out"
     code = main(["restore", str(inputs / "photo.jpg"), str(inputs / "photo.png"), "--checkpoint", str(checkpoint),
-                 "--out", str(tmp_path / "out")])
-    assert code == 1 and "would both be written" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+                 "--out", str(out), "--steps", "1", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["photo_jpg.png", "photo_png.png"]
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    Image.open(inputs / "photo.jpg").save(tree / "sub" / "a.jpg")
+    Image.open(inputs / "photo.jpg").save(tree / "b.png")
+    code = main(["restore", str(tree), "--recursive", "--format", "same", "--save-steps", "--steps", "1",
+                 "--checkpoint", str(checkpoint), "--out", str(tmp_path / "tree_out"), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    written = sorted(str(p.relative_to(tmp_path / "tree_out")) for p in (tmp_path / "tree_out").rglob("*.*"))
+    assert written == ["b.png", "b_step0.png", "b_step1.png", "sub/a.jpg", "sub/a_step0.jpg", "sub/a_step1.jpg"]
+    assert "restored 2 images" in capsys.readouterr().out
+    code = main(["restore", str(tree), "--recursive", "--format", "same", "--save-steps", "--steps", "1",
+                 "--checkpoint", str(checkpoint), "--out", str(tmp_path / "tree_out"), "--skip-existing",
+                 "--no-progress"])
+    assert code == 0 and "restored 0 images (2 skipped: outputs exist)" in capsys.readouterr().out
 
 
 def test_restore_unreadable_input_writes_nothing(inputs, checkpoint, tmp_path, capsys):
