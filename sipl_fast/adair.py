@@ -224,11 +224,7 @@ class SIPLAdaIR(RestorationNetwork):
                 feature = getattr(self, f"decoder_level{k + 1}")(feature, inplace=True)
             feature = self.fuse_proxy(k, feature, privileged)
             feature = getattr(self, FREQUENCY_MODULE[k])(x, feature)
-            feature = torch.cat([getattr(self, f"up{k + 1}_{k}")(feature), encoded.pop(f"level{k}")], dim=1)
-            if k > 1:
-                feature = getattr(self, f"reduce_chan_level{k}")(feature)
-        feature = self.decoder_level1(feature, inplace=True)
-        feature = self.refinement(feature, inplace=True)
-        return self.output(feature) + x
+            feature = self.up_and_join(k, feature, encoded)
+        return self.output_head(x, feature)
 
     decode_releasing.__doc__ = RestorationNetwork.decode_releasing.__doc__

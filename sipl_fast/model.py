@@ -120,12 +120,8 @@ class PromptIR(RestorationNetwork):
                 feature = self.fuse_proxy(k, feature, privileged)
             feature = torch.cat([feature, getattr(self, f"prompt{k}")(feature)], dim=1)
             feature = getattr(self, f"reduce_noise_level{k}")(getattr(self, f"noise_level{k}")(feature, inplace=True))
-            feature = torch.cat([getattr(self, f"up{k + 1}_{k}")(feature), encoded.pop(f"level{k}")], dim=1)
-            if k > 1:
-                feature = getattr(self, f"reduce_chan_level{k}")(feature)
-        feature = self.decoder_level1(feature, inplace=True)
-        feature = self.refinement(feature, inplace=True)
-        return self.output(feature) + x
+            feature = self.up_and_join(k, feature, encoded)
+        return self.output_head(x, feature)
 
     decode_releasing.__doc__ = RestorationNetwork.decode_releasing.__doc__
 

@@ -336,6 +336,18 @@ class RestorationNetwork(nn.Module):
         docs/design.md, "Refinement engine")."""
         raise NotImplementedError
 
+    def up_and_join(self, level: int, feature: torch.Tensor, encoded: dict) -> torch.Tensor:
+        """The upsampling from level + 1 to ``level``, joined with encoder level ``level``'s output
+        (taken over from ``encoded``) and, above level 1, reduced back to the level's width."""
+        feature = torch.cat([getattr(self, f"up{level + 1}_{level}")(feature), encoded.pop(f"level{level}")], dim=1)
+        return getattr(self, f"reduce_chan_level{level}")(feature) if level > 1 else feature
+
+    def output_head(self, x: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+        """Decoder level 1, the refinement blocks, the output convolution and the global residual."""
+        feature = self.decoder_level1(feature, inplace=True)
+        feature = self.refinement(feature, inplace=True)
+        return self.output(feature) + x
+
     def fuse_proxy(self, level: int, feature: torch.Tensor, privileged: list | None) -> torch.Tensor:
         """The decoder feature after the Proxy Fusion site of ``level``, taking the privileged
         feature of that level over from ``privileged`` (None: the plain pass)."""
