@@ -6,7 +6,7 @@
     python bench/report.py --only "refine or train_step" --out /tmp/results   # a pytest -k subset
 
 <card> is a slug of torch.cuda.get_device_name() ("nvidia-h200" -> "h200"), or "cpu". The
-suite is bench/test_end_to_end.py then bench/test_ops.py under ``--benchmark-only`` (the
+suite is bench/test_end_to_end.py then bench/test_op_benchmarks.py under ``--benchmark-only`` (the
 torch.compile cases last); cases that would start after the time budget are skipped and
 counted as not measured. The report has one table per benchmark: each implementation's time,
 its speed-up over the authors' code path (the reference backend; for the refinement the
@@ -30,7 +30,7 @@ from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SUITE = ("bench/test_end_to_end.py", "bench/test_ops.py")
+SUITE = ("bench/test_end_to_end.py", "bench/test_op_benchmarks.py")
 TABLES = {  # in report order: benchmark -> title
     "refine": "Refinement, steps=2, the full model (baseline: the authors' loop on the reference backend)",
     "train_step": "Training step (baseline: the reference backend)",

@@ -1,8 +1,8 @@
 """The ops at SIPL's shapes: op x implementation x dtype x shape x mode, with pytest-benchmark.
 
-    pytest bench/test_ops.py --benchmark-only              # CUDA: the SIPL shapes (bench/shapes.py)
-    pytest bench/test_ops.py --benchmark-only              # CPU: their smoke variants (--run-slow: full size)
-    pytest bench/test_ops.py --benchmark-disable           # every case called once (the CI smoke run)
+    pytest bench/test_op_benchmarks.py --benchmark-only              # CUDA: the SIPL shapes (bench/shapes.py)
+    pytest bench/test_op_benchmarks.py --benchmark-only              # CPU: their smoke variants (--run-slow: full size)
+    pytest bench/test_op_benchmarks.py --benchmark-disable           # every case called once (the CI smoke run)
 
 Implementations: ``reference`` (the authors' eager math, the baseline), ``torch``
 (sipl_fast.ops.torch_impl; for proxy attention the norms, then SDPA), ``triton`` (sipl_fast's
