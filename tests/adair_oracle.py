@@ -82,19 +82,12 @@ class AuthorsAdaIR(AuthorsNet):
         their training and test code always pass ([0.1] * 3) and the network never reads."""
         c = self.c
         nb, heads = c["num_blocks"], c["heads"]
-        B = inp.shape[0]
-        e1 = self.stack("encoder_level1", self.conv("patch_embed.proj", inp, padding=1), nb[0], heads[0])
-        e2 = self.stack("encoder_level2", self.down("down1_2", e1), nb[1], heads[1])
-        e3 = self.stack("encoder_level3", self.down("down2_3", e2), nb[2], heads[2])
-        latent = self.stack("latent", self.down("down3_4", e3), nb[3], heads[3])
+        e1, e2, e3, latent = self.encoder(inp)
         if return_feature:
             return e2, e3, latent
 
         def proxy(k, absorb_heads):
-            d = self.p[f"privileged_dictionary{k}"].repeat(B, 1, 1, 1)
-            if privileged_features is None:
-                return d
-            return self.pim(f"p{k}_cross", d, privileged_features[k - 1], absorb_heads)
+            return self.proxy(k, absorb_heads, inp.shape[0], privileged_features)
 
         latent = self.pim("cross_p3", latent, proxy(3, heads[0]), heads[2])
         latent = self.fre("fre1", inp, latent)

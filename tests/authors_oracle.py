@@ -95,22 +95,31 @@ class AuthorsNet:
         return F.pixel_shuffle(self.conv(name + ".body.0", x, padding=1), 2)
 
     # ---- network
-    def forward(self, inp, privileged_features=None, return_feature=False):
-        c = self.c
-        nb, heads = c["num_blocks"], c["heads"]
-        B = inp.shape[0]
+    def encoder(self, inp):
+        """The Restormer encoder both released networks share: (e1, e2, e3, latent)."""
+        nb, heads = self.c["num_blocks"], self.c["heads"]
         e1 = self.stack("encoder_level1", self.conv("patch_embed.proj", inp, padding=1), nb[0], heads[0])
         e2 = self.stack("encoder_level2", self.down("down1_2", e1), nb[1], heads[1])
         e3 = self.stack("encoder_level3", self.down("down2_3", e2), nb[2], heads[2])
-        latent = self.stack("latent", self.down("down3_4", e3), nb[3], heads[3])
+        return e1, e2, e3, self.stack("latent", self.down("down3_4", e3), nb[3], heads[3])
+
+    def proxy(self, k, absorb_heads, batch, privileged_features):
+        """Level k's proxy as released: the dictionary repeated per image, absorbing the
+        privileged feature when there is one."""
+        d = self.p[f"privileged_dictionary{k}"].repeat(batch, 1, 1, 1)
+        if privileged_features is None:
+            return d
+        return self.pim(f"p{k}_cross", d, privileged_features[k - 1], absorb_heads)
+
+    def forward(self, inp, privileged_features=None, return_feature=False):
+        c = self.c
+        nb, heads = c["num_blocks"], c["heads"]
+        e1, e2, e3, latent = self.encoder(inp)
         if return_feature:
             return e2, e3, latent
 
         def proxy(k, absorb_heads):
-            d = self.p[f"privileged_dictionary{k}"].repeat(B, 1, 1, 1)
-            if privileged_features is None:
-                return d
-            return self.pim(f"p{k}_cross", d, privileged_features[k - 1], absorb_heads)
+            return self.proxy(k, absorb_heads, inp.shape[0], privileged_features)
 
         latent = self.pim("cross_p3", latent, proxy(3, heads[0]), heads[2])
         latent = torch.cat([latent, self.prompt("prompt3", latent)], 1)
