@@ -29,6 +29,7 @@ import struct
 import tempfile
 import warnings
 import zlib
+from typing import BinaryIO
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,15 +115,18 @@ class _Header:
     exif: bytes | None = None
 
 
-def _header(data: bytes, path: Path, max_pixels: int | None) -> _Header:
-    """What the file declares, from its header only; ImageReadError when it is above the limit."""
-    if data[:4] in _TIFF_SIGNATURES:
-        header = _tiff_header(data, path)
+def _header(stream: BinaryIO, path: Path, max_pixels: int | None) -> _Header:
+    """What the file declares, from its header only (``stream`` is read from its start, as far
+    as the header goes); ImageReadError when it is above the limit."""
+    start = stream.read(32)
+    stream.seek(0)
+    if start[:4] in _TIFF_SIGNATURES:
+        header = _tiff_header(stream, path)
     else:
         try:
-            with Image.open(io.BytesIO(data)) as image:   # reads the header, decodes nothing
+            with Image.open(stream) as image:   # reads the header, decodes nothing
                 width, height = image.size
-                png16 = image.format == "PNG" and data[24:25] == b"\x10"
+                png16 = image.format == "PNG" and start[24:25] == b"\x10"
                 header = _Header(width, height, getattr(image, "n_frames", 1), "png16" if png16 else "pillow",
                                  image.info.get("icc_profile"), image.info.get("exif"))
         except Image.DecompressionBombError as exc:
@@ -139,11 +143,11 @@ def _header(data: bytes, path: Path, max_pixels: int | None) -> _Header:
     return header
 
 
-def _tiff_header(data: bytes, path: Path) -> _Header:
+def _tiff_header(stream: BinaryIO, path: Path) -> _Header:
     import tifffile
 
     try:
-        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        with tifffile.TiffFile(stream) as tif:
             page = tif.pages[0]
             frames = len(tif.pages)
             width, height = int(page.imagewidth), int(page.imagelength)
@@ -243,7 +247,7 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS) -> 
         data = path.read_bytes()
     except OSError as exc:
         raise ImageReadError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    header = _header(data, path, max_pixels)
+    header = _header(io.BytesIO(data), path, max_pixels)
     icc, exif = header.icc_profile, header.exif
     if header.kind == "png16":
         array, bit_depth = _decode_png16(data, path), 16
@@ -274,11 +278,10 @@ def image_size(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS) -> 
     for a file above the pixel limit, or an animated one)."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        with open(path, "rb") as stream:
+            header = _header(stream, path, max_pixels)
     except OSError as exc:
         raise ImageReadError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    header = _header(data, path, max_pixels)
     return header.height, header.width
 
 
