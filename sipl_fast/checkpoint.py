@@ -19,6 +19,11 @@ another architecture), the official PromptIR Lightning ``.ckpt`` (``state_dict``
 SIPL-PromptIR; a file that records one refuses a caller that names another. Nothing is ever
 unpickled beyond plain data (``weights_only=True`` everywhere). Any unreadable, corrupted or
 mismatched file raises ``CheckpointError`` with a one-line message.
+
+``init_from`` starts a network from another's weights (``train --init-from``): every tensor
+whose key and shape the network shares is loaded, the rest of the network stays as
+initialised (e.g. the Proxy Fusion sites when SIPL-PromptIR starts from the official
+PromptIR), and an ``InitReport`` says what was loaded, left fresh and left unused.
 """
 from __future__ import annotations
 
@@ -26,6 +31,8 @@ import io
 import json
 import os
 import pickle
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -60,6 +67,16 @@ def save_resume_state(path: str | os.PathLike, state: dict) -> None:
 
 
 # --------------------------------------------------------------------------- reading
+def _load_failure_reason(exc: Exception) -> str:
+    """One line saying why torch.load failed: for a file that holds objects beyond plain data,
+    the object's class or function that only unsafe unpickling would construct or call."""
+    text = str(exc).strip()
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if refused:
+        return f"it holds {refused.group(1)}, which only unsafe unpickling could load; tensors and plain data only"
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
 def _torch_load(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -67,8 +84,7 @@ def _torch_load(path: Path) -> object:
         raise CheckpointError(f"{path}: no such file") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError,
             TypeError, KeyError, IndexError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({reason[:200]})") from None
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({_load_failure_reason(exc)})") from None
 
 
 def load_resume_state(path: str | os.PathLike) -> dict:
@@ -207,3 +223,87 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", conf
         raise CheckpointError(f"{path}: non-finite values in {len(bad)} tensors (e.g. {bad[0]})")
     metadata = {**metadata, "arch": name, "config": model.config}
     return model.to(device).eval(), metadata
+
+
+# --------------------------------------------------------------------------- starting from other weights
+@dataclass
+class InitReport:
+    """What ``init_from`` did: the network's keys it loaded, the network's keys the file lacks
+    (left as initialised) and the file's keys the network has no place for."""
+
+    path: str
+    loaded: list[str]
+    missing: list[str]
+    unexpected: list[str]
+
+    def summary(self) -> str:
+        """One line, e.g. "loaded 146 tensors from X; 93 left fresh (e.g. ...); 6 in the file unused (e.g. ...)"."""
+        parts = [f"loaded {len(self.loaded)} tensors from {self.path}",
+                 f"{len(self.missing)} left fresh (e.g. {_examples(self.missing)})" if self.missing
+                 else "none left fresh"]
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} in the file unused (e.g. {_examples(self.unexpected)})")
+        return "; ".join(parts)
+
+
+def _examples(keys: list[str]) -> str:
+    """The first two keys, and "..." when there are more."""
+    return ", ".join(keys[:2]) + (", ..." if len(keys) > 2 else "")
+
+
+def _bare_network(model: torch.nn.Module) -> torch.nn.Module:
+    """The network inside DataParallel / DistributedDataParallel and torch.compile wrappers,
+    whose state_dict keys carry no wrapper prefix."""
+    while True:
+        if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):   # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
+def init_from(model: torch.nn.Module, path: str | os.PathLike) -> InitReport:
+    """Load into ``model`` (in place) every tensor of the weights file ``path`` whose key (after
+    ``net.`` / ``module.`` prefixes) and shape the model shares; the model's other tensors keep
+    their values. ``path`` is anything ``read_weights`` reads: the official PromptIR Lightning
+    ``.ckpt``, a BasicSR ``.pth`` (``params_ema`` preferred), our ``checkpoint.safetensors``
+    (or its folder) or ``resume.pt``.
+
+    CheckpointError, with the model untouched, for an unreadable file, a key present in both
+    with different shapes, a floating tensor where the model has an integer one (or the
+    reverse), non-finite values, or a file of which no tensor matches the model.
+    """
+    from .model import arch_name
+
+    network = _bare_network(model)
+    try:
+        arch = arch_name(network)
+    except ValueError:
+        arch = type(network).__name__
+    state_dict, _, _ = read_weights(path)
+    if Path(path).is_dir():
+        path = Path(path) / WEIGHTS_NAME
+    expected = network.state_dict()
+    matched = {k: v for k, v in state_dict.items() if k in expected and isinstance(v, torch.Tensor)}
+    wrong_shape = [k for k, v in matched.items() if tuple(v.shape) != tuple(expected[k].shape)]
+    if wrong_shape:
+        key = wrong_shape[0]
+        others = f" (and {len(wrong_shape) - 1} more)" if len(wrong_shape) > 1 else ""
+        raise CheckpointError(f"{path}: {key} has shape {tuple(matched[key].shape)} in the file but "
+                              f"{tuple(expected[key].shape)} in the {arch} model{others}; the file holds "
+                              "another configuration")
+    wrong_kind = [k for k, v in matched.items() if v.is_floating_point() != expected[k].is_floating_point()]
+    if wrong_kind:
+        key = wrong_kind[0]
+        raise CheckpointError(f"{path}: {key} is {matched[key].dtype} in the file but {expected[key].dtype} "
+                              f"in the {arch} model")
+    if not matched:
+        raise CheckpointError(f"no tensor of {path} matches {arch} (the file's keys: "
+                              f"{_examples(list(state_dict)) or 'none'}; the model's: {_examples(list(expected))})")
+    non_finite = [k for k, v in matched.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if non_finite:
+        raise CheckpointError(f"{path}: non-finite values in {len(non_finite)} tensors (e.g. {non_finite[0]})")
+    network.load_state_dict(matched, strict=False)
+    return InitReport(path=str(path), loaded=list(matched), missing=[k for k in expected if k not in matched],
+                      unexpected=[k for k in state_dict if k not in matched])
