@@ -42,3 +42,19 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny SIPL-PromptIR checkpoint whose dictionaries are not zero (so refinement steps differ)."""
+    from sipl_fast import SIPLPromptIR
+    from sipl_fast.checkpoint import save_weights
+
+    torch.manual_seed(0)
+    model = SIPLPromptIR.from_preset("tiny")
+    with torch.no_grad():
+        for k in (1, 2, 3):
+            getattr(model, f"privileged_dictionary{k}").normal_(std=0.1)
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.safetensors"
+    save_weights(path, model.state_dict(), model.config)
+    return path

@@ -40,7 +40,8 @@ from pathlib import Path
 import torch
 
 from .images import atomic_write_bytes
-from .train import Evaluation, TrainOptions, Trainer, evaluate, format_table
+from .evaluation import Evaluation, evaluate, format_table
+from .train import TrainOptions, Trainer
 
 DEFAULT_STEPS = 300
 COMPARE_STEPS = 300      # per network in --compare (both networks get the same budget)
@@ -146,9 +147,9 @@ def _note_busy_cpu(log) -> None:
 def train_tiny(arch: str, steps: int, out: Path, seed: int, lr: float, eval_size: int, progress: bool,
                log) -> Trainer:
     """The demo's training run: the tiny preset of ``arch``, the demo's fixed budget, checkpoint in ``out``."""
-    options = TrainOptions(arch=arch, data="skimage", tasks="3task", preset="tiny", steps=steps, batch=DEMO_BATCH,
+    options = TrainOptions(arch=arch, data="skimage", tasks="3task", preset="tiny", iters=steps, batch=DEMO_BATCH,
                            lr=lr, seed=seed, out=str(out), overwrite=True, save_every=0,
-                           log_every=max(1, steps // 5), eval_size=eval_size, progress=progress)
+                           log_every=max(1, steps // 5), val_size=eval_size, progress=progress)
     trainer = Trainer(options, log=log)
     trainer.run()
     return trainer
@@ -169,7 +170,7 @@ def run_demo(steps: int = DEFAULT_STEPS, out: str | Path = "demo_out", seed: int
     trainer = train_tiny(arch, steps, out, seed, lr, eval_size, progress, log)
     train_seconds = time.perf_counter() - start
 
-    samples = trainer.eval_samples()
+    samples = trainer.validation_samples()
     evaluation = evaluate(trainer.eval_model(), samples, steps=refinement_steps(trainer), keep_outputs=True,
                           progress=progress)
     table = format_table(evaluation)
@@ -236,7 +237,7 @@ def run_compare(steps: int = COMPARE_STEPS, out: str | Path = "demo_out", seed: 
         tick = time.perf_counter()
         trainers[arch] = train_tiny(arch, steps, out / arch, seed, lr, eval_size, progress, log)
         seconds[arch] = round(time.perf_counter() - tick, 1)
-    samples = trainers["sipl-promptir"].eval_samples()   # one sample set for both
+    samples = trainers["sipl-promptir"].validation_samples()   # one sample set for both
     evaluations = {arch: evaluate(trainer.eval_model(), samples, steps=refinement_steps(trainer), keep_outputs=True,
                                   progress=progress)
                    for arch, trainer in trainers.items()}

@@ -20,7 +20,7 @@ Under ``torchrun`` the model is wrapped in DistributedDataParallel (NCCL on CUDA
 CPU); each rank reads its own shard through a DistributedSampler, and only rank 0 writes
 files. ``--batch`` is per process.
 
-Resuming is exact: the batch of step s is a pure function of (seed, s) (see
+Resuming is exact: the batch of iteration s is a pure function of (seed, s) (see
 ``sipl_fast.data.datasets``), and the resume state holds the weights, EMA, optimizer,
 scheduler, step and every rank's RNG state, so an interrupted run continued with
 ``--resume`` reaches bit-identical weights on the CPU.
@@ -32,15 +32,28 @@ checkpoint written stays as it was. Weights are checked for finite values before
 A step replayed from a CUDA graph has already updated the weights when its loss is read (one
 step later, so that replays stay asynchronous): there the first non-finite step stops.
 
-Validation (``evaluate``) reports PSNR/SSIM per task and per refinement step: step 0 is the
-plain pass, step t the output of t iterations of the authors' self-refinement loop.
+Options (``TrainOptions``) come from their defaults, then an options file (``--options``,
+JSON or YAML), then the flags typed (``run_options``). The run folder records them in
+``options.json`` with the log (``train.log``) and the metrics (``metrics.csv``; see
+``sipl_fast.run_record``); ``--resume`` alone continues a run with its recorded options, and
+refuses a changed training option unless ``--override`` (length, logging, saving, validation
+and device options may change freely).
+
+Validation (``--val-data``, every ``--val-every`` iterations) scores whole held-out images,
+read one at a time, by the PromptIR protocol (``sipl_fast.evaluation``), per task and per
+refinement step (step 0 is the plain pass, step t the output of t iterations of the authors'
+self-refinement loop); ``best.safetensors`` keeps the weights with the highest average PSNR at
+the last validated step.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
+import json
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,9 +68,11 @@ from tqdm.auto import tqdm
 from . import ops
 from .checkpoint import (FORMAT, RESUME_NAME, WEIGHTS_NAME, CheckpointError, load_resume_state, save_resume_state,
                          save_weights)
-from .data.datasets import DataError, EvalSample, open_source
+from .data.datasets import DataError, EvalSample, mixed_training_set, open_source
 from .data.degradations import resolve_tasks
-from .metrics import psnr, ssim
+from .data.layouts import parse_pair_rule
+from .evaluation import Evaluation, evaluate, format_table
+from .run_record import BEST_NAME, PERIODIC_NAME, RunRecord
 
 
 class OptionsError(ValueError):
@@ -72,34 +87,41 @@ class TrainingDiverged(RuntimeError):
 class TrainOptions:
     """Everything a training run needs; the command line's ``train`` flags map onto these."""
 
-    data: str = "skimage"           # skimage | DIR | paired:DEG_DIR,CLEAN_DIR
-    tasks: str = "3task"            # 3task | 5task | cdd11 | comma list of degradations
+    data: list[str] = field(default_factory=lambda: ["skimage"])   # --data specs, mixed (sipl_fast.data)
+    data_weights: list[float] | None = None   # probability of each --data source (None: by size)
+    pair_rule: str = "stem"         # how paired: sources match files (sipl_fast.data.datasets.PAIR_RULES)
+    skip_bad: bool = False          # drop unreadable/unmatched files with a warning instead of stopping
+    tasks: str = "3task"            # 3task | 5task | cdd11 | comma list of degradations (clean-image sources)
     arch: str = "sipl-promptir"     # a name of sipl_fast.model.ARCHITECTURES
     preset: str = "tiny"            # tiny | base (the authors' configuration)
-    steps: int = 1000
+    iters: int = 1000               # training iterations (optimizer steps)
     batch: int = 8                  # per process
     patch: int | None = None        # default: the preset's train_patch
     lr: float = 2e-4
-    warmup: int | None = None       # default: 10% of the steps (PromptIR: 15 of 150 epochs)
+    warmup: int | None = None       # default: 10% of the iterations (PromptIR: 15 of 150 epochs)
     weight_decay: float = 0.01      # AdamW's default, as PromptIR
     clip: float = 1.0               # max gradient norm; 0 turns clipping off
     ema: float = 0.0                # EMA decay (e.g. 0.999); 0 turns EMA off
     amp: bool = False               # bf16 autocast (CUDA only)
     cuda_graph: bool | None = None  # replay the whole step as a CUDA graph; None: on one CUDA
-                                    # process (H200, base preset, batch 8: 1.8x / 3.5x the eager
-                                    # step's speed in fp32 / bf16, which is CPU-bound there)
+                                    # process (the eager step is bound by issuing kernels there)
     channels_last: bool | None = None  # NHWC activations; None: on the CPU (oneDNN's convolutions
-                                       # train 1.25-1.6x faster on them), not on CUDA
+                                       # are faster on them), not on CUDA
     random_proxy: bool = False      # the authors' use_random_proxy
+    init_from: str | None = None    # start from these weights (official PromptIR .ckpt, BasicSR .pth, ours)
     seed: int = 0
     out: str = "runs/sipl"
     resume: bool = False
     overwrite: bool = False         # allow starting over in a folder that holds a run
+    override: bool = False          # allow a resumed run to change a recorded option
     save_every: int = 500           # 0: only at the end
+    keep: int = 0                   # periodic checkpoints kept besides the latest and the best
     log_every: int = 50
-    eval_every: int = 0             # 0: no validation during training
-    eval_size: int = 256            # centre crop of the held-out images (None: whole images)
-    eval_steps: int = 2
+    val_data: list[str] | None = None   # validation specs (None: the held-out photos for --data skimage)
+    val_every: int = 0              # 0: no validation during training
+    val_size: int | None = None     # centre crop of validation images (None: whole images)
+    val_steps: int = 2              # refinement steps validated after the plain pass
+    tensorboard: bool = False       # also write TensorBoard event files
     workers: int = 0                # DataLoader worker processes
     device: str | None = None       # default: cuda:LOCAL_RANK when CUDA is available, else cpu
     progress: bool = True           # tqdm progress bar (rank 0)
@@ -108,9 +130,100 @@ class TrainOptions:
     nonfinite_patience: int = 0     # non-finite steps in a row that are skipped before training stops
     check_data: bool = True         # read every training image once before the first step
 
-    # Options that change the trajectory: a resumed run must use the same values.
-    TRAJECTORY = ("arch", "data", "tasks", "preset", "steps", "batch", "patch", "lr", "warmup", "weight_decay",
-                  "clip", "ema", "amp", "random_proxy", "seed")
+    def __post_init__(self):
+        # one spec may be given as a string; a validation crop of 0 means whole images
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        if isinstance(self.val_data, str):
+            self.val_data = [self.val_data]
+        if self.val_size == 0:
+            self.val_size = None
+
+
+# Options that change the trajectory: a resumed run keeps them (unless --override).
+TRAJECTORY = ("arch", "data", "data_weights", "pair_rule", "skip_bad", "tasks", "preset", "batch", "patch", "lr",
+              "warmup", "weight_decay", "clip", "ema", "amp", "random_proxy", "seed")
+# Options that describe one invocation, not the run: never recorded.
+PER_INVOCATION = ("resume", "overwrite", "override", "out")
+# Earlier names of options, still read from option files and old runs.
+OPTION_ALIASES = {"steps": "iters", "config": "preset", "eval_every": "val_every", "eval_size": "val_size",
+                  "eval_steps": "val_steps"}
+
+
+def option_names() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(TrainOptions))
+
+
+def canonical_options(options: dict, source: str) -> dict:
+    """``options`` with dashes read as underscores and earlier names mapped to today's;
+    OptionsError naming ``source`` for an unknown name."""
+    known, canonical = option_names(), {}
+    for name, value in options.items():
+        key = OPTION_ALIASES.get(name.replace("-", "_"), name.replace("-", "_"))
+        if key not in known:
+            raise OptionsError(f"{source}: unknown option {name!r}")
+        canonical[key] = value
+    return canonical
+
+
+def read_options_file(path: str | os.PathLike) -> dict:
+    """Options from a JSON or YAML file (``--options``): a mapping of option names to values."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise OptionsError(f"--options {path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            options = yaml.safe_load(text)
+        else:
+            options = json.loads(text)
+    except Exception as exc:   # JSON and YAML parsers raise their own types
+        raise OptionsError(f"--options {path}: not valid {'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'JSON'} "
+                           f"({str(exc).splitlines()[0]})") from None
+    if not isinstance(options, dict):
+        raise OptionsError(f"--options {path}: expected a mapping of option names to values")
+    return canonical_options(options, f"--options {path}")
+
+
+def run_options(given: dict, options_file: str | None = None) -> TrainOptions:
+    """The options of a run: the defaults, then ``options_file``, then ``given`` (the flags typed).
+
+    With ``resume``, the run's recorded options (``options.json`` in ``out``) replace the
+    defaults and the file; a typed or file option that differs from a recorded one is refused
+    unless ``override``, except the options of ``RESUMABLE`` (length, logging, saving,
+    validation cadence, devices), which a resumed run may change freely.
+    """
+    from .run_record import OPTIONS_NAME, read_options
+
+    chosen = read_options_file(options_file) if options_file else {}
+    chosen.update(canonical_options(given, "options"))
+    if not chosen.get("resume"):
+        return TrainOptions(**chosen)
+    out = Path(chosen.get("out", TrainOptions.out))
+    recorded_path = out / OPTIONS_NAME
+    if not recorded_path.exists():
+        if not (out / RESUME_NAME).exists():
+            raise CheckpointError(f"{out}: no training run to resume (no {OPTIONS_NAME} or {RESUME_NAME})")
+        return TrainOptions(**chosen)   # a run recorded before options.json: the flags as typed
+    try:
+        recorded = canonical_options(read_options(recorded_path), str(recorded_path))
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    changed = [f"--{name.replace('_', '-')} {recorded[name]!r} -> {value!r}" for name, value in chosen.items()
+               if name in recorded and name not in RESUMABLE + PER_INVOCATION and recorded[name] != value]
+    if changed and not chosen.get("override"):
+        raise OptionsError(f"--resume continues {out} with its recorded options; changed: {', '.join(changed)} "
+                           "(pass --override to change them anyway)")
+    return TrainOptions(**{**recorded, **chosen})
+
+
+# Options a resumed run may change without --override.
+RESUMABLE = ("iters", "save_every", "keep", "log_every", "val_data", "val_every", "val_size", "val_steps",
+             "tensorboard", "workers", "device", "progress", "nonfinite_patience", "check_data", "cuda_graph",
+             "graph_kernels", "init_from")
 
 
 def _is_number(value) -> bool:
@@ -121,12 +234,13 @@ def validate_options(opts: TrainOptions) -> None:
     """OptionsError for the first option no run can use, before anything is built or read."""
     from .model import architecture
 
+    _check_types(opts)
     try:
         network = architecture(opts.arch)
     except ValueError as exc:
         raise OptionsError(f"--arch: {exc}") from None
     if opts.preset not in network.PRESETS:
-        raise OptionsError(f"--config {opts.preset!r}: {opts.arch} has the presets {', '.join(network.PRESETS)}")
+        raise OptionsError(f"--preset {opts.preset!r}: {opts.arch} has the presets {', '.join(network.PRESETS)}")
     if not network.proxy_fusion and opts.random_proxy:
         raise OptionsError(f"--random-proxy needs Proxy Fusion; {opts.arch} has none")
     if not (_is_number(opts.lr) and opts.lr > 0):
@@ -136,18 +250,57 @@ def validate_options(opts: TrainOptions) -> None:
     for flag, value in (("--weight-decay", opts.weight_decay), ("--clip", opts.clip)):
         if not (_is_number(value) and value >= 0):
             raise OptionsError(f"{flag} must be a finite number >= 0, got {value}")
-    if opts.steps < 1 or opts.batch < 1:
-        raise OptionsError(f"--steps and --batch must be positive, got {opts.steps} and {opts.batch}")
+    if opts.iters < 1 or opts.batch < 1:
+        raise OptionsError(f"--iters and --batch must be positive, got {opts.iters} and {opts.batch}")
     counts = (("--warmup", opts.warmup), ("--save-every", opts.save_every), ("--log-every", opts.log_every),
-              ("--eval-every", opts.eval_every), ("--eval-steps", opts.eval_steps), ("--workers", opts.workers),
-              ("--nonfinite-patience", opts.nonfinite_patience))
+              ("--val-every", opts.val_every), ("--val-steps", opts.val_steps), ("--workers", opts.workers),
+              ("--keep", opts.keep), ("--nonfinite-patience", opts.nonfinite_patience))
     for flag, value in counts:
         if value is not None and value < 0:
             raise OptionsError(f"{flag} must be >= 0, got {value}")
     if opts.patch and (opts.patch < 8 or opts.patch % 8):
         raise OptionsError(f"--patch must be a positive multiple of 8, got {opts.patch}")
-    if opts.eval_size is not None and opts.eval_size < 8:
-        raise OptionsError(f"--eval-size must be at least 8 (or 0: whole images), got {opts.eval_size}")
+    if opts.val_size is not None and opts.val_size < 16:   # the PromptIR protocol crops to multiples of 16
+        raise OptionsError(f"--val-size must be at least 16 (or 0: whole images), got {opts.val_size}")
+    if not opts.data:
+        raise OptionsError("--data: give at least one data source")
+    try:
+        parse_pair_rule(opts.pair_rule)
+    except DataError as exc:
+        raise OptionsError(f"--pair-rule: {exc}") from None
+    if opts.data_weights is not None:
+        if len(opts.data_weights) != len(opts.data):
+            raise OptionsError(f"--data-weights: {len(opts.data_weights)} weights for {len(opts.data)} --data sources")
+        if not all(_is_number(w) and w > 0 for w in opts.data_weights):
+            raise OptionsError(f"--data-weights must be positive finite numbers, got {opts.data_weights}")
+    if opts.val_every and opts.val_data is None and opts.data != ["skimage"]:
+        raise OptionsError("--val-every needs --val-data (held-out images; only --data skimage has its own)")
+    if opts.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise OptionsError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+
+
+_OPTION_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _check_types(opts: TrainOptions) -> None:
+    """OptionsError for a value of the wrong type (options files and Python callers)."""
+    for spec in dataclasses.fields(TrainOptions):
+        value, kinds = getattr(opts, spec.name), [k.strip() for k in spec.type.split("|")]
+        flag = f"--{spec.name.replace('_', '-')}"
+        if value is None and "None" in kinds:
+            continue
+        if kinds[0].startswith("list["):
+            item = _OPTION_TYPES[kinds[0][5:-1]]
+            if isinstance(value, list) and all(isinstance(v, item) and not (bool not in item and isinstance(v, bool))
+                                               for v in value):
+                continue
+            raise OptionsError(f"{flag}: expected a list of {kinds[0][5:-1]}, got {value!r}")
+        expected = _OPTION_TYPES[kinds[0]]
+        if not isinstance(value, expected) or (bool not in expected and isinstance(value, bool)):
+            raise OptionsError(f"{flag}: expected {' or '.join(k for k in kinds if k != 'None')}, got {value!r}")
 
 
 def check_output_folder(folder: Path, flag: str = "--out") -> None:
@@ -225,6 +378,27 @@ def available_device(option: str | None) -> torch.device:
     return device
 
 
+VALIDATION_SEED = 1234  # the synthetic degradations of validation images are the same at every validation
+
+
+class ChainedSamples(Sequence):
+    """Several evaluation sets read as one (each item still loaded when indexed)."""
+
+    def __init__(self, parts: Sequence[Sequence[EvalSample]]):
+        self.parts = list(parts)
+
+    def __len__(self) -> int:
+        return sum(len(part) for part in self.parts)
+
+    def __getitem__(self, index: int) -> EvalSample:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        for part in self.parts:
+            if index < len(part):
+                return part[index]
+            index -= len(part)
+
+
 GRAPH_WARMUP_STEPS = 2  # eager steps before the training step is captured (--cuda-graph)
 
 
@@ -293,6 +467,7 @@ class Trainer:
             raise OptionsError("--cuda-graph needs a single CUDA process (not the CPU, not torchrun)")
         self._log = log or (lambda line: tqdm.write(line))
         self.out = Path(opts.out)
+        self.record = RunRecord(self.out, write=self.dist.is_main, tensorboard=opts.tensorboard)
         try:
             self.tasks = resolve_tasks(opts.tasks)
         except ValueError as exc:
@@ -315,14 +490,24 @@ class Trainer:
         self.patch = opts.patch or self.model.config["train_patch"]
         if self.patch % 8 or self.patch < 8:
             raise OptionsError(f"--patch must be a positive multiple of 8, got {self.patch}")
-        self.warmup = opts.warmup if opts.warmup is not None else max(1, opts.steps // 10)
+        self.warmup = opts.warmup if opts.warmup is not None else max(1, opts.iters // 10)
+        if opts.init_from and not opts.resume:   # before DDP, which broadcasts rank 0's weights
+            from .checkpoint import init_from
+
+            self.init_report = init_from(self.model, opts.init_from)
+            self.log(self.init_report.summary())
         self.network = self.model
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.network = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
 
-        self.source = open_source(opts.data)
-        self.dataset = self.source.training_set(self.tasks, self.patch, opts.seed)
+        self.sources = [open_source(spec, pair_rule=opts.pair_rule, skip_bad=opts.skip_bad) for spec in opts.data]
+        self.dataset = mixed_training_set(self.sources, self.tasks, self.patch, opts.seed, weights=opts.data_weights)
+        # without --val-data, only the bundled photos have held-out images of their own
+        self.val_specs = opts.val_data if opts.val_data is not None else (["skimage"] if opts.data == ["skimage"] else [])
+        self._val_samples = None
+        if opts.val_data is not None and self.dist.is_main:
+            self.validation_samples()   # validation files are checked now, not at the first validation
         if opts.check_data:   # a corrupt file fails now, not when first sampled hours later
             self.dataset.check(progress=opts.progress and self.dist.is_main)
         self.sampler = DistributedSampler(self.dataset, num_replicas=self.dist.world_size, rank=self.dist.rank,
@@ -335,7 +520,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay,
                                            capturable=self.cuda_graph)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(step, opts.steps, self.warmup))
+            self.optimizer, lambda step: lr_factor(step, opts.iters, self.warmup))
         self._settle_learning_rates()
         self._captured: CapturedStep | None = None
         self._warm_steps = 0
@@ -345,6 +530,7 @@ class Trainer:
         self.saved_step: int | None = None   # the step of the last checkpoint this run wrote
         self._nonfinite_steps = 0            # non-finite steps in a row
         self.history: list[LogEntry] = []
+        self.best: dict | None = None        # {"iter", "psnr"} of best.safetensors
 
         if opts.resume:
             self._load_resume_state()
@@ -359,6 +545,7 @@ class Trainer:
     def log(self, line: str) -> None:
         if self.dist.is_main:
             self._log(line)
+            self.record.log(line)
 
     # ------------------------------------------------------------------ one step
     def _autocast(self):
@@ -460,22 +647,24 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def run(self, until: int | None = None, on_step: Callable[[int, torch.Tensor], None] | None = None,
             time_limit: float | None = None) -> None:
-        """Train up to step ``until`` (default: ``options.steps``), then save.
+        """Train up to iteration ``until`` (default: ``options.iters``), then save.
 
         ``on_step(step, loss)`` is called after every step (e.g. to record the loss curve).
         ``time_limit`` (seconds, single process only) stops earlier once training has taken
         that long (the number of steps then depends on the machine's speed).
         """
         opts = self.options
-        until = opts.steps if until is None else min(until, opts.steps)
+        until = opts.iters if until is None else min(until, opts.iters)
         if time_limit is not None and self.dist.enabled:
             raise OptionsError("time_limit would stop DDP ranks at different steps; use it in one process only")
         if self.step >= until:
             return
+        self._open_records()
         parameters = sum(p.numel() for p in self.model.parameters())
         self.log(f"training {opts.arch} {opts.preset} ({parameters:,} parameters) on "
-                 f"{opts.data} [{', '.join(self.tasks)}]: steps {self.step}->{until}, batch {opts.batch} x "
-                 f"{self.dist.world_size} process(es), patch {self.patch}, device {self.device}")
+                 f"{' + '.join(opts.data)} [{', '.join(self.dataset.tasks)}]: iterations {self.step}->{until}, "
+                 f"batch {opts.batch} x {self.dist.world_size} process(es), patch {self.patch}, device {self.device}")
+        self._reset_peak_memory()
         bar = tqdm(total=until, initial=self.step, disable=not (opts.progress and self.dist.is_main),
                    desc="train", dynamic_ncols=True, leave=False)
         start = tick = time.perf_counter()
@@ -508,12 +697,15 @@ class Trainer:
                                  time.perf_counter() - tick)
                 self.history.append(entry)
                 bar.set_postfix(loss=f"{mean:.4f}")
-                self.log(f"step {entry.step}/{opts.steps}  loss {entry.loss:.4f}  lr {entry.lr:.2e}  "
-                         f"{loss_count / entry.seconds:.2f} steps/s")
+                images_per_s = loss_count * opts.batch * self.dist.world_size / entry.seconds
+                memory = self._peak_memory_mib()
+                self.log(f"iter {entry.step}/{opts.iters}  loss {entry.loss:.4f}  lr {entry.lr:.2e}  "
+                         f"{images_per_s:.1f} images/s" + (f"  peak {memory:.0f} MiB" if memory is not None else ""))
+                self.record.training_row(entry.step, entry.loss, entry.lr, images_per_s, memory)
                 loss_sum, loss_count, tick = torch.zeros((), device=self.device), 0, time.perf_counter()
-            if opts.eval_every and self.step % opts.eval_every == 0 and self.dist.is_main:
-                steps = opts.eval_steps if self.model.proxy_fusion else 0   # PromptIR: the plain pass only
-                self.log(format_table(evaluate(self.eval_model(), self.eval_samples(), steps)))
+                self._reset_peak_memory()
+            if opts.val_every and self.step % opts.val_every == 0 and self.dist.is_main:
+                self.validate()
             if out_of_time and self.step < until:
                 self.log(f"time limit of {time_limit:.0f} s reached: stopping at step {self.step} of {until}")
             if stop:
@@ -526,7 +718,31 @@ class Trainer:
     def _saves_or_evaluates(self, step: int) -> bool:
         opts = self.options
         return bool((opts.save_every and step % opts.save_every == 0)
-                    or (opts.eval_every and step % opts.eval_every == 0))
+                    or (opts.val_every and step % opts.val_every == 0))
+
+    def _open_records(self) -> None:
+        """options.json, train.log, metrics.csv (and TensorBoard) once, at the first run()."""
+        if getattr(self, "_records_open", False):
+            return
+        self._records_open = True
+        self.record.start(resumed_at=self.step if self.options.resume else None)
+        recorded = {k: v for k, v in asdict(self.options).items() if k not in PER_INVOCATION}
+        # the resolved values, so that a run resumed with more --iters keeps its warm-up and patch
+        self.record.save_options(recorded | {"warmup": self.warmup, "patch": self.patch})
+
+    def _reset_peak_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _peak_memory_mib(self) -> float | None:
+        """The CUDA allocator's peak since the last reset, or the process's peak resident memory."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        try:
+            import resource
+        except ImportError:   # not on every platform
+            return None
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
 
     def _check_finite(self, step: int, loss: torch.Tensor, finite: torch.Tensor) -> bool:
         """Whether step ``step`` was finite; TrainingDiverged once the patience is used up (at
@@ -554,11 +770,39 @@ class Trainer:
             value /= self.dist.world_size
         return float(value)
 
-    # ------------------------------------------------------------------ evaluation
-    def eval_samples(self) -> list[EvalSample]:
-        if not hasattr(self, "_eval_samples"):
-            self._eval_samples = self.source.eval_set(self.tasks, self.options.eval_size)
-        return self._eval_samples
+    # ------------------------------------------------------------------ validation
+    def validation_samples(self) -> Sequence[EvalSample]:
+        """The validation images (``--val-data``; the held-out photos for ``--data skimage``),
+        read one at a time when evaluated; their files are checked when first asked for."""
+        if self._val_samples is None:
+            if not self.val_specs:
+                raise OptionsError("no validation data: pass --val-data")
+            opts = self.options
+            sets = [open_source(spec, pair_rule=opts.pair_rule, skip_bad=opts.skip_bad)
+                    .eval_set(self.tasks, size=opts.val_size, seed=VALIDATION_SEED, uint8_noise=True)
+                    for spec in self.val_specs]
+            self._val_samples = sets[0] if len(sets) == 1 else ChainedSamples(sets)
+        return self._val_samples
+
+    def validate(self) -> Evaluation:
+        """Score the current weights (the EMA weights with --ema) on the validation images,
+        log and record the scores, and keep best.safetensors: the weights with the highest
+        average PSNR at the last validated refinement step."""
+        steps = self.options.val_steps if self.model.proxy_fusion else 0   # PromptIR: the plain pass only
+        evaluation = evaluate(self.eval_model(), self.validation_samples(), steps, protocol="promptir")
+        average = evaluation.average()
+        self.log(f"validation at iter {self.step} (PSNR dB / SSIM, PromptIR protocol):\n" + format_table(evaluation))
+        self.record.validation_rows(self.step, evaluation.scores + [average])
+        score = average.psnr[-1]
+        if math.isfinite(score) and (self.best is None or score > self.best["psnr"]):
+            weights = self.ema if self.ema is not None else self.model.state_dict()
+            if all(torch.isfinite(value).all() for value in weights.values()):
+                save_weights(self.out / BEST_NAME, weights, self.model.config, arch=self.options.arch, step=self.step,
+                             weights="ema" if self.ema is not None else "raw", tasks=list(self.dataset.tasks),
+                             val_psnr=score)
+                self.best = {"iter": self.step, "psnr": score}
+                self.log(f"best so far: {score:.3f} dB at iter {self.step} -> {self.out / BEST_NAME}")
+        return evaluation
 
     def eval_model(self):
         """The model to evaluate: a copy holding the EMA weights when EMA is on, else the model."""
@@ -571,7 +815,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _trajectory(self) -> dict:
         options = asdict(self.options)
-        return {name: options[name] for name in TrainOptions.TRAJECTORY} | {
+        return {name: options[name] for name in TRAJECTORY} | {
             "world_size": self.dist.world_size, "warmup": self.warmup, "patch": self.patch}
 
     def _rng_states(self) -> list[dict]:
@@ -610,12 +854,24 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "rng": rng,
             "history": [asdict(entry) for entry in self.history],
+            "best": self.best,
         }
         save_resume_state(self.out / RESUME_NAME, state)
         weights = self.ema if self.ema is not None else self.model.state_dict()
-        save_weights(self.out / WEIGHTS_NAME, weights, self.model.config, arch=self.options.arch, step=self.step,
-                     weights="ema" if self.ema is not None else "raw", tasks=list(self.tasks))
+        metadata = dict(arch=self.options.arch, step=self.step, weights="ema" if self.ema is not None else "raw",
+                        tasks=list(self.dataset.tasks))
+        save_weights(self.out / WEIGHTS_NAME, weights, self.model.config, **metadata)
+        if self.options.keep:
+            save_weights(self.out / PERIODIC_NAME.format(iter=self.step), weights, self.model.config, **metadata)
+            self._prune_periodic()
         self.saved_step = self.step
+
+    def _prune_periodic(self) -> None:
+        """Keep the newest ``--keep`` periodic checkpoints (files named as this run names them)."""
+        pattern = re.compile(PERIODIC_NAME.replace("{iter:07d}", r"(\d{7})").replace(".", r"\.") + "$")
+        periodic = sorted((int(m.group(1)), path) for path in self.out.iterdir() if (m := pattern.match(path.name)))
+        for _, path in periodic[:-self.options.keep]:
+            path.unlink(missing_ok=True)
 
     def _this_runs_optimizer_settings(self, saved: dict) -> dict:
         """The saved optimizer state with this run's learning-rate type and capturable flag, so
@@ -644,12 +900,15 @@ class Trainer:
         if not path.exists():
             raise CheckpointError(f"{path}: no resume state to continue from (train without --resume first)")
         state = load_resume_state(path)
-        # a run saved before the architecture was recorded trained SIPL-PromptIR
-        saved, now = {"arch": "sipl-promptir", **state.get("options", {})}, self._trajectory()
+        # options an older run did not record had their defaults (SIPL-PromptIR among them)
+        defaults = asdict(TrainOptions())
+        saved, now = {**defaults, **state.get("options", {})}, self._trajectory()
+        if isinstance(saved["data"], str):
+            saved["data"] = [saved["data"]]
         changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in now.items() if saved.get(k) != v]
-        if changed:
+        if changed and not self.options.override:
             raise CheckpointError(f"{path}: --resume needs the options of the interrupted run; changed: "
-                                  + ", ".join(changed))
+                                  + ", ".join(changed) + " (pass --override to change them anyway)")
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(self._this_runs_optimizer_settings(state["optimizer"]))
@@ -662,11 +921,12 @@ class Trainer:
             self.ema = {k: v.to(self.device) for k, v in state["ema"].items()}
         self.step = int(state["step"])
         self.history = [LogEntry(**entry) for entry in state.get("history", [])]
+        self.best = state.get("best")
         rng = state["rng"][self.dist.rank]
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
-        self.log(f"resumed from {path} at step {self.step}")
+        self.log(f"resumed from {path} at iteration {self.step}")
 
 
 def train(options: TrainOptions, log: Callable[[str], None] | None = None) -> Trainer:
@@ -685,98 +945,3 @@ def train(options: TrainOptions, log: Callable[[str], None] | None = None) -> Tr
             gc.collect()
             dist.destroy_process_group()
     return trainer
-
-
-# --------------------------------------------------------------------------- validation
-@dataclass
-class TaskScores:
-    """Mean PSNR/SSIM of one task: the degraded input and each refinement step (0 = plain pass)."""
-
-    task: str
-    images: int
-    input_psnr: float
-    input_ssim: float
-    psnr: list[float] = field(default_factory=list)
-    ssim: list[float] = field(default_factory=list)
-
-
-@dataclass
-class Evaluation:
-    scores: list[TaskScores]
-    outputs: dict[tuple[str, str], list[torch.Tensor]]   # (task, image name) -> [step 0, step 1, ...]
-
-    def average(self) -> TaskScores:
-        mean = lambda values: sum(values) / len(values)  # noqa: E731
-        steps = len(self.scores[0].psnr)
-        return TaskScores("average", sum(s.images for s in self.scores),
-                          mean([s.input_psnr for s in self.scores]), mean([s.input_ssim for s in self.scores]),
-                          [mean([s.psnr[t] for s in self.scores]) for t in range(steps)],
-                          [mean([s.ssim[t] for s in self.scores]) for t in range(steps)])
-
-    def to_dict(self) -> dict:
-        return {"tasks": [asdict(s) for s in self.scores], "average": asdict(self.average())}
-
-
-def evaluate(model, samples: Sequence[EvalSample], steps: int = 2, keep_outputs: bool = False,
-             progress: bool = False, cuda_graph: bool = False) -> Evaluation:
-    """PSNR/SSIM per task at refinement steps 0..steps (outputs clamped to [0, 1]).
-
-    Step 0 is the plain pass; step t applies the authors' loop t times (x_t = y_t), which is
-    what ``model.refine(x, steps=t)`` returns (sample sides are multiples of 8, so no padding).
-    ``cuda_graph``: one captured step replayed for every sample of a size (CUDA). A network
-    without Proxy Fusion (PromptIR) has step 0 only: steps > 0 raise ValueError.
-    """
-    from .refine import Refiner
-
-    model.require_proxy_fusion(steps)
-
-    for sample in samples:   # before any work: metrics need equal sizes
-        if sample.lq.shape != sample.gt.shape:
-            raise DataError(f"{sample.name}: the degraded image is {tuple(sample.lq.shape[1:])}, the clean one "
-                            f"{tuple(sample.gt.shape[1:])}; evaluation needs equal sizes")
-    device = next(model.parameters()).device
-    refine_step = Refiner(model, steps=1, cuda_graph=cuda_graph)
-    was_training = model.training
-    model.eval()
-    per_task: dict[str, list[list[tuple[float, float]]]] = {}
-    inputs: dict[str, list[tuple[float, float]]] = {}
-    outputs = {}
-    # One cache scope for the whole evaluation: the weights stay as they are, so every step of
-    # every sample reuses the dictionary-side values.
-    with model.dictionary_cache.scope():
-        for sample in tqdm(samples, desc="eval", disable=not progress, leave=False):
-            lq, gt = sample.lq[None].to(device), sample.gt[None].to(device)
-            with torch.inference_mode():
-                results = [model(lq)]
-                current = lq
-                for _ in range(steps):
-                    current = refine_step(current)
-                    results.append(current)
-            results = [r.clamp(0, 1) for r in results]
-            per_task.setdefault(sample.task, []).append(
-                [(float(psnr(r, gt)), float(ssim(r, gt))) for r in results])
-            inputs.setdefault(sample.task, []).append((float(psnr(lq, gt)), float(ssim(lq, gt))))
-            if keep_outputs:
-                outputs[(sample.task, sample.name)] = [r[0].cpu() for r in results]
-    model.train(was_training)
-    scores = []
-    for task, runs in per_task.items():
-        n = len(runs)
-        scores.append(TaskScores(task, n, sum(p for p, _ in inputs[task]) / n, sum(s for _, s in inputs[task]) / n,
-                                 [sum(run[t][0] for run in runs) / n for t in range(steps + 1)],
-                                 [sum(run[t][1] for run in runs) / n for t in range(steps + 1)]))
-    return Evaluation(scores, outputs)
-
-
-def format_table(evaluation: Evaluation) -> str:
-    """PSNR (dB) / SSIM per task: the degraded input, then step 0 (plain pass), 1, 2, ..."""
-    steps = len(evaluation.scores[0].psnr)
-    headers = ["task", "images", "input"] + ["step 0 (plain)"] + [f"step {t}" for t in range(1, steps)]
-    rows = []
-    for s in evaluation.scores + [evaluation.average()]:
-        cells = [f"{s.input_psnr:6.2f} / {s.input_ssim:.4f}"]
-        cells += [f"{p:6.2f} / {q:.4f}" for p, q in zip(s.psnr, s.ssim)]
-        rows.append([s.task, str(s.images)] + cells)
-    widths = [max(len(r[i]) for r in rows + [headers]) for i in range(len(headers))]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])

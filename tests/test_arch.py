@@ -13,7 +13,7 @@ from sipl_fast.cli import main
 from sipl_fast.model import NO_PROXY_FUSION
 from sipl_fast.train import OptionsError, TrainOptions, Trainer
 
-TRAIN = ["--config", "tiny", "--tasks", "noise25,haze", "--steps", "2", "--batch", "2", "--patch", "32",
+TRAIN = ["--preset", "tiny", "--tasks", "noise25,haze", "--iters", "2", "--batch", "2", "--patch", "32",
          "--save-every", "0", "--no-progress", "--device", "cpu"]
 
 
@@ -51,12 +51,12 @@ def test_checkpoints_record_their_architecture(runs):
 def test_sipl_adair_restores_and_evaluates(runs, photo, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["restore", str(photo), "--checkpoint", str(runs / "sipl-adair"), "--out", str(out),
-                 "--steps", "1", "--no-progress"]) == 0
+                 "--refine-steps", "1", "--no-progress"]) == 0
     with Image.open(out / "photo.png") as restored:
         assert restored.size == (30, 21)
     report = tmp_path / "scores.json"
     assert main(["eval", "--checkpoint", str(runs / "sipl-adair"), "--tasks", "haze", "--size", "32",
-                 "--steps", "1", "--json", str(report), "--no-progress"]) == 0
+                 "--refine-steps", "1", "--json", str(report), "--no-progress"]) == 0
     assert "(sipl-adair)" in capsys.readouterr().out
     assert len(json.loads(report.read_text())["average"]["psnr"]) == 2
 
@@ -70,9 +70,9 @@ def test_promptir_evaluates_and_restores_the_plain_pass_only(runs, photo, tmp_pa
     assert len(json.loads(report.read_text())["average"]["psnr"]) == 1
     assert main(["restore", str(photo), "--checkpoint", str(runs / "promptir"), "--out", str(tmp_path / "out"),
                  "--no-progress"]) == 0
-    for command in (["eval", "--checkpoint", str(runs / "promptir"), "--steps", "2"],
+    for command in (["eval", "--checkpoint", str(runs / "promptir"), "--refine-steps", "2"],
                     ["restore", str(photo), "--checkpoint", str(runs / "promptir"), "--out",
-                     str(tmp_path / "refused"), "--steps", "2"]):
+                     str(tmp_path / "refused"), "--refine-steps", "2"]):
         assert main(command) == 1
         _one_error(capsys, NO_PROXY_FUSION)
     assert not (tmp_path / "refused").exists()
@@ -92,7 +92,7 @@ def test_contradicting_or_changed_architecture_is_one_error(runs, photo, tmp_pat
 
 def test_promptir_trains_with_the_plain_step(tmp_path):
     """No privileged pass: PromptIR's encode() refuses, so a step that called it would fail."""
-    trainer = Trainer(TrainOptions(arch="promptir", data="skimage", tasks="haze", batch=2, patch=32, steps=1,
+    trainer = Trainer(TrainOptions(arch="promptir", data="skimage", tasks="haze", batch=2, patch=32, iters=1,
                                    progress=False, device="cpu", out=str(tmp_path / "run")))
     batch = next(trainer._batches(0))
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}

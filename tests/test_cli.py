@@ -95,15 +95,8 @@ def test_eight_bit_round_trip(mode, tmp_path):
 
 # --------------------------------------------------------------------------- restore
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = SIPLPromptIR.from_preset("tiny")
-    with torch.no_grad():
-        for k in (1, 2, 3):
-            getattr(model, f"privileged_dictionary{k}").normal_(std=0.1)
-    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.safetensors"
-    save_weights(path, model.state_dict(), model.config)
-    return path
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 def _digest(path):
@@ -128,7 +121,7 @@ def test_restore_keeps_sizes_formats_alpha_and_inputs(inputs, checkpoint, tmp_pa
     before = {p: _digest(p) for p in files}
     out = tmp_path / "out"
     assert main(["restore", *map(str, files), "--checkpoint", str(checkpoint), "--out", str(out),
-                 "--steps", "1", "--no-progress"]) == 0
+                 "--refine-steps", "1", "--no-progress"]) == 0
     assert {p: _digest(p) for p in files} == before, "inputs must never change"
     expected = {"odd": ("RGB", (451, 301)), "gray": ("L", (53, 37)), "alpha": ("RGBA", (30, 45)),
                 "deep": (None, (35, 29)), "photo": ("RGB", (24, 40))}
@@ -148,7 +141,7 @@ def test_restore_keeps_sizes_formats_alpha_and_inputs(inputs, checkpoint, tmp_pa
 def test_restore_tiled_matches_size(inputs, checkpoint, tmp_path):
     out = tmp_path / "tiled"
     assert main(["restore", str(inputs / "alpha.png"), "--checkpoint", str(checkpoint), "--out", str(out),
-                 "--steps", "1", "--tile", "24", "--overlap", "8"]) == 0     # 3 x 2 overlapping tiles
+                 "--refine-steps", "1", "--tile", "24", "--overlap", "8"]) == 0     # 3 x 2 overlapping tiles
     with Image.open(out / "alpha.png") as image:
         assert image.size == (30, 45) and image.mode == "RGBA"
 
@@ -168,20 +161,20 @@ def test_restore_gives_inputs_sharing_a_name_their_own_outputs(inputs, checkpoin
     Image.open(inputs / "photo.jpg").save(inputs / "photo.png")
     out = tmp_path / "out"
     code = main(["restore", str(inputs / "photo.jpg"), str(inputs / "photo.png"), "--checkpoint", str(checkpoint),
-                 "--out", str(out), "--steps", "1", "--no-progress"])
+                 "--out", str(out), "--refine-steps", "1", "--no-progress"])
     assert code == 0, capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["photo_jpg.png", "photo_png.png"]
     tree = tmp_path / "tree"
     (tree / "sub").mkdir(parents=True)
     Image.open(inputs / "photo.jpg").save(tree / "sub" / "a.jpg")
     Image.open(inputs / "photo.jpg").save(tree / "b.png")
-    code = main(["restore", str(tree), "--recursive", "--format", "same", "--save-steps", "--steps", "1",
+    code = main(["restore", str(tree), "--recursive", "--format", "same", "--save-steps", "--refine-steps", "1",
                  "--checkpoint", str(checkpoint), "--out", str(tmp_path / "tree_out"), "--no-progress"])
     assert code == 0, capsys.readouterr().err
     written = sorted(str(p.relative_to(tmp_path / "tree_out")) for p in (tmp_path / "tree_out").rglob("*.*"))
     assert written == ["b.png", "b_step0.png", "b_step1.png", "sub/a.jpg", "sub/a_step0.jpg", "sub/a_step1.jpg"]
     assert "restored 2 images" in capsys.readouterr().out
-    code = main(["restore", str(tree), "--recursive", "--format", "same", "--save-steps", "--steps", "1",
+    code = main(["restore", str(tree), "--recursive", "--format", "same", "--save-steps", "--refine-steps", "1",
                  "--checkpoint", str(checkpoint), "--out", str(tmp_path / "tree_out"), "--skip-existing",
                  "--no-progress"])
     assert code == 0 and "restored 0 images (2 skipped: outputs exist)" in capsys.readouterr().out
@@ -241,7 +234,7 @@ def test_cuda_eval_with_a_graph_scores_as_eager_eval(checkpoint, tmp_path):
     for flags in ([], ["--cuda-graph"]):
         report = tmp_path / f"scores{len(flags)}.json"
         assert main(["eval", "--checkpoint", str(checkpoint), "--data", "skimage", "--tasks", "noise25,haze",
-                     "--steps", "2", "--size", "32", "--device", "cuda", "--json", str(report), *flags]) == 0
+                     "--refine-steps", "2", "--size", "32", "--device", "cuda", "--json", str(report), *flags]) == 0
         scores[len(flags)] = json.loads(report.read_text())["average"]
     assert scores[1]["psnr"] == pytest.approx(scores[0]["psnr"], abs=1e-3)
     assert scores[1]["ssim"] == pytest.approx(scores[0]["ssim"], abs=1e-4)
@@ -251,7 +244,7 @@ def test_cuda_eval_with_a_graph_scores_as_eager_eval(checkpoint, tmp_path):
 def test_cuda_restore_with_a_graph_equals_eager_restore(inputs, checkpoint, tmp_path):
     """One captured step replayed over every tile (all of one size) and two files."""
     files = [str(inputs / "odd.png"), str(inputs / "photo.jpg")]
-    common = ["--checkpoint", str(checkpoint), "--steps", "2", "--tile", "64", "--overlap", "16", "--device", "cuda"]
+    common = ["--checkpoint", str(checkpoint), "--refine-steps", "2", "--tile", "64", "--overlap", "16", "--device", "cuda"]
     assert main(["restore", *files, "--out", str(tmp_path / "eager"), *common]) == 0
     assert main(["restore", *files, "--out", str(tmp_path / "graph"), "--cuda-graph", *common]) == 0
     for name in ("odd.png", "photo.png"):
@@ -269,7 +262,7 @@ def test_restore_rejects_bad_tiles(inputs, checkpoint, tmp_path, capsys):
 def test_eval_prints_a_table_per_task_and_step(checkpoint, tmp_path, capsys):
     report = tmp_path / "scores.json"
     assert main(["eval", "--checkpoint", str(checkpoint), "--data", "skimage", "--tasks", "noise25,haze",
-                 "--steps", "1", "--size", "32", "--json", str(report), "--no-progress"]) == 0
+                 "--refine-steps", "1", "--size", "32", "--json", str(report), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "noise25" in printed and "haze" in printed and "step 1" in printed and "average" in printed
     assert report.exists()
@@ -288,7 +281,7 @@ def test_missing_data_folder_is_one_error(checkpoint, tmp_path, capsys):
 
 @pytest.mark.parametrize("flags, message", [(["--tasks", "fog"], "--tasks: unknown"),
                                             (["--patch", "12"], "--patch must be a positive multiple of 8"),
-                                            (["--steps", "0"], "--steps and --batch must be positive"),
+                                            (["--iters", "0"], "--iters and --batch must be positive"),
                                             (["--cuda-graph", "--device", "cpu"],
                                              "--cuda-graph needs a single CUDA process"),
                                             (["--device", "tpu"], "--device: 'tpu' is not a device")])

@@ -10,7 +10,7 @@ from sipl_fast.data.degradations import TASK_SETS
 
 def test_demo_smoke(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--steps", "2", "--eval-size", "64", "--out", str(out), "--no-progress"]) == 0
+    assert main(["demo", "--iters", "2", "--eval-size", "64", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     for task in TASK_SETS["3task"]:
         assert task in printed
@@ -30,7 +30,7 @@ def test_demo_smoke(tmp_path, capsys):
 
 def test_demo_compare_smoke(tmp_path, capsys):
     out = tmp_path / "compare"
-    assert main(["demo", "--compare", "--steps", "2", "--eval-size", "64", "--out", str(out), "--no-progress"]) == 0
+    assert main(["demo", "--compare", "--iters", "2", "--eval-size", "64", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "PromptIR" in printed and "SIPL step 0" in printed and "SIPL step 2" in printed
     for task in list(TASK_SETS["3task"]) + ["average"]:

@@ -41,7 +41,7 @@ def _one_line_error(capsys, *parts) -> None:
 
 def _restore(inputs, checkpoint, out, *names, flags=()):
     return main(["restore", *[str(inputs / n) for n in names], "--checkpoint", str(checkpoint), "--out", str(out),
-                 "--steps", "1", "--no-progress", *flags])
+                 "--refine-steps", "1", "--no-progress", *flags])
 
 
 def _digest(path):
@@ -110,12 +110,12 @@ def test_eval_on_pairs_of_different_sizes_is_one_line(checkpoint, tmp_path, caps
 
 
 def test_eval_json_into_a_missing_folder_fails_before_evaluating(checkpoint, tmp_path, capsys, monkeypatch):
-    import sipl_fast.train as train
+    import sipl_fast.evaluation as evaluation
 
     def never(*args, **kwargs):
         raise AssertionError("evaluated before the --json path was checked")
 
-    monkeypatch.setattr(train, "evaluate", never)
+    monkeypatch.setattr(evaluation, "evaluate", never)
     report = tmp_path / "missing" / "scores.json"
     assert main(["eval", "--checkpoint", str(checkpoint), "--json", str(report), "--no-progress",
                  "--device", "cpu"]) == 1

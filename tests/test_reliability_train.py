@@ -43,7 +43,7 @@ def _poison_step(monkeypatch, trainer: Trainer, step: int) -> None:
 
 
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    trainer = Trainer(_options(tmp_path, steps=6, save_every=2))
+    trainer = Trainer(_options(tmp_path, iters=6, save_every=2))
     _poison_step(monkeypatch, trainer, 3)
     with pytest.raises(train_module.TrainingDiverged, match="at step 3") as caught:
         trainer.run()
@@ -52,7 +52,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path
 
 
 def test_the_checkpoint_on_disk_is_untouched_by_a_diverged_run(tmp_path, monkeypatch):
-    trainer = Trainer(_options(tmp_path, steps=6, save_every=2))
+    trainer = Trainer(_options(tmp_path, iters=6, save_every=2))
     _poison_step(monkeypatch, trainer, 4)
     marks = {}
 
@@ -67,7 +67,7 @@ def test_the_checkpoint_on_disk_is_untouched_by_a_diverged_run(tmp_path, monkeyp
 
 def test_patience_skips_a_bad_step_without_updating_and_finishes(tmp_path, monkeypatch):
     lines = []
-    trainer = Trainer(_options(tmp_path, steps=4, save_every=0, nonfinite_patience=1), log=lines.append)
+    trainer = Trainer(_options(tmp_path, iters=4, save_every=0, nonfinite_patience=1), log=lines.append)
     _poison_step(monkeypatch, trainer, 2)
     weights = {}
     trainer.run(on_step=lambda step, loss: weights.__setitem__(step, {k: v.clone() for k, v in
@@ -80,7 +80,7 @@ def test_patience_skips_a_bad_step_without_updating_and_finishes(tmp_path, monke
 
 
 def test_non_finite_weights_are_never_saved(tmp_path):
-    trainer = Trainer(_options(tmp_path, steps=4, save_every=1))
+    trainer = Trainer(_options(tmp_path, iters=4, save_every=1))
 
     def spoil(step, loss):
         if step == 2:
@@ -102,7 +102,7 @@ def test_the_command_line_reports_divergence_in_one_line(tmp_path, capsys, monke
         _poison_step(monkeypatch, self, 1)
 
     monkeypatch.setattr(Trainer, "__init__", poisoned_init)
-    code = main(["train", "--out", str(tmp_path / "run"), "--no-progress", "--steps", "3", "--batch", "2",
+    code = main(["train", "--out", str(tmp_path / "run"), "--no-progress", "--iters", "3", "--batch", "2",
                  "--patch", "32", "--tasks", "noise25", "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("sipl-fast: error: training diverged at step 1") and err.count("\n") == 1
@@ -118,7 +118,7 @@ def test_the_command_line_reports_divergence_in_one_line(tmp_path, capsys, monke
                                             (["--clip", "nan"], "--clip must be a finite number"),
                                             (["--warmup", "-3"], "--warmup must be >= 0"),
                                             (["--nonfinite-patience", "-1"], "--nonfinite-patience must be >= 0"),
-                                            (["--eval-size", "4"], "--eval-size must be at least 8")])
+                                            (["--val-size", "4"], "--val-size must be at least 16")])
 def test_bad_training_options_are_one_line_before_any_work(tmp_path, capsys, monkeypatch, flags, message):
     def no_data(spec):
         raise AssertionError("options must be checked before the data is opened")
@@ -132,7 +132,7 @@ def test_bad_training_options_are_one_line_before_any_work(tmp_path, capsys, mon
 
 def test_an_out_that_is_a_file_is_refused_before_training(tmp_path, capsys):
     (tmp_path / "run").write_text("not a folder")
-    code = main(["train", "--out", str(tmp_path / "run"), "--no-progress", "--device", "cpu", "--steps", "1",
+    code = main(["train", "--out", str(tmp_path / "run"), "--no-progress", "--device", "cpu", "--iters", "1",
                  "--batch", "2", "--patch", "32"])
     err = capsys.readouterr().err
     assert code == 1 and "exists and is not a folder" in err and err.count("\n") == 1
@@ -151,8 +151,8 @@ def test_a_corrupt_training_image_is_found_before_the_first_step(tmp_path):
     data = (folder / "b.png").read_bytes()
     (folder / "b.png").write_bytes(data[:len(data) // 2])   # the header is intact, the pixels are not
     with pytest.raises(DataError, match="b.png"):
-        Trainer(_options(tmp_path, data=str(folder), steps=1))
-    trainer = Trainer(_options(tmp_path, data=str(folder), steps=1, check_data=False))  # the check can be skipped
+        Trainer(_options(tmp_path, data=str(folder), iters=1))
+    trainer = Trainer(_options(tmp_path, data=str(folder), iters=1, check_data=False))  # the check can be skipped
     assert isinstance(trainer.dataset, DegradedCrops)
 
 
@@ -170,5 +170,5 @@ def test_the_data_check_reads_every_file_once_with_a_progress_bar(tmp_path, monk
 
     real_tqdm = tqdm.auto.tqdm
     monkeypatch.setattr(tqdm.auto, "tqdm", lambda *a, **k: bars.append(k.get("desc")) or real_tqdm(*a, **k))
-    Trainer(_options(tmp_path, data=str(folder), steps=1, progress=True))
+    Trainer(_options(tmp_path, data=str(folder), iters=1, progress=True))
     assert sorted(read) == ["a.png", "b.png"] and "check data" in bars

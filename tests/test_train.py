@@ -9,7 +9,8 @@ import torch
 from sipl_fast import ops
 from sipl_fast.checkpoint import CheckpointError, load_model, load_resume_state
 from sipl_fast.data.datasets import EvalSample
-from sipl_fast.train import (GRAPH_WARMUP_STEPS, OptionsError, TrainOptions, Trainer, evaluate, format_table,
+from sipl_fast.evaluation import evaluate, format_table
+from sipl_fast.train import (GRAPH_WARMUP_STEPS, OptionsError, TrainOptions, Trainer,
                              lr_factor, pick_device)
 
 # CPU even where CUDA exists: exact (bitwise) resume is promised on the CPU.
@@ -39,7 +40,7 @@ def test_learning_rate_schedule():
 
 
 def test_step_uses_the_models_own_plain_pass_on_the_clean_image(tmp_path):
-    trainer = Trainer(_options(tmp_path, steps=2))
+    trainer = Trainer(_options(tmp_path, iters=2))
     model = trainer.model
     batch = next(trainer._batches(0))
     lq, gt = batch["lq"], batch["gt"]
@@ -67,7 +68,7 @@ def test_step_uses_the_models_own_plain_pass_on_the_clean_image(tmp_path):
 
 
 def test_tiny_model_loss_falls(tmp_path):
-    trainer = Trainer(_options(tmp_path, steps=12, warmup=2, lr=1e-3, tasks="noise50"))
+    trainer = Trainer(_options(tmp_path, iters=12, warmup=2, lr=1e-3, tasks="noise50"))
     batch = next(trainer._batches(0))
     losses = [trainer.train_step(batch["lq"], batch["gt"]).item() for _ in range(12)]
     assert losses[-1] < 0.8 * losses[0], losses
@@ -81,7 +82,7 @@ def _crash_at(step):
 
 
 def test_resume_after_an_interruption_is_exact(tmp_path):
-    common = dict(steps=5, ema=0.9, random_proxy=True, save_every=2)
+    common = dict(iters=5, ema=0.9, random_proxy=True, save_every=2)
     straight = Trainer(_options(tmp_path, "straight", **common))
     straight.run()
 
@@ -112,20 +113,20 @@ def test_resume_after_an_interruption_is_exact(tmp_path):
 
 
 def test_resume_refuses_changed_options_and_existing_runs(tmp_path):
-    Trainer(_options(tmp_path, steps=1)).run()
+    Trainer(_options(tmp_path, iters=1)).run()
     with pytest.raises(CheckpointError, match="changed: lr 0.0002 -> 0.001"):
-        Trainer(_options(tmp_path, steps=1, lr=1e-3, resume=True))
+        Trainer(_options(tmp_path, iters=1, lr=1e-3, resume=True))
     with pytest.raises(CheckpointError, match="already holds a training run"):
-        Trainer(_options(tmp_path, steps=1))
+        Trainer(_options(tmp_path, iters=1))
     with pytest.raises(CheckpointError, match="no resume state"):
-        Trainer(_options(tmp_path, "fresh", steps=1, resume=True))
+        Trainer(_options(tmp_path, "fresh", iters=1, resume=True))
 
 
 def test_ddp_two_cpu_processes_write_one_checkpoint(tmp_path):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "sipl_fast", "train", "--data", "skimage", "--tasks", "noise25,rain", "--config", "tiny",
-               "--steps", "3", "--batch", "2", "--patch", "32", "--save-every", "2", "--log-every", "1",
+               "-m", "sipl_fast", "train", "--data", "skimage", "--tasks", "noise25,rain", "--preset", "tiny",
+               "--iters", "3", "--batch", "2", "--patch", "32", "--save-every", "2", "--log-every", "1",
                "--device", "cpu", "--out", str(out), "--no-progress"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
@@ -134,8 +135,9 @@ def test_ddp_two_cpu_processes_write_one_checkpoint(tmp_path):
     assert "strides do not match" not in result.stderr, result.stderr
     log = result.stdout
     assert "batch 2 x 2 process(es)" in log
-    assert log.count("step 3/3") == 1, "only rank 0 logs"
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.safetensors", "resume.pt"]
+    assert log.count("iter 3/3") == 1, "only rank 0 logs"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.safetensors", "metrics.csv", "options.json",
+                                                     "resume.pt", "train.log"]
     state = load_resume_state(out / "resume.pt")
     assert state["step"] == 3 and state["options"]["world_size"] == 2
     assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
@@ -145,7 +147,7 @@ def test_ddp_two_cpu_processes_write_one_checkpoint(tmp_path):
     # 2 ranks x batch 2 see the same samples as one process with batch 4 (the sampler deals the
     # shuffled indices round-robin), and DDP averages the gradients: the same training, up to
     # the order of float additions.
-    single = Trainer(_options(tmp_path, "single", tasks="noise25,rain", steps=3, batch=4))
+    single = Trainer(_options(tmp_path, "single", tasks="noise25,rain", iters=3, batch=4))
     start = {k: v.clone() for k, v in single.model.state_dict().items()}
     single.run()
     _assert_trained_alike(state["model"], single.model.state_dict(), start)
@@ -153,7 +155,7 @@ def test_ddp_two_cpu_processes_write_one_checkpoint(tmp_path):
 
 def test_time_limit_stops_early_and_saves(tmp_path):
     lines = []
-    trainer = Trainer(_options(tmp_path, steps=50), log=lines.append)
+    trainer = Trainer(_options(tmp_path, iters=50), log=lines.append)
     trainer.run(time_limit=0.0)
     assert trainer.step == 1 and any("time limit" in line for line in lines)
     assert load_resume_state(tmp_path / "run" / "resume.pt")["step"] == 1
@@ -170,7 +172,7 @@ def test_cuda_devices_always_get_an_index(monkeypatch):
 
 def test_amp_is_ignored_on_cpu(tmp_path):
     lines = []
-    trainer = Trainer(_options(tmp_path, steps=1, amp=True), log=lines.append)
+    trainer = Trainer(_options(tmp_path, iters=1, amp=True), log=lines.append)
     assert not trainer.use_amp and any("--amp ignored" in line for line in lines)
 
 
@@ -183,7 +185,7 @@ def test_evaluate_reports_every_task_and_step():
     samples = []
     for task in ("noise25", "haze"):
         for name in ("a", "b"):
-            gt = torch.rand(3, 24, 32, generator=g)
+            gt = torch.rand(3, 32, 48, generator=g)   # multiples of 16: the PromptIR protocol crops nothing
             samples.append(EvalSample(task, name, (gt + 0.1).clamp(0, 1), gt))
     result = evaluate(model, samples, steps=2, keep_outputs=True)
     assert [s.task for s in result.scores] == ["noise25", "haze"]
@@ -200,7 +202,7 @@ def test_evaluate_reports_every_task_and_step():
 
 @pytest.mark.gpu
 def test_cuda_bf16_training_learns(tmp_path):
-    trainer = Trainer(_options(tmp_path, steps=20, warmup=2, lr=1e-3, tasks="noise50", device="cuda", amp=True,
+    trainer = Trainer(_options(tmp_path, iters=20, warmup=2, lr=1e-3, tasks="noise50", device="cuda", amp=True,
                                batch=4, patch=64))
     assert trainer.use_amp and trainer.cuda_graph  # graph-replayed steps by default on one CUDA process
     batch = next(trainer._batches(0))
@@ -255,8 +257,8 @@ def test_cuda_graph_replays_the_eager_step(tmp_path, monkeypatch, amp):
 
 def test_channels_last_training_matches_nchw_training(tmp_path):
     """NHWC (the CPU's default) and NCHW training take the same steps."""
-    nchw = Trainer(_options(tmp_path, "nchw", steps=3, channels_last=False))
-    nhwc = Trainer(_options(tmp_path, "nhwc", steps=3, channels_last=True))
+    nchw = Trainer(_options(tmp_path, "nchw", iters=3, channels_last=False))
+    nhwc = Trainer(_options(tmp_path, "nhwc", iters=3, channels_last=True))
     batches = [(b["lq"], b["gt"]) for b, _ in zip(nchw._batches(0), range(3))]
     start = {k: v.clone() for k, v in nchw.model.state_dict().items()}
     for lq, gt in batches:
@@ -287,7 +289,7 @@ def test_cuda_graph_runs_resume_each_other(tmp_path):
             trainer.train_step(lq, gt)
             trainer.step += 1
         trainer.save()
-        resumed = Trainer(_options(tmp_path, name, steps=6, warmup=2, lr=1e-3, device="cuda", batch=2, patch=32,
+        resumed = Trainer(_options(tmp_path, name, iters=6, warmup=2, lr=1e-3, device="cuda", batch=2, patch=32,
                                    cuda_graph=second, random_proxy=True, resume=True))
         assert resumed.step == 4
         assert resumed.optimizer.param_groups[0]["capturable"] == second
