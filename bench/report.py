@@ -4,6 +4,7 @@
     python bench/report.py --quick               # no torch.compile cases, no float32 op cases, 3 minutes
     python bench/report.py --gpu-tests           # first `pytest -m gpu tests`, its result in the report
     python bench/report.py --only "refine or train_step" --out /tmp/results   # a pytest -k subset
+    python bench/report.py --only test_refine_cpu --run-slow --budget-s 7200  # CPU: the full model, interleaved
 
 <card> is a slug of torch.cuda.get_device_name() ("nvidia-h200" -> "h200"), or "cpu". The
 suite is bench/test_end_to_end.py then bench/test_op_benchmarks.py under ``--benchmark-only`` (the
@@ -43,7 +44,8 @@ TABLES = {  # in report order: benchmark -> title
 }
 TORCH_FORMULATIONS = ("torch", "compile")
 CSV_FIELDS = ("table", "case", "dtype", "mode", "impl", "baseline", "ms", "speedup_vs_baseline",
-              "speedup_vs_best_torch", "peak_mib", "memory_vs_baseline", "card", "date", "commit")
+              "speedup_vs_best_torch", "peak_mib", "memory_vs_baseline", "card", "date", "commit",
+              "speedup_vs_fp32", "memory_vs_fp32", "calls_ms", "load")
 
 
 def card_slug(name: str) -> str:
@@ -89,20 +91,39 @@ def summary_line(output: str) -> str:
     return found[-1] if found else "no pytest summary (stopped or failed to start)"
 
 
+def _results(benchmarks: list[dict]) -> list[dict]:
+    """The suite's results: one per pytest-benchmark result, or its extra_info["rows"] where one
+    case measured several implementations (bench/test_end_to_end.py's interleaved CPU refinement)."""
+    rows = []
+    for b in benchmarks:
+        info = b.get("extra_info", {})
+        rows += [dict(row) for row in info["rows"]] if "rows" in info else [dict(info)] if "table" in info else []
+    return rows
+
+
+def _ratio(numerator, denominator):
+    return numerator / denominator if numerator is not None and denominator else None
+
+
 def rows_from(benchmarks: list[dict]) -> list[dict]:
-    """One row per pytest-benchmark result, with its speed-up and memory ratio against the
-    baseline implementation of its case and, for triton, its speed-up over the fastest torch
-    formulation."""
-    rows = [dict(b["extra_info"]) for b in benchmarks if "table" in b.get("extra_info", {})]
+    """One row per result, with its speed-up and memory ratio against the baseline
+    implementation of its case (in the dtype ``baseline_dtype`` where a result names one, else
+    its own), a 16-bit row's against the same implementation in fp32, and, for triton, its
+    speed-up over the fastest torch formulation."""
+    rows = _results(benchmarks)
     by_case: dict = {}
     for row in rows:
         by_case.setdefault((row["table"], row["case"], row["dtype"], row["mode"]), {})[row["impl"]] = row
     for row in rows:
         case = by_case[(row["table"], row["case"], row["dtype"], row["mode"])]
-        base = case.get(row["baseline"])
-        row["speedup_vs_baseline"] = base["ms"] / row["ms"] if base and row.get("ms") else None
-        row["memory_vs_baseline"] = (row["peak_mib"] / base["peak_mib"]
-                                     if base and row.get("peak_mib") is not None and base.get("peak_mib") else None)
+        base = by_case.get((row["table"], row["case"], row.get("baseline_dtype", row["dtype"]), row["mode"]),
+                           {}).get(row["baseline"])
+        row["speedup_vs_baseline"] = _ratio(base["ms"], row.get("ms")) if base else None
+        row["memory_vs_baseline"] = _ratio(row.get("peak_mib"), base.get("peak_mib")) if base else None
+        fp32 = by_case.get((row["table"], row["case"], "fp32", row["mode"]), {}).get(row["impl"])
+        fp32 = fp32 if fp32 is not row else None
+        row["speedup_vs_fp32"] = _ratio(fp32["ms"], row.get("ms")) if fp32 else None
+        row["memory_vs_fp32"] = _ratio(row.get("peak_mib"), fp32.get("peak_mib")) if fp32 else None
         torch_times = [case[impl]["ms"] for impl in TORCH_FORMULATIONS if impl in case]
         row["speedup_vs_best_torch"] = (min(torch_times) / row["ms"]
                                         if row["impl"] == "triton" and torch_times else None)
@@ -118,7 +139,8 @@ def markdown(rows: list[dict], header: dict) -> str:
     lines = [f"# Benchmarks on {header['card']}", ""]
     lines += [f"- {key}: {value}" for key, value in header.items()]
     lines += ["", "Speed-up and memory are against the baseline implementation of the same case, "
-              "measured in the same run (the authors' code path: the reference backend). "
+              "measured in the same run (the authors' code path: the reference backend; for 16-bit "
+              "refinement rows the authors' float32 loop). "
               "\"vs best torch\": triton's speed-up over the faster of the torch formulation and its "
               "torch.compile. Peak memory: MiB above the inputs and weights (see bench/measure.py); "
               "'-' where not measured."]
@@ -135,7 +157,26 @@ def markdown(rows: list[dict], header: dict) -> str:
                          f"{_number(row.get('ms'), '.3f')} | {_number(row['speedup_vs_baseline'], '.2f', 'x')} | "
                          f"{_number(row['speedup_vs_best_torch'], '.2f', 'x')} | "
                          f"{_number(row.get('peak_mib'), '.1f')} | {_number(row['memory_vs_baseline'], '.3f', 'x')} |")
+        lines += _against_fp32(table_rows)
     return "\n".join(lines) + "\n"
+
+
+def _against_fp32(table_rows: list[dict]) -> list[str]:
+    """A table's 16-bit rows against the same implementation in fp32 (none where it has none);
+    with each round's time where a row has them."""
+    rows = [row for row in table_rows if row.get("speedup_vs_fp32") is not None]
+    if not rows:
+        return []
+    lines = ["", "16-bit rows against the same implementation in fp32 (same run):", "",
+             "| case | dtype | mode | impl | ms | speed-up vs fp32 | peak MiB | memory vs fp32 | each round, ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        rounds = ", ".join(f"{ms:.0f}" for ms in row["calls_ms"]) if row.get("calls_ms") else "-"
+        lines.append(f"| {row['case']} | {row['dtype']} | {row['mode']} | {row['impl']} | "
+                     f"{_number(row.get('ms'), '.3f')} | {_number(row['speedup_vs_fp32'], '.2f', 'x')} | "
+                     f"{_number(row.get('peak_mib'), '.1f')} | {_number(row['memory_vs_fp32'], '.3f', 'x')} | "
+                     f"{rounds} |")
+    return lines
 
 
 def write_csv(path: Path, rows: list[dict], header: dict) -> None:
@@ -143,7 +184,12 @@ def write_csv(path: Path, rows: list[dict], header: dict) -> None:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({**row, "card": header["card"], "date": header["date"], "commit": header["commit"]})
+            writer.writerow({**row, "calls_ms": " ".join(map(str, row.get("calls_ms") or ())) or None,
+                             "card": header["card"], "date": header["date"], "commit": header["commit"]})
+
+
+def _loads(loads: tuple[float, float, float]) -> str:
+    return "/".join(f"{load:.2f}" for load in loads)
 
 
 def main(argv=None) -> int:
@@ -156,6 +202,8 @@ def main(argv=None) -> int:
     parser.add_argument("--gpu-tests", action="store_true", help="run `pytest -m gpu tests` first (CUDA)")
     parser.add_argument("--only", default=None, help="a pytest -k expression selecting the cases")
     parser.add_argument("--keep-json", default=None, help="also keep pytest-benchmark's JSON at this path")
+    parser.add_argument("--run-slow", action="store_true",
+                        help="also run the cases marked slow (on the CPU: the full model's refinement)")
     args = parser.parse_args(argv)
     started = time.monotonic()
     budget_s = args.budget_s or (180.0 if args.quick else 420.0)
@@ -163,6 +211,7 @@ def main(argv=None) -> int:
     card = device_name()
     header = {"card": card, "date": date.today().isoformat(), "commit": git_commit(),
               "command": "`python bench/report.py" + "".join(" " + shlex.quote(a) for a in (argv or sys.argv[1:])) + "`"}
+    load_at_start = os.getloadavg()
 
     if args.gpu_tests:
         import importlib.util
@@ -179,10 +228,13 @@ def main(argv=None) -> int:
         left = budget_s - (time.monotonic() - started)
         command = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *SUITE, "--benchmark-only",
                    f"--benchmark-json={json_path}", f"--bench-deadline-s={max(left - 45, 1):.0f}",
+                   *(["--run-slow"] if args.run_slow else []),
                    *(["-k", " and ".join(selection)] if selection else [])]
         status, output = run_streaming(command, timeout_s=left + 120)
         header["suite"] = "`" + shlex.join(["python", *command[1:]]).replace(str(json_path), "OUT.json") + "`"
         header["cases"] = summary_line(output)
+        header["load"] = (f"1/5/15-minute load average {_loads(load_at_start)} at the start, "
+                          f"{_loads(os.getloadavg())} at the end, on {os.cpu_count()} CPUs")
         if not json_path.exists():
             print(f"report: the suite wrote no results (exit status {status})", file=sys.stderr)
             return 1

@@ -107,7 +107,7 @@ def shapes(op: str, full_size: bool) -> tuple:
 
 
 # End to end: refinement (steps=2, the full model) and one training step.
-REFINE_SIZES = {"cuda": ((512, 512), (720, 1280)), "cpu": ((128, 128), (256, 256))}  # (H, W)
+REFINE_SIZES = {"cuda": ((512, 512), (720, 1280)), "cpu": ((256, 256), (512, 512))}  # (H, W)
 REFINE_SMOKE = ("tiny", (32, 32))  # the tiny preset on a 32x32 image
 TRAIN_STEP = {"cuda": dict(preset="base", batch=8, patch=128), "cpu": dict(preset="base", batch=2, patch=64)}
 TRAIN_SMOKE = dict(preset="tiny", batch=2, patch=64)

@@ -11,6 +11,7 @@ change, and the mean change over every task and step.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import sys
 
@@ -26,16 +27,18 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def measure(model, samples, steps: int = 2) -> dict:
-    """{task: {precision: [mean PSNR at step 0, 1, ...]}} over ``samples``."""
+    """{task: {precision: [mean PSNR at step 0, 1, ...]}} over ``samples`` (any iterable of
+    EvalSample: each sample is read once)."""
     table: dict[str, dict[str, list[float]]] = {}
+    counts: collections.Counter = collections.Counter()
     for sample in samples:
         lq, gt = sample.lq[None], sample.gt[None]
+        counts[sample.task] += 1
         for name, dtype in PRECISIONS.items():
             scores = [float(psnr(Refiner(model, steps=t, dtype=dtype)(lq).clamp(0, 1), gt)) for t in range(steps + 1)]
             per_task = table.setdefault(sample.task, {}).setdefault(name, [0.0] * (steps + 1))
             for t, score in enumerate(scores):
                 per_task[t] += score
-    counts = {task: sum(1 for s in samples if s.task == task) for task in table}
     return {task: {name: [v / counts[task] for v in values] for name, values in by_precision.items()}
             for task, by_precision in table.items()}
 
@@ -63,6 +66,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the table here")
     args = parser.parse_args(argv)
     model, _ = load_model(args.checkpoint)
+    # a sequence of samples read when iterated (measure reads each once)
     samples = open_source("skimage").eval_set(resolve_tasks(args.tasks), args.size, seed=args.seed)
     table = measure(model.eval(), samples, args.steps)
     text, mean = format_table(table)

@@ -344,7 +344,12 @@ class TransposedAttention(nn.Module):
         squares = torch.zeros(b, 2 * heads, c, device=x.device, dtype=accumulate)  # |q_i|^2 heads, then |k_j|^2
         for lo, hi, top, bottom in strip_bounds(h, rows):
             qk = self._projected_channels(norm(x[..., lo:hi, :]), 0, 2 * dim)[..., top - lo:bottom - lo, :]
-            qk_rows = torch_impl.rows(qk, 2 * heads).to(accumulate)  # q's heads, then k's
+            qk_rows = torch_impl.rows(qk, 2 * heads)  # q's heads, then k's
+            if qk.is_cuda:   # the Gram product runs in pieces (torch_impl.gram), each summed in float32
+                qk_rows = qk_rows.to(accumulate)
+            # On the CPU each strip's products run in the map's dtype (a 16-bit GEMM accumulates
+            # in float32 and rounds its result once) and are summed over the strips in float32:
+            # a float32 copy of a 16-bit strip would cost a pass over it and its memory.
             gram += torch_impl.gram(qk_rows[:, :heads], qk_rows[:, heads:])
             squares += torch_impl.row_norms(qk_rows, squared=True)  # q and k in one reduction (launches)
         norms = squares.sqrt()

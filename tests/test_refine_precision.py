@@ -1,4 +1,5 @@
-"""Refinement in bfloat16/float16 (Refiner(dtype=...)) and refine()'s CUDA graph cache."""
+"""Refinement in bfloat16/float16 (Refiner(dtype=...)), the CPU's bf16 formulations of the torch
+backend, and refine()'s CUDA graph cache."""
 from __future__ import annotations
 
 import copy
@@ -10,7 +11,8 @@ import pytest
 import torch
 
 import sipl_fast
-from sipl_fast import SIPLPromptIR
+from sipl_fast import SIPLPromptIR, modules
+from sipl_fast.ops import reference, torch_impl
 from sipl_fast.refine import (EAGER, GraphKey, Refiner, RefinerCache, ThreadRefinerCaches, authors_loop,
                               graph_obstacle, refine, warn_once)
 
@@ -131,6 +133,83 @@ def test_concurrent_bf16_calls_each_get_their_own_image(model):
     assert not errors
     for k in range(4):
         assert torch.equal(results[k], expected[k]), k
+
+
+# --------------------------------------------------------------------------- the CPU's bf16 formulations
+# Each within 2x the error of the reference formulation run in bf16, both against the reference in
+# float64 (FlashAttention's rule).
+def _within_twice_the_bf16_reference(got: torch.Tensor, reference_bf16: torch.Tensor, truth: torch.Tensor) -> None:
+    reference_error = _relative_error(reference_bf16.double(), truth)
+    assert 0 < reference_error < 0.05
+    assert _relative_error(got.double(), truth) <= 2 * reference_error
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("batches", [(2, 2), (1, 2), (2, 1)], ids=["batch", "broadcast q", "broadcast kv"])
+@pytest.mark.parametrize("layout", [_channels_last, torch.Tensor.contiguous], ids=["channels_last", "nchw"])
+def test_bf16_proxy_attention_in_query_pieces(monkeypatch, batches, layout):
+    """bf16 on the CPU without autograd: softmax(q k^T) v by pieces of queries, one logits buffer."""
+    monkeypatch.setattr(torch_impl, "ATTENTION_PIECE_ELEMENTS", 2 * 70 * 24)   # 24 queries a piece, a short last one
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(batches[0], 32, 10, 10, generator=g, dtype=torch.float64)   # 100 queries
+    k, v = (torch.randn(batches[1], 32, 7, 10, generator=g, dtype=torch.float64) for _ in range(2))   # 70 keys
+    temperature = 0.5 + 4 * torch.rand(2, 1, 1, generator=g, dtype=torch.float64)
+    truth = reference.proxy_attention(q, k, v, temperature, 2)
+    reference_bf16 = reference.proxy_attention(*(t.bfloat16() for t in (q, k, v, temperature)), 2)
+    with torch.no_grad(), sipl_fast.use_backend("torch"):
+        got = sipl_fast.ops.proxy_attention(*(layout(t.bfloat16()) for t in (q, k, v)), temperature.bfloat16(), 2)
+    assert got.dtype == torch.bfloat16 and got.shape == truth.shape
+    _within_twice_the_bf16_reference(got, reference_bf16, truth)
+
+
+@pytest.mark.parametrize("dual", [False, True], ids=["gdfn", "dualgate"])
+@pytest.mark.parametrize("layout", [_channels_last, torch.Tensor.contiguous], ids=["channels_last", "nchw"])
+def test_bf16_gate_without_autograd_leaves_its_input_alone(dual, layout):
+    """The gate over dense copies of the halves (an odd half width: 51 channels)."""
+    x = torch.randn(2, 102, 9, 13, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    x16 = layout(x.bfloat16())
+    before = x16.clone()
+    with torch.no_grad(), sipl_fast.use_backend("torch"):
+        got = sipl_fast.ops.gated_gelu(x16, dual)
+    assert torch.equal(x16, before)
+    _within_twice_the_bf16_reference(got, reference.gated_gelu(x.bfloat16(), dual), reference.gated_gelu(x, dual))
+
+
+def test_bf16_gram_per_matrix_above_the_pixel_threshold():
+    """bf16 Gram products of >= GRAM_MM_MIN_PIXELS pixels run as one GEMM per head, on views."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 24, 64, torch_impl.GRAM_MM_MIN_PIXELS // 64 + 1, generator=g, dtype=torch.float64)
+    rows = torch_impl.rows(_channels_last(x.bfloat16()), 4)
+    with torch.no_grad():
+        got = torch_impl.gram(rows[:, :2], rows[:, 2:])
+    truth_rows = torch_impl.rows(x, 4)
+    truth = truth_rows[:, :2] @ truth_rows[:, 2:].transpose(-2, -1)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 2, 6, 6)
+    assert _relative_error(got.double(), truth) <= 2 * 2.0 ** -8
+
+
+def test_bf16_streamed_mdta_sums_its_strips_in_float32():
+    """MDTA without autograd on a map wider than a strip: each strip's Gram matrix and norms in
+    bf16, summed over 16 strips in float32; no float32 copy of a strip is made."""
+    torch.manual_seed(6)
+    block = modules.TransformerBlock(16, 2, 2.66, False, "WithBias").double().eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        block.attn.temperature.uniform_(0.5, 3)
+    x = torch.randn(1, 16, 32, 24, dtype=torch.float64)
+    low = copy.deepcopy(block).bfloat16()
+    with torch.no_grad():
+        with sipl_fast.use_backend("reference"):
+            truth = block.attn.add_to(x.clone(), block.norm1) - x
+            reference_bf16 = low.attn.add_to(x.bfloat16(), low.norm1).double() - x
+        with sipl_fast.use_backend("torch"), modules.strip_budget(5 * 16 * 24 * 2):   # 2-row strips
+            assert modules.strip_rows(x, 5 * 16) == 2
+            got = low.attn.add_to(_channels_last(x.bfloat16()), low.norm1).double() - x
+    _within_twice_the_bf16_reference(got, reference_bf16, truth)
 
 
 # --------------------------------------------------------------------------- refine()'s graph cache

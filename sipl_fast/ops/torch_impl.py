@@ -2,7 +2,9 @@
 
 - Proxy attention: q and k are scaled by the inverse of their per-token norms (the
   temperature folded into q's scale) and handed to ``scaled_dot_product_attention`` with
-  ``scale=1``, so the Nq x Nkv matrix is left to SDPA's fused kernels.
+  ``scale=1``, so the Nq x Nkv matrix is left to SDPA's fused kernels; bf16 on the CPU without
+  autograd runs the two products as bf16 GEMMs over pieces of queries instead
+  (``attend_in_pieces``), where SDPA was no faster than in float32.
 - Transposed attention: the Gram matrix q kᵀ is formed from the raw q and k and divided by
   the outer product of their norms afterwards, so no normalised copies of q and k are
   written (they are as large as the activations; the c_h x c_h matrix is tiny).
@@ -12,11 +14,13 @@
   the 1x1 output (one GEMM) there; the gate keeps only its input for the backward
   (autograd of the plain expression also keeps gelu(a), as large as a) and LayerNorm2d
   normalises 16-bit maps in their own precision, so training under autocast holds no
-  float32 copy of the residual stream.
+  float32 copy of the residual stream. Without autograd the gate computes gelu on dense
+  copies of the halves and the products in place.
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -81,10 +85,41 @@ def proxy_attention(q, k, v, temperature, num_heads: int) -> torch.Tensor:
     q, k, v = (_tokens(t, num_heads) for t in (q, k, v))
     q = q * (inverse_norm(q) * temperature.reshape(1, num_heads, 1, 1).to(q.dtype))
     k = k * inverse_norm(k)
-    # A batch-1 side is broadcast only now, after its own-size work (expand: no copy).
-    q, k, v = (t.expand(batch, -1, -1, -1) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, scale=1.0)
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and not needs_autograd(q, k, v):
+        out = attend_in_pieces(q, k, v, batch)
+    else:   # a batch-1 side is broadcast only now, after its own-size work (expand: no copy)
+        out = F.scaled_dot_product_attention(*(t.expand(batch, -1, -1, -1) for t in (q, k, v)), scale=1.0)
     return image(out, height, width, channels_last)
+
+
+# Logits per piece of attend_in_pieces (queries x keys x heads): one buffer of 8 MiB of bf16,
+# the CPU's strip budget in elements (sipl_fast.modules.STRIP_ELEMENTS).
+ATTENTION_PIECE_ELEMENTS = 1 << 22
+
+
+def attend_in_pieces(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int) -> torch.Tensor:
+    """softmax(q k^T) v of tokens (B or 1, heads, N, d) without autograd, by pieces of queries
+    whose logits hold at most ATTENTION_PIECE_ELEMENTS. For bf16 on the CPU, where SDPA's fused
+    kernel ran no faster than in float32 and the two products as bf16 GEMMs (float32
+    accumulation) ran faster than it (docs/performance.md, "Refinement in bf16: speed and
+    memory on the CPU"). One logits buffer serves every piece, its softmax computed in place (in float32 inside
+    the kernel); logits and probabilities are rounded to the input dtype, as in the reference
+    formulation. A batch-1 side is read for every image, never expanded (a broadcast operand
+    of a batched product is copied per image)."""
+    heads, queries, keys = q.shape[1], q.shape[2], k.shape[2]
+    rows = min(queries, max(1, ATTENTION_PIECE_ELEMENTS // (heads * keys)))
+    out = q.new_empty((batch, heads, queries, v.shape[-1]))
+    buffer = q.new_empty(heads * rows * keys)
+    for image_index in range(batch):
+        q_i, k_i, v_i = (t[image_index if t.shape[0] > 1 else 0] for t in (q, k, v))
+        keys_t = k_i.transpose(-2, -1)
+        for top in range(0, queries, rows):
+            count = min(rows, queries - top)
+            logits = buffer[:heads * count * keys].view(heads, count, keys)   # dense for every count
+            torch.bmm(q_i[:, top:top + count], keys_t, out=logits)
+            torch.softmax(logits, dim=-1, out=logits)
+            out[image_index, :, top:top + count] = torch.bmm(logits, v_i)
+    return out
 
 
 # Pixels per piece of the Gram product on CUDA (gram): a piece of 1024 pixels gives a ~53k-pixel
@@ -92,6 +127,21 @@ def proxy_attention(q, k, v, temperature, num_heads: int) -> torch.Tensor:
 # 4096-pixel pieces left half the schedulers idle (docs/design.md, "Refinement engine"). On the
 # CPU one product is faster (MKL), so there it stays whole.
 GRAM_PIECE_CUDA = 1024
+
+
+# Pixels from which a bf16 Gram product on the CPU runs as one 2-D GEMM per matrix: at SIPL's
+# strip sizes ATen's batched bf16 product was slower than torch.mm per matrix, below about 4096
+# pixels faster (docs/performance.md, "Refinement in bf16: speed and memory on the CPU").
+GRAM_MM_MIN_PIXELS = 4096
+
+
+def _gram_per_matrix(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q k^T as one torch.mm per matrix of the leading axes (q and k of one shape; the
+    matrices are views, never copied)."""
+    out = q.new_empty((*q.shape[:-1], k.shape[-2]))
+    for index in itertools.product(*map(range, q.shape[:-2])):
+        torch.mm(q[index], k[index].transpose(0, 1), out=out[index])
+    return out
 
 
 def gram(q: torch.Tensor, k: torch.Tensor, piece: int | None = None) -> torch.Tensor:
@@ -105,6 +155,9 @@ def gram(q: torch.Tensor, k: torch.Tensor, piece: int | None = None) -> torch.Te
     Under autograd the single product is kept: the batched one would save contiguous copies of
     the pieces for the backward (+0.5 GB in a 128x128 batch-8 training step)."""
     n = q.shape[-1]
+    if (q.dtype == torch.bfloat16 and q.device.type == "cpu" and n >= GRAM_MM_MIN_PIXELS
+            and not needs_autograd(q, k)):
+        return _gram_per_matrix(q, k)
     if piece is None:
         piece = GRAM_PIECE_CUDA if q.is_cuda and q.element_size() >= 4 else n
     pieces = n // piece
@@ -207,10 +260,33 @@ class _GatedGelu(torch.autograd.Function):
         return torch.cat([grad_a, grad_b], dim=1), None
 
 
+def _dense_gelu(half: torch.Tensor) -> torch.Tensor:
+    """gelu of a channel half as a new dense map: a half of channels-last storage is first
+    copied dense, then gelu runs in place over one flat run. On the half itself ATen's CPU
+    kernel would run per pixel over h channels, and where h is not a multiple of the vector
+    width (SIPL's 127, 255 and 510 channels) compute the rest of every run one element at a
+    time (docs/performance.md, "Refinement in bf16: speed and memory on the CPU")."""
+    if half.is_contiguous() or half.is_contiguous(memory_format=torch.channels_last):
+        return F.gelu(half)
+    return torch.ops.aten.gelu_(half.clone())   # clone keeps the layout and makes it dense
+
+
+def _gate_without_autograd(x: torch.Tensor, dual: bool) -> torch.Tensor:
+    """reference.gated_gelu without autograd: gelu over dense copies of the halves, the
+    products written into the gelu's own buffer."""
+    a, b = x.chunk(2, dim=1)
+    gelu_a = _dense_gelu(a)
+    if not dual:
+        return gelu_a.mul_(b)
+    return _dense_gelu(b).mul_(a).addcmul_(gelu_a, b)   # gelu(b) a + gelu(a) b, the reference's order
+
+
 def gated_gelu(x: torch.Tensor, dual: bool) -> torch.Tensor:
-    if not torch.is_grad_enabled() or not x.requires_grad:
+    if needs_autograd(x):
+        return _GatedGelu.apply(x, dual)
+    if torch.compiler.is_compiling():   # the compiler fuses the plain expression into one pass
         return reference.gated_gelu(x, dual)
-    return _GatedGelu.apply(x, dual)
+    return _gate_without_autograd(x, dual)
 
 
 class TorchDepthwise:
